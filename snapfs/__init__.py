@@ -1,0 +1,1 @@
+"""snapfs: a VM's disks as sparse files."""

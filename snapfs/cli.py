@@ -1,0 +1,146 @@
+"""Command line: ``snapfs mount`` and ``snapfs umount``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+
+DESCRIPTION = """\
+snapfs presents a VM's disks as directories of sparse raw files:
+  DISK/chain/   the disk as the guest saw it at every snapshot point
+  DISK/layers/  each snapshot layer on its own
+  DISK/dirty/   what changed since each dirty bitmap started
+Each view NAME.raw has NAME.map.json beside it (its extent map). Holes show
+through SEEK_HOLE/SEEK_DATA and st_blocks, so cp, tar --sparse, rsync and
+qemu-img convert copy only the data. What could not be offered is listed,
+with the reason, in MOUNTPOINT/.snapfs-status."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="snapfs", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("mount", help="mount the disks of an image directory",
+                       description="Mount every leaf image under DIR (and its backing chain) "
+                                   "read-only at MOUNTPOINT. Returns once the mount is live.")
+    m.add_argument("--images", metavar="DIR", required=True,
+                   help="directory of qcow2/raw images; each leaf image becomes a disk directory")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT")
+    m.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
+    m.add_argument("--debug", action="store_true", help="log every step (qemu-nbd commands, servers)")
+    m.add_argument("--debug-fuse", action="store_true", help=argparse.SUPPRESS)
+    m.add_argument("--allow-other", action="store_true",
+                   help="let other users in (with default_permissions; needs user_allow_other "
+                        "in /etc/fuse.conf unless you are root)")
+    m.add_argument("--allow-outside-backing", action="store_true",
+                   help="follow backing files that resolve outside DIR (off: a crafted image "
+                        "must not make the mount read arbitrary host files)")
+    m.add_argument("--connections", type=int, default=4, metavar="N",
+                   help="NBD connections (requests in flight) per qemu-nbd (default: 4)")
+    m.add_argument("--idle-timeout", type=float, default=2.0, metavar="SECONDS",
+                   help="stop a qemu-nbd this long after its last file is closed (default: 2)")
+    m.add_argument("--log", metavar="FILE",
+                   help="log file when detached (default: in the runtime directory, printed)")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    u = sub.add_parser("umount", help="unmount and stop every qemu-nbd the mount started")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    return p
+
+
+def _setup_logging(debug: bool, stream=None) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=stream or sys.stderr,
+    )
+    if not debug:
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def _fail(msg: str) -> int:
+    print(f"snapfs: {msg}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "umount":
+        return _umount(args)
+    if args.connections < 1:
+        return _fail("--connections must be at least 1")
+    if args.foreground:
+        return _foreground(args)
+    return _detach(args)
+
+
+def _umount(args) -> int:
+    from .mount import MountError, umount
+    _setup_logging(False)
+    try:
+        umount(args.mountpoint)
+    except MountError as e:
+        return _fail(str(e))
+    return 0
+
+
+def _foreground(args) -> int:
+    import trio
+
+    from .mount import MountError, serve
+    _setup_logging(args.debug)
+    ready_fd = args.ready_fd
+
+    def ready():
+        if ready_fd is not None:
+            os.write(ready_fd, b"OK\n")
+            os.close(ready_fd)
+
+    try:
+        trio.run(serve, args, ready)
+    except MountError as e:
+        if ready_fd is not None:
+            os.write(ready_fd, f"ERR {e}\n".encode())
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _detach(args) -> int:
+    """Start the foreground process detached; return when it says the mount is live."""
+    from .mount import MountError, runtime_base
+    try:
+        base = runtime_base()
+    except MountError as e:
+        return _fail(str(e))
+    logfile = args.log or os.path.join(
+        base, "snapfs-" + os.path.abspath(args.mountpoint).strip("/").replace("/", "_") + ".log")
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "snapfs", "mount", "--foreground", "--ready-fd", str(w),
+           "--images", args.images, "--connections", str(args.connections),
+           "--idle-timeout", str(args.idle_timeout), "--log", logfile]
+    for flag in ("debug", "allow_other", "allow_outside_backing"):
+        if getattr(args, flag):
+            cmd.append("--" + flag.replace("_", "-"))
+    cmd += ["--", args.mountpoint]
+    with open(logfile, "ab") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                pass_fds=(w,), start_new_session=True)
+    os.close(w)
+    with os.fdopen(r) as f:
+        line = f.readline().strip()
+    if line == "OK":
+        print(f"snapfs: mounted {args.images} on {args.mountpoint} (log: {logfile})")
+        return 0
+    if line.startswith("ERR "):
+        proc.wait()
+        return _fail(line[4:])
+    rc = proc.wait()
+    time.sleep(0)
+    return _fail(f"mount process exited with {rc} before the mount was live; see {logfile}")

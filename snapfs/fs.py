@@ -1,0 +1,263 @@
+"""The FUSE request handlers: thin, over the tree, the views and the server pool.
+
+Every handler goes through ``_boundary``: a ``ServerError`` or ``NBDError``
+becomes its errno (libnbd's errno passes through), anything unexpected is
+logged once with its traceback and becomes EIO, so one bad image never takes
+the mount down.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+
+import pyfuse3
+
+from . import nbd_client
+from .extents import SeekError
+from .qemu_nbd import Server, ServerError, ServerPool
+from .tree import Directory, MapFile, Node, Status, StatusFile, Tree, ViewFile
+
+log = logging.getLogger(__name__)
+
+HAS_LSEEK = hasattr(pyfuse3.Operations, "lseek")
+
+
+def _boundary(fn):
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except (ServerError, nbd_client.NBDError) as e:
+            log.debug("%s%r: %s", fn.__name__, args[:2], e)
+            raise pyfuse3.FUSEError(e.errno) from None
+        except Exception:
+            log.exception("unexpected error in %s%r", fn.__name__, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class Handle:
+    """An open file: the node, and the server (views) or the content (maps, status)."""
+
+    def __init__(self, node: Node, server: Server | None = None, data: bytes | None = None):
+        self.node = node
+        self.server = server
+        self.data = data
+
+
+class Operations(pyfuse3.Operations):
+    # Lookups of "." and ".." are for NFS exports, which snapfs does not offer.
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, tree: Tree, pool: ServerPool, status: Status):
+        super().__init__()
+        self.tree = tree
+        self.pool = pool
+        self.status = status
+        self._handles: dict[int, Handle] = {}
+        self._fh = itertools.count(1)
+        self._map_json: dict[int, bytes] = {}
+
+    # -- attributes -------------------------------------------------------
+
+    def _node(self, inode: int) -> Node:
+        node = self.tree.nodes.get(inode)
+        if node is None or node.hidden:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    async def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        if isinstance(node, MapFile):
+            data = await self._map_content(node)
+            return self.tree.attributes(node, size=len(data), blocks=(len(data) + 511) // 512,
+                                        mtime_ns=node.view.layer_mtime_ns)
+        if isinstance(node, ViewFile):
+            view = node.view
+            try:
+                await view.load_map(self.pool)
+            except ServerError:
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            return self.tree.attributes(node, size=view.size, blocks=view.data_blocks,
+                                        mtime_ns=view.layer_mtime_ns)
+        if isinstance(node, StatusFile):
+            # Its content changes when views fail: never cache its attributes.
+            size = len(self.status.render())
+            return self.tree.attributes(node, size=size, blocks=(size + 511) // 512, timeout=0)
+        return self.tree.attributes(node)
+
+    def _quick_attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        """Attributes for readdirplus without starting a server.
+
+        A view whose map is not known yet gets its size and a zero timeout:
+        the kernel asks getattr before anyone sees st_blocks, so a plain
+        ``ls`` stays fast and ``ls -ls`` is still right.
+        """
+        if isinstance(node, ViewFile) and not isinstance(node, MapFile):
+            view = node.view
+            if view.map is not None:
+                return self.tree.attributes(node, size=view.size, blocks=view.data_blocks,
+                                            mtime_ns=view.layer_mtime_ns)
+            return self.tree.attributes(node, size=view.size, mtime_ns=view.layer_mtime_ns, timeout=0)
+        if isinstance(node, (MapFile, StatusFile)):
+            cached = self._map_json.get(node.inode) if isinstance(node, MapFile) else None
+            if cached is not None:
+                return self.tree.attributes(node, size=len(cached), blocks=(len(cached) + 511) // 512,
+                                            mtime_ns=node.view.layer_mtime_ns)
+            return self.tree.attributes(node, timeout=0)
+        return self.tree.attributes(node)
+
+    async def _map_content(self, node: MapFile) -> bytes:
+        data = self._map_json.get(node.inode)
+        if data is None:
+            try:
+                m = await node.view.load_map(self.pool)
+            except ServerError:
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            data = self._map_json[node.inode] = m.to_json()
+        return data
+
+    @_boundary
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent = self._node(parent_inode)
+        if not isinstance(parent, Directory):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        node = parent.children.get(os.fsdecode(name))
+        if node is None or node.hidden:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return await self._attrs(node)
+
+    @_boundary
+    async def getattr(self, inode, ctx=None):
+        return await self._attrs(self._node(inode))
+
+    async def forget(self, inode_list):
+        pass  # inodes live as long as the mount
+
+    # -- directories ------------------------------------------------------
+
+    @_boundary
+    async def opendir(self, inode, ctx):
+        if not isinstance(self._node(inode), Directory):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_boundary
+    async def readdir(self, fh, start_id, token):
+        node = self._node(fh)
+        entries = sorted(node.children.items())
+        for i, (name, child) in enumerate(entries[start_id:], start_id):
+            if child.hidden:
+                continue
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._quick_attrs(child), i + 1):
+                break
+
+    async def releasedir(self, fh):
+        pass
+
+    # -- files ------------------------------------------------------------
+
+    @_boundary
+    async def open(self, inode, flags, ctx):
+        node = self._node(inode)
+        if isinstance(node, Directory):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        fh = next(self._fh)
+        if isinstance(node, MapFile):
+            self._handles[fh] = Handle(node, data=await self._map_content(node))
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        if isinstance(node, StatusFile):
+            self._handles[fh] = Handle(node, data=self.status.render())
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        view = node.view
+        try:
+            await view.load_map(self.pool)
+        except ServerError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        server = await self.pool.acquire(view.spec)
+        self._handles[fh] = Handle(node, server=server)
+        # Views never change under a mount: keep the page cache across opens.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_boundary
+    async def read(self, fh, off, size):
+        h = self._handles[fh]
+        if h.data is not None:
+            return h.data[off:off + size]
+        m = h.node.view.map
+        parts = []
+        for start, length, zero in m.pieces(off, size):
+            # Zero and hole areas come from the extent map, not the server.
+            parts.append(bytes(length) if zero else await h.server.pread(length, start))
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
+
+    async def release(self, fh):
+        h = self._handles.pop(fh, None)
+        if h is not None and h.server is not None:
+            self.pool.release(h.server)
+
+    @_boundary
+    async def lseek(self, fh, off, whence):
+        h = self._handles[fh]
+        want_data = whence == os.SEEK_DATA
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if h.data is not None:
+            if off < 0 or off >= len(h.data):
+                raise pyfuse3.FUSEError(errno.ENXIO)
+            return off if want_data else len(h.data)
+        try:
+            return h.node.view.map.seek(off, want_data)
+        except SeekError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+
+    @_boundary
+    async def fallocate(self, fh, mode, off, length):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    # -- extended attributes, statfs --------------------------------------
+
+    def _xattrs(self, node: Node) -> dict[str, str]:
+        if isinstance(node, ViewFile) and not isinstance(node, MapFile):
+            return node.view.xattrs()
+        return {}
+
+    @_boundary
+    async def getxattr(self, inode, name, ctx):
+        value = self._xattrs(self._node(inode)).get(os.fsdecode(name))
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return os.fsencode(value)
+
+    @_boundary
+    async def listxattr(self, inode, ctx):
+        return [os.fsencode(k) for k in self._xattrs(self._node(inode))]
+
+    @_boundary
+    async def setxattr(self, inode, name, value, ctx):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    @_boundary
+    async def removexattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    @_boundary
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = 1 << 20
+        s.f_frsize = 512
+        s.f_blocks = s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self.tree.nodes)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
