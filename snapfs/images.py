@@ -143,7 +143,9 @@ def read_layer(path: str, fmt: str) -> Layer:
         return layer
     layer.mtime_ns = st.st_mtime_ns
     if fmt == "raw":
-        layer.size = st.st_size
+        # qemu serves a raw file in whole sectors: a partial last sector
+        # reads as zeros up to the next multiple of 512.
+        layer.size = (st.st_size + 511) // 512 * 512
     else:
         try:
             hdr = qcow2.read_header(path)

@@ -89,7 +89,8 @@ def build_tree(images: str, allow_outside: bool) -> tuple[Tree, Status, list]:
     for disk in scan.disks:
         views, missing = disk_views(disk)
         status.problems += missing
-        tree.directory(disk.relpath)
+        for folder in ("chain", "layers", "dirty"):
+            tree.directory(f"{disk.relpath}/{folder}")
         for view in views:
             tree.add_view(view)
         status.views += views

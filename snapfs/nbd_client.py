@@ -79,15 +79,20 @@ class Connection:
         except nbd.Error as e:
             raise NBDError(f"read of {length} bytes at {offset} failed: {e.string}", e.errno) from None
 
-    def block_status(self) -> dict[str, list[Run]]:
-        """Runs of every context this connection asked for, over the whole export.
+    def block_status(self, size: int) -> dict[str, list[Run]]:
+        """Runs of every context this connection asked for, over ``[0, size)``.
+
+        ``size`` is what the caller expects the export to be; a server that
+        reports another size (the image changed since it was scanned) fails.
 
         Contexts may answer with different lengths (NBD spec, "BLOCK_STATUS"):
         each keeps its own high-water mark, the next request starts at the
         lowest one, and what a context repeats is dropped. Neighbouring runs
         with equal flags are merged as they arrive.
         """
-        size = self.size
+        if size != self.size:
+            raise NBDError(f"image size changed: expected {size} bytes, server has {self.size}",
+                           errno.ESTALE)
         covered = {ctx: 0 for ctx in self.contexts}
         runs: dict[str, list[Run]] = {ctx: [] for ctx in self.contexts}
 

@@ -252,8 +252,8 @@ class Server:
     async def pread(self, length: int, offset: int) -> bytes:
         return await self.call("pread", length, offset)
 
-    async def block_status(self) -> dict[str, list[Run]]:
-        return await self.call("block_status")
+    async def block_status(self, size: int) -> dict[str, list[Run]]:
+        return await self.call("block_status", size)
 
     async def _shutdown(self) -> None:
         conns, self._all, self._free = self._all, [], []
@@ -342,10 +342,10 @@ class ServerPool:
             except Exception:
                 log.exception("stopping qemu-nbd for %s failed", srv.spec.describe())
 
-    async def block_status(self, spec: ExportSpec) -> dict[str, list[Run]]:
+    async def block_status(self, spec: ExportSpec, size: int) -> dict[str, list[Run]]:
         srv = await self.acquire(spec)
         try:
-            return await srv.block_status()
+            return await srv.block_status(size)
         finally:
             self.release(srv, linger=False)
 

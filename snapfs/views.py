@@ -100,7 +100,7 @@ class View:
         async with self._lock:
             if self.map is None:
                 try:
-                    runs = await pool.block_status(self.spec)
+                    runs = await pool.block_status(self.spec, self.size)
                     self.map = self.build_map(runs)
                 except (ServerError, nbd_client.NBDError) as e:
                     self.problem = getattr(e, "reason", str(e))

@@ -1,0 +1,225 @@
+"""Shared fixtures: image builders, qemu's ground truth, real snapfs mounts.
+
+Ground truth always comes from qemu itself: ``qemu-img map --output=json`` for
+chain and layer views (a layer alone is opened with ``"backing": null``), and
+``nbdinfo --map`` on a qemu-nbd export for dirty bitmaps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SNAPFS = [sys.executable, "-m", "snapfs"]
+MiB = 1 << 20
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def run(*cmd, **kw):
+    kw.setdefault("check", True)
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    return subprocess.run([str(c) for c in cmd], **kw)
+
+
+def qemu_img(*args):
+    return run("qemu-img", *args)
+
+
+def qemu_io(image, *commands, fmt="qcow2"):
+    args = ["qemu-io", "-f", fmt]
+    for c in commands:
+        args += ["-c", c]
+    return run(*args, image)
+
+
+def create(path, size=None, backing=None, backing_fmt="qcow2", fmt="qcow2"):
+    args = ["create", "-q", "-f", fmt]
+    if backing:
+        args += ["-b", backing, "-F", backing_fmt]
+    args.append(str(path))
+    if size is not None:
+        args.append(str(size))
+    qemu_img(*args)
+    return str(path)
+
+
+def json_layer(path, fmt="qcow2"):
+    """A json: filename for one layer alone, as qemu-img/qemu-nbd take it."""
+    node = {"driver": fmt, "file": {"driver": "file", "filename": str(path)}}
+    if fmt == "qcow2":
+        node["backing"] = None
+    return "json:" + json.dumps(node)
+
+
+def merge_dicts(extents, keys):
+    out = []
+    for e in extents:
+        if e["length"] == 0:
+            continue
+        if out and all(out[-1][k] == e[k] for k in keys):
+            out[-1]["length"] += e["length"]
+        else:
+            out.append({"start": e["start"], "length": e["length"], **{k: e[k] for k in keys}})
+    return out
+
+
+def qemu_map(image):
+    return json.loads(qemu_img("map", "--output=json", image).stdout)
+
+
+def expected_allocation_map(image, has_backing):
+    """The chain/layer map qemu-img map implies, per the spec."""
+    out = []
+    for e in qemu_map(image):
+        zero = bool(e["zero"])
+        hole = (not e["present"]) if has_backing else zero
+        out.append({"start": e["start"], "length": e["length"], "zero": zero, "hole": hole})
+    return merge_dicts(out, ("zero", "hole"))
+
+
+class QemuNBD:
+    """A qemu-nbd of the test's own, for nbdinfo ground truth."""
+
+    def __init__(self, tmp_path, image, *args):
+        self.sock = str(tmp_path / f"truth-{time.monotonic_ns()}.sock")
+        self.proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-k", self.sock, *args, str(image)],
+                                     stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(self.sock):
+            assert self.proc.poll() is None, self.proc.stderr.read()
+            assert time.monotonic() < deadline, "qemu-nbd did not start"
+            time.sleep(0.01)
+        self.uri = f"nbd+unix:///?socket={self.sock}"
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def nbdinfo_map(tmp_path, image, context, *args):
+    srv = QemuNBD(tmp_path, image, *args)
+    try:
+        out = run("nbdinfo", "--json", f"--map={context}", srv.uri).stdout
+    finally:
+        srv.close()
+    return [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]
+
+
+def expected_dirty_map(tmp_path, image, bitmap):
+    """dirty from the bitmap (nbdinfo), zero from qemu-img map of the chain."""
+    dirty = nbdinfo_map(tmp_path, image, f"qemu:dirty-bitmap:{bitmap}", "-f", "qcow2", "-B", bitmap)
+    zero = [(e["start"], e["length"], bool(e["zero"])) for e in qemu_map(image)]
+    cuts = sorted({0} | {s for s, _, _ in dirty} | {s for s, _, _ in zero}
+                  | {s + n for s, n, _ in dirty} | {s + n for s, n, _ in zero})
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        d = next(t for s, n, t in dirty if s <= a < s + n)
+        z = next(t for s, n, t in zero if s <= a < s + n)
+        out.append({"start": a, "length": b - a, "dirty": bool(d & 1), "zero": z})
+    return merge_dicts(out, ("dirty", "zero"))
+
+
+def seek_walk(path):
+    """[(start, length)] of data as SEEK_DATA/SEEK_HOLE report it."""
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        off = 0
+        while off < size:
+            try:
+                d = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError as e:
+                assert e.errno == 6  # ENXIO: no more data
+                break
+            h = os.lseek(fd, d, os.SEEK_HOLE)
+            assert h > d
+            out.append((d, h - d))
+            off = h
+    finally:
+        os.close(fd)
+    return out
+
+
+def data_ranges(extents, is_data):
+    out = []
+    for e in extents:
+        if not is_data(e):
+            continue
+        if out and out[-1][0] + out[-1][1] == e["start"]:
+            out[-1] = (out[-1][0], out[-1][1] + e["length"])
+        else:
+            out.append((e["start"], e["length"]))
+    return out
+
+
+def qemu_nbd_pids():
+    r = run("pgrep", "-x", "qemu-nbd", check=False)
+    return {int(p) for p in r.stdout.split()}
+
+
+class Mount:
+    """A real snapfs mount in a subprocess, unmounted on close."""
+
+    def __init__(self, images, mountpoint, *extra):
+        self.images = str(images)
+        self.path = str(mountpoint)
+        os.makedirs(self.path, exist_ok=True)
+        self.result = run(*SNAPFS, "mount", "--images", self.images, *extra, self.path,
+                          check=False, cwd=REPO)
+        if self.result.returncode != 0:
+            raise RuntimeError(f"snapfs mount failed: {self.result.stderr}")
+
+    def __truediv__(self, rel):
+        return os.path.join(self.path, rel)
+
+    @property
+    def pid(self):
+        from snapfs.mount import find_mount
+        found = find_mount(self.path)
+        return found[1]["pid"] if found else None
+
+    def status(self):
+        with open(os.path.join(self.path, ".snapfs-status")) as f:
+            return f.read()
+
+    def close(self):
+        if os.path.ismount(self.path):
+            r = run(*SNAPFS, "umount", self.path, check=False, cwd=REPO)
+            if r.returncode != 0 and os.path.ismount(self.path):
+                run("fusermount3", "-uz", self.path, check=False)
+                raise AssertionError(f"snapfs umount failed: {r.stderr}")
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(images_dir, *options) -> Mount; every mount is unmounted at teardown."""
+    mounts = []
+
+    def _mount(images, *extra, name="mnt"):
+        m = Mount(images, tmp_path / name, *extra)
+        mounts.append(m)
+        return m
+
+    yield _mount
+    for m in mounts:
+        m.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tools():
+    missing = [t for t in ("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo", "fusermount3")
+               if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"missing tools {missing}: run make setup")
+    if not os.path.exists("/dev/fuse"):
+        pytest.fail("/dev/fuse is missing: FUSE tests cannot run")

@@ -1,0 +1,194 @@
+"""Tier 3: views on a real mount, against qemu's own ground truth.
+
+The sample covers data, areas zeroed over older data, discarded areas, a raw
+base with a size that is not a sector multiple under a qcow2 overlay, a
+virtual size that is not a cluster multiple, a branch sharing a base, and a
+dirty bitmap with changed and trimmed areas.
+"""
+
+import json
+import os
+import stat
+
+import pytest
+
+from conftest import (
+    MiB, Mount, create, data_ranges, expected_allocation_map, expected_dirty_map,
+    json_layer, qemu_img, qemu_io, run, seek_walk,
+)
+
+SIZE = 64 * MiB + 1536  # not a multiple of the 64 KiB cluster
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    d = root / "images"
+    (d / "vm1").mkdir(parents=True)
+    (d / "vm2").mkdir()
+    vm1 = d / "vm1"
+    base = create(vm1 / "base.qcow2", SIZE)
+    qemu_io(base, "write -P 0xa1 0 4M", "write -z 8M 1M", "write -P 0xa2 12M 2M",
+            f"write -P 0xa3 {SIZE - 4096} 4096")
+    snap1 = create(vm1 / "snap1.qcow2", backing="base.qcow2")
+    qemu_io(snap1, "write -P 0xb1 1M 1M", "write -z 2M 1M", "discard 12M 1M", "write -P 0xb2 20M 64k")
+    snap2 = create(vm1 / "snap2.qcow2", backing="snap1.qcow2")
+    qemu_img("bitmap", "--add", snap2, "since-snap2")
+    qemu_io(snap2, "write -P 0xc1 0 512k", "write -z 12M 2M", "write -P 0xc2 30M 3M", "discard 31M 1M")
+    branch = create(vm1 / "branch.qcow2", backing="base.qcow2")
+    qemu_io(branch, "write -P 0xd1 3M 2M")
+
+    raw = d / "vm2" / "disk.raw"
+    with open(raw, "wb") as f:
+        f.truncate(8 * MiB + 7)  # not even a sector multiple
+    qemu_io(str(raw), "write -P 0xe1 1M 1M", fmt="raw")
+    top = create(d / "vm2" / "top.qcow2", backing="disk.raw", backing_fmt="raw")
+    qemu_io(top, "write -P 0xe2 4M 64k", "write -z 1M 64k")
+    (d / "vm2" / "notes.txt").write_text("not an image\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def mnt(sample, tmp_path_factory):
+    m = Mount(sample, tmp_path_factory.mktemp("m") / "mnt")
+    yield m
+    m.close()
+
+
+CHAINS = {
+    "vm1/snap2.qcow2": ["base.qcow2", "snap1.qcow2", "snap2.qcow2"],
+    "vm1/branch.qcow2": ["base.qcow2", "branch.qcow2"],
+    "vm2/top.qcow2": ["disk.raw", "top.qcow2"],
+}
+
+
+def views_of(sample, disk):
+    """(folder, view file name, image path, format, has_backing) for every chain/layer view."""
+    out = []
+    dirname = os.path.dirname(disk)
+    for i, name in enumerate(CHAINS[disk]):
+        path = str(sample / dirname / name)
+        fmt = "raw" if name.endswith(".raw") else "qcow2"
+        stem = name.rsplit(".", 1)[0]
+        for folder in ("chain", "layers"):
+            out.append((folder, f"{i:02d}-{stem}.raw", path, fmt, i > 0))
+    return out
+
+
+def test_layout(mnt):
+    top = sorted(os.listdir(mnt.path))
+    assert top == [".snapfs-status", "vm1", "vm2"]
+    assert sorted(os.listdir(mnt / "vm1")) == ["branch.qcow2", "snap2.qcow2"]
+    assert sorted(os.listdir(mnt / "vm2")) == ["top.qcow2"]      # notes.txt ignored
+    d = mnt / "vm1/snap2.qcow2"
+    assert sorted(os.listdir(d)) == ["chain", "dirty", "layers"]
+    assert sorted(os.listdir(os.path.join(d, "chain"))) == [
+        "00-base.map.json", "00-base.raw", "01-snap1.map.json", "01-snap1.raw",
+        "02-snap2.map.json", "02-snap2.raw"]
+    assert sorted(os.listdir(os.path.join(d, "dirty"))) == ["since-snap2.map.json", "since-snap2.raw"]
+    assert os.listdir(mnt / "vm1/branch.qcow2/dirty") == []
+    st = os.stat(os.path.join(d, "chain/02-snap2.raw"))
+    assert stat.S_ISREG(st.st_mode) and st.st_mode & 0o777 == 0o444
+    assert st.st_size == SIZE
+    assert "every view is available" in mnt.status()
+
+
+@pytest.mark.parametrize("disk", sorted(CHAINS))
+def test_chain_and_layer_views_match_qemu(sample, mnt, disk, tmp_path):
+    for folder, fname, image, fmt, has_backing in views_of(sample, disk):
+        view = mnt / f"{disk}/{folder}/{fname}"
+        where = f"{disk}/{folder}/{fname}"
+        if folder == "chain":
+            truth_image = image if fmt == "raw" else image  # opened with its backing chain
+            compare_to = ["-F", fmt, image]
+        else:
+            truth_image = json_layer(image, fmt)
+            compare_to = [truth_image]
+        expected = expected_allocation_map(truth_image, has_backing)
+        with open(view[:-4] + ".map.json") as f:
+            got = json.load(f)
+        assert got == expected, where
+
+        # SEEK_DATA/SEEK_HOLE agree with the map, per the view's kind.
+        is_data = (lambda e: not e["zero"]) if folder == "chain" else (lambda e: not e["hole"])
+        assert seek_walk(view) == data_ranges(got, is_data), where
+
+        data = sum(e["length"] for e in got if is_data(e))
+        assert os.stat(view).st_blocks == (data + 511) // 512, where
+
+        r = run("qemu-img", "compare", "-f", "raw", view, *compare_to, check=False)
+        assert r.returncode == 0, f"{where}: {r.stdout} {r.stderr}"
+
+
+def test_layer_view_keeps_zeroed_areas_as_data(mnt):
+    with open(mnt / "vm1/snap2.qcow2/layers/01-snap1.map.json") as f:
+        m = json.load(f)
+    # snap1 zeroed 2M..3M over the base's data: it must be kept (hole:false).
+    assert {"start": 2 * MiB, "length": MiB, "zero": True, "hole": False} in m
+    walk = seek_walk(mnt / "vm1/snap2.qcow2/layers/01-snap1.raw")
+    assert any(s <= 2 * MiB and 3 * MiB <= s + n for s, n in walk)
+
+
+def test_dirty_view_matches_bitmap_and_zero_status(sample, mnt, tmp_path):
+    image = str(sample / "vm1/snap2.qcow2")
+    view = mnt / "vm1/snap2.qcow2/dirty/since-snap2.raw"
+    expected = expected_dirty_map(tmp_path, image, "since-snap2")
+    with open(view[:-4] + ".map.json") as f:
+        got = json.load(f)
+    assert got == expected
+    # The trimmed area is dirty and zero (seed 001).
+    assert any(e["dirty"] and e["zero"] and e["start"] <= 12 * MiB < e["start"] + e["length"]
+               for e in got)
+    assert seek_walk(view) == data_ranges(got, lambda e: e["dirty"])
+    dirty = sum(e["length"] for e in got if e["dirty"])
+    assert os.stat(view).st_blocks == (dirty + 511) // 512
+
+    # Content: the current disk where dirty, zeros elsewhere.
+    full = tmp_path / "full.raw"
+    qemu_img("convert", "-O", "raw", image, full)
+    with open(full, "rb") as f:
+        disk = f.read()
+    with open(view, "rb") as f:
+        content = f.read()
+    assert len(content) == len(disk) == SIZE
+    for e in got:
+        part = content[e["start"]:e["start"] + e["length"]]
+        if e["dirty"]:
+            assert part == disk[e["start"]:e["start"] + e["length"]], e
+        else:
+            assert part.count(0) == len(part), e
+
+
+def test_xattrs(sample, mnt):
+    view = mnt / "vm1/snap2.qcow2/layers/01-snap1.raw"
+    assert sorted(os.listxattr(view)) == sorted(
+        ["user.snapfs.view", "user.snapfs.image", "user.snapfs.format", "user.snapfs.backing"])
+    assert os.getxattr(view, "user.snapfs.view") == b"layer"
+    assert os.getxattr(view, "user.snapfs.image") == os.fsencode(sample / "vm1/snap1.qcow2")
+    assert os.getxattr(view, "user.snapfs.format") == b"qcow2"
+    assert os.getxattr(view, "user.snapfs.backing") == os.fsencode(sample / "vm1/base.qcow2")
+    base = mnt / "vm2/top.qcow2/chain/00-disk.raw"
+    assert os.getxattr(base, "user.snapfs.view") == b"chain"
+    assert os.getxattr(base, "user.snapfs.format") == b"raw"
+    assert "user.snapfs.backing" not in os.listxattr(base)
+    dirty = mnt / "vm1/snap2.qcow2/dirty/since-snap2.raw"
+    assert os.getxattr(dirty, "user.snapfs.view") == b"dirty"
+    assert os.getxattr(dirty, "user.snapfs.bitmap") == b"since-snap2"
+    assert os.getxattr(dirty, "user.snapfs.image") == os.fsencode(sample / "vm1/snap2.qcow2")
+
+
+def test_shared_base_appears_in_both_disks(sample, mnt):
+    a = mnt / "vm1/snap2.qcow2/layers/00-base.raw"
+    b = mnt / "vm1/branch.qcow2/layers/00-base.raw"
+    assert os.getxattr(a, "user.snapfs.image") == os.getxattr(b, "user.snapfs.image")
+    run("cmp", a, b)
+
+
+def test_mount_is_read_only(mnt):
+    view = mnt / "vm1/snap2.qcow2/chain/02-snap2.raw"
+    for flags in (os.O_WRONLY, os.O_RDWR):
+        with pytest.raises(OSError) as e:
+            os.open(view, flags)
+        assert e.value.errno == 30  # EROFS
+    with pytest.raises(OSError):
+        os.setxattr(view, "user.snapfs.view", b"x")
