@@ -37,7 +37,7 @@ from .extents import Run
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 30.0
-STOP_TIMEOUT = 5.0
+STOP_TIMEOUT = 2.0
 
 
 class ServerError(Exception):
@@ -133,7 +133,7 @@ class QemuNBD:
         with trio.move_on_after(START_TIMEOUT) as timeout:
             while not os.path.exists(self.socket):
                 if self.proc.poll() is not None:
-                    raise self._failure()
+                    raise self.failure()
                 await trio.sleep(delay)
                 delay = min(delay * 2, 0.05)
         if timeout.cancelled_caught:
@@ -141,7 +141,7 @@ class QemuNBD:
             raise ServerError(f"qemu-nbd did not start within {START_TIMEOUT:.0f} s")
         log.debug("qemu-nbd pid %d serves %s", self.proc.pid, self.spec.describe())
 
-    def _failure(self) -> ServerError:
+    def failure(self) -> ServerError:
         try:
             with open(self.errfile, errors="replace") as f:
                 text = f.read()
@@ -169,7 +169,7 @@ class QemuNBD:
                     await proc.wait()
             if proc.returncode not in (0, -signal.SIGTERM):
                 log.warning("qemu-nbd for %s exited with %s: %s", self.spec.describe(),
-                            proc.returncode, self._failure().reason)
+                            proc.returncode, self.failure().reason)
         for p in (self.socket, self.pidfile, self.errfile):
             try:
                 os.unlink(p)
@@ -205,9 +205,7 @@ class Server:
             self.process = QemuNBD(self.spec, self.pool.rundir, next(self.pool.ids), self.pool.connections)
             try:
                 await self.process.start()
-                # The first connection also keeps the non-persistent server up.
-                conn = await trio.to_thread.run_sync(
-                    nbd_client.Connection, self.process.socket, self.spec.contexts)
+                conn = await self._first_connection()
             except nbd_client.NBDError as e:
                 await self._shutdown()
                 raise ServerError(str(e), e.errno) from None
@@ -216,6 +214,28 @@ class Server:
                 raise
             self._all.append(conn)
             self._free.append(conn)
+
+    async def _first_connection(self) -> nbd_client.Connection:
+        """Connect as soon as the server listens.
+
+        The socket file appears at bind(), before listen(): until then a
+        connect fails with ECONNREFUSED, which is no error of the server's.
+        The first connection also keeps the non-persistent server up.
+        """
+        deadline = trio.current_time() + START_TIMEOUT
+        delay = 0.001
+        while True:
+            try:
+                return await trio.to_thread.run_sync(
+                    nbd_client.Connection, self.process.socket, self.spec.contexts)
+            except nbd_client.NBDError as e:
+                if (e.errno not in (errno.ECONNREFUSED, errno.ENOENT) or not self.process.alive
+                        or trio.current_time() > deadline):
+                    if not self.process.alive:
+                        raise self.process.failure() from None
+                    raise
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     async def _connection(self) -> nbd_client.Connection:
         if self._free:
