@@ -201,6 +201,7 @@ class Operations(pyfuse3.Operations):
             return parts[0]
         return b"".join(parts)
 
+    @_boundary
     async def release(self, fh):
         h = self._handles.pop(fh, None)
         if h is not None and h.server is not None:

@@ -37,9 +37,18 @@ def dirty_context(bitmap: str) -> str:
 class NBDError(Exception):
     """A failed NBD operation; errno is what the file system should return."""
 
-    def __init__(self, message: str, err: int | None = None):
+    def __init__(self, message: str, err: int | str | None = None):
         super().__init__(message)
+        # libnbd's Python errors carry the errno as a name ("ENOTCONN").
+        if isinstance(err, str):
+            err = getattr(errno, err, None)
         self.errno = err or errno.EIO
+
+    @property
+    def disconnected(self) -> bool:
+        """The connection is gone (the server died or dropped it): retry elsewhere."""
+        return self.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESHUTDOWN,
+                              errno.ECONNREFUSED)
 
 
 class Connection:

@@ -43,10 +43,10 @@ STOP_TIMEOUT = 2.0
 class ServerError(Exception):
     """qemu-nbd could not serve an export; the message says why, for users."""
 
-    def __init__(self, reason: str, err: int = errno.EIO):
+    def __init__(self, reason: str, err: int | None = errno.EIO):
         super().__init__(reason)
         self.reason = reason
-        self.errno = err
+        self.errno = err or errno.EIO
 
 
 @dataclass(frozen=True)
@@ -256,10 +256,10 @@ class Server:
                     raise ServerError(str(e), e.errno) from None
                 try:
                     result = await trio.to_thread.run_sync(getattr(conn, fn_name), *args)
-                except nbd_client.NBDError:
+                except nbd_client.NBDError as e:
                     self._drop(conn)
-                    if attempt == 1 and not (self.process and self.process.alive):
-                        continue
+                    if attempt == 1 and e.disconnected:
+                        continue  # ensure_running restarts a dead server
                     raise
                 self._free.append(conn)
                 return result

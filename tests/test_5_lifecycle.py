@@ -1,0 +1,188 @@
+"""Tier 5: mounting, unmounting, crashes: no qemu-nbd is ever left behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, SNAPFS, MiB, create, qemu_io, run
+
+
+def children(pid):
+    """qemu-nbd processes started by snapfs pid."""
+    r = run("pgrep", "-P", str(pid), "-x", "qemu-nbd", check=False)
+    return {int(p) for p in r.stdout.split()}
+
+
+def alive(pids):
+    return {p for p in pids if os.path.exists(f"/proc/{p}") and
+            open(f"/proc/{p}/stat").read().split()[2] != "Z"}
+
+
+def wait_gone(pids, timeout=10):
+    deadline = time.monotonic() + timeout
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive(pids)
+
+
+@pytest.fixture
+def images(tmp_path):
+    d = tmp_path / "images"
+    d.mkdir()
+    base = create(d / "base.qcow2", 16 * MiB)
+    qemu_io(base, "write -P 0x61 0 2M")
+    top = create(d / "top.qcow2", backing="base.qcow2")
+    qemu_io(top, "write -P 0x62 4M 2M")
+    return d
+
+
+def _open_views(m):
+    """Open every view (a server each) and keep them open."""
+    fds = []
+    for folder in ("chain", "layers"):
+        for name in ("00-base.raw", "01-top.raw"):
+            fd = os.open(m / f"top.qcow2/{folder}/{name}", os.O_RDONLY)
+            os.pread(fd, 4096, 0)
+            fds.append(fd)
+    return fds
+
+
+def test_umount_stops_every_server(images, mount):
+    m = mount(images, "--idle-timeout", "60")
+    pid = m.pid
+    fds = _open_views(m)
+    servers = children(pid)
+    # chain/00-base and layers/00-base are one export: one server.
+    assert len(servers) == 3
+    for fd in fds:
+        os.close(fd)
+    r = run(*SNAPFS, "umount", m.path, cwd=REPO)
+    assert r.returncode == 0
+    assert not os.path.ismount(m.path)
+    assert wait_gone(servers | {pid}) == set()
+
+
+def test_idle_servers_stop(images, mount):
+    m = mount(images, "--idle-timeout", "0.5")
+    fds = _open_views(m)
+    servers = children(m.pid)
+    assert servers
+    for fd in fds:
+        os.close(fd)
+    assert wait_gone(servers, timeout=5) == set()
+    # A later read starts a server again, transparently.
+    with open(m / "top.qcow2/chain/01-top.raw", "rb") as f:
+        f.seek(4 * MiB)
+        assert f.read(4) == b"\x62" * 4
+
+
+def test_listing_starts_no_lingering_servers(images, mount):
+    m = mount(images)
+    run("ls", "-lsR", m.path)
+    assert wait_gone(children(m.pid), timeout=2) == set()
+
+
+def test_fusermount_u_stops_snapfs_and_servers(images, mount):
+    m = mount(images, "--idle-timeout", "60")
+    pid = m.pid
+    fds = _open_views(m)
+    servers = children(pid)
+    for fd in fds:
+        os.close(fd)
+    run("fusermount3", "-u", m.path)
+    assert wait_gone(servers | {pid}) == set()
+
+
+@pytest.mark.parametrize("unmount", ["snapfs umount", "fusermount3 -u"])
+def test_killed_snapfs_leaves_no_server(images, mount, unmount):
+    m = mount(images, "--idle-timeout", "60")
+    pid = m.pid
+    fds = _open_views(m)
+    servers = children(pid)
+    assert servers
+    os.kill(pid, signal.SIGKILL)
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    if unmount == "snapfs umount":
+        r = run(*SNAPFS, "umount", m.path, cwd=REPO, check=False)
+        assert r.returncode == 0, r.stderr
+    else:
+        run("fusermount3", "-u", m.path)
+    assert not os.path.ismount(m.path)
+    assert wait_gone(servers) == set()
+
+
+def test_server_killed_behind_snapfs_is_restarted(images, mount):
+    m = mount(images, "--idle-timeout", "60")
+    with open(m / "top.qcow2/chain/01-top.raw", "rb") as f:
+        assert f.read(4) == b"\x61" * 4
+        servers = children(m.pid)
+        for p in servers:
+            os.kill(p, signal.SIGKILL)
+        wait_gone(servers)
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        f.seek(4 * MiB)
+        assert f.read(4) == b"\x62" * 4
+    assert children(m.pid) - servers
+
+
+def test_foreground_stays_attached_and_stops_on_sigterm(images, tmp_path):
+    mnt = tmp_path / "fg"
+    mnt.mkdir()
+    proc = subprocess.Popen([*SNAPFS, "mount", "--foreground", "--images", images, mnt],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.ismount(mnt):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with open(mnt / "top.qcow2/chain/01-top.raw", "rb") as f:
+            f.read(4096)
+            servers = children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert not os.path.ismount(mnt)
+        assert wait_gone(servers) == set()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        run("fusermount3", "-uz", mnt, check=False)
+
+
+@pytest.mark.parametrize("case", ["no images dir", "mountpoint missing", "already mounted"])
+def test_mount_errors_are_clear(images, tmp_path, mount, case):
+    mnt = tmp_path / "mp"
+    mnt.mkdir()
+    src = images
+    if case == "no images dir":
+        src = tmp_path / "nope"
+    elif case == "mountpoint missing":
+        mnt = tmp_path / "missing"
+    else:
+        mount(images, name="mp")
+    r = run(*SNAPFS, "mount", "--images", src, mnt, cwd=REPO, check=False)
+    assert r.returncode != 0
+    assert r.stderr.startswith("snapfs: ")
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.splitlines()) == 1
+
+
+def test_umount_of_something_else_is_refused(tmp_path):
+    r = run(*SNAPFS, "umount", tmp_path, cwd=REPO, check=False)
+    assert r.returncode == 1
+    assert "not a snapfs mount" in r.stderr
+
+
+def test_help_describes_the_commands():
+    out = run(sys.executable, "-m", "snapfs", "mount", "--help", cwd=REPO).stdout
+    for opt in ("--images", "--foreground", "--debug", "--allow-other", "--allow-outside-backing"):
+        assert opt in out
