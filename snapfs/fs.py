@@ -192,11 +192,13 @@ class Operations(pyfuse3.Operations):
         h = self._handles[fh]
         if h.data is not None:
             return h.data[off:off + size]
-        m = h.node.view.map
+        view = h.node.view
+        m = view.map
+        chunks = h.server.chunks(view.size)
         parts = []
         for start, length, zero in m.pieces(off, size):
             # Zero and hole areas come from the extent map, not the server.
-            parts.append(bytes(length) if zero else await h.server.pread(length, start))
+            parts.append(bytes(length) if zero else await chunks.read(start, length, m))
         if len(parts) == 1:
             return parts[0]
         return b"".join(parts)

@@ -33,6 +33,7 @@ import trio
 
 from . import nbd_client
 from .extents import Run
+from .reader import ChunkCache
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,18 @@ class Server:
         self._all: list[nbd_client.Connection] = []
         self._limiter = trio.CapacityLimiter(pool.connections)
         self._idle_scope: trio.CancelScope | None = None
+        self._cache: ChunkCache | None = None
+
+    def chunks(self, size: int) -> ChunkCache:
+        """The export's chunk cache (dropped when the server stops)."""
+        if self._cache is None:
+            self._cache = ChunkCache(self.pread, self._spawn, size)
+        return self._cache
+
+    def _spawn(self, fn, *args) -> None:
+        # Readahead only while files are open: never restart an idle server.
+        if self.users > 0:
+            self.pool.spawn(fn, *args)
 
     async def ensure_running(self) -> None:
         async with self.lock:
@@ -276,6 +289,7 @@ class Server:
         return await self.call("block_status", size)
 
     async def _shutdown(self) -> None:
+        self._cache = None
         conns, self._all, self._free = self._all, [], []
         for c in conns:
             c.close()
@@ -317,6 +331,10 @@ class ServerPool:
             self._nursery = None
             with trio.CancelScope(shield=True):
                 await self.stop_all()
+
+    def spawn(self, fn, *args) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)
 
     def server(self, spec: ExportSpec) -> Server:
         srv = self.servers.get(spec)
