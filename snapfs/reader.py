@@ -17,6 +17,8 @@ to end are never fetched ahead.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 from collections import OrderedDict
 
@@ -29,6 +31,35 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 READAHEAD = 4
 KEEP = 24  # chunks cached per export: 24 MiB
+
+
+# glibc mallopt() parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc() -> bool:
+    """Keep 1 MiB read buffers on the heap instead of fresh mmap()s.
+
+    By default glibc serves every allocation above 128 KiB (each chunk and
+    each FUSE reply) with its own mmap(), so every buffer is page-faulted in
+    and zeroed anew: reads through libnbd ran at 1.2 GB/s that way and at
+    3 GB/s with this (tests/bench_nbd.py, 1 MiB requests, 4 in flight).
+    Memory stays bounded by what the chunk caches hold.
+    """
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False  # not glibc
+    ok = mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    ok &= mallopt(_M_TRIM_THRESHOLD, 128 << 20)
+    ok &= mallopt(_M_TOP_PAD, 16 << 20)
+    return bool(ok)
 
 
 class ChunkCache:

@@ -10,7 +10,8 @@ snapfs reads through libnbd from a trio event loop. Two ways fit:
 
 This reads the same 1 GiB of data from one qemu-nbd both ways, with the
 request size FUSE sends (128 KiB) and a larger one, and prints MB/s.
-Run: .venv/bin/python tests/bench_nbd.py (part of make bench).
+Run: .venv/bin/python tests/bench_nbd.py [--default-malloc] (part of make
+bench); by default glibc's malloc is tuned as snapfs tunes it.
 """
 
 import os
@@ -21,6 +22,9 @@ import time
 
 import nbd
 import trio
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from snapfs.reader import tune_malloc  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -85,6 +89,8 @@ async def read_aio(sock, size, req, inflight):
 
 
 def main():
+    if "--default-malloc" not in sys.argv:
+        tune_malloc()  # as snapfs does
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         img = os.path.join(tmp, "bench.qcow2")
         sock = os.path.join(tmp, "s.sock")
