@@ -15,6 +15,7 @@ import logging
 import os
 
 import pyfuse3
+import trio
 
 from . import nbd_client
 from .extents import SeekError
@@ -64,6 +65,11 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._fh = itertools.count(1)
         self._map_json: dict[int, bytes] = {}
+        self.initialized = trio.Event()
+
+    def init(self):
+        # Called by pyfuse3 while it answers FUSE_INIT.
+        self.initialized.set()
 
     # -- attributes -------------------------------------------------------
 

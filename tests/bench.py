@@ -322,19 +322,23 @@ class Bench:
     def qemu_nbd(self):
         """A read-only, persistent qemu-nbd on a UNIX socket; yields the socket."""
         sock = self.path("nbd.sock")
+        pidfile = self.path("qemu-nbd.pid")
         err = self.path("qemu-nbd.err")
         with open(err, "wb") as f:
             proc = subprocess.Popen(
-                ["qemu-nbd", "-r", "-t", "--shared=16", "-k", sock, "-f", "qcow2",
-                 "--cache=writeback", self.img],
+                ["qemu-nbd", "-r", "-t", "--shared=16", "-k", sock, f"--pid-file={pidfile}",
+                 "-f", "qcow2", "--cache=writeback", self.img],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=f)
         try:
-            wait_until(lambda: os.path.exists(sock), "qemu-nbd", proc, err)
+            # Not the socket: qemu-nbd creates it (bind) before it listens,
+            # and writes the pid file after.
+            wait_until(lambda: os.path.exists(pidfile), "qemu-nbd", proc, err)
             yield sock
         finally:
             stop_process(proc)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(sock)
+            for path in (sock, pidfile):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     @contextlib.contextmanager
     def qsd_export(self):
