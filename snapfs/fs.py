@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 
 HAS_LSEEK = hasattr(pyfuse3.Operations, "lseek")
 
+# Zero replies share one buffer: FUSE takes any buffer, and most zero
+# requests are a whole 1 MiB (or 128 KiB) request.
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def _zeros(length: int):
+    return _ZEROS[:length] if length <= len(_ZEROS) else bytes(length)
+
 
 def _boundary(fn):
     @functools.wraps(fn)
@@ -204,10 +212,10 @@ class Operations(pyfuse3.Operations):
         parts = []
         for start, length, zero in m.pieces(off, size):
             # Zero and hole areas come from the extent map, not the server.
-            parts.append(bytes(length) if zero else await chunks.read(start, length, m))
+            parts.append(_zeros(length) if zero else await chunks.read(start, length, m))
         if len(parts) == 1:
             return parts[0]
-        return b"".join(parts)
+        return b"".join(parts)  # join takes memoryviews too
 
     @_boundary
     async def release(self, fh):
