@@ -74,6 +74,8 @@ class Operations(pyfuse3.Operations):
         self._fh = itertools.count(1)
         self._map_json: dict[int, bytes] = {}
         self.initialized = trio.Event()
+        # Servers started ahead for maps, at once: one per core.
+        self._map_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
 
     def init(self):
         # Called by pyfuse3 while it answers FUSE_INIT.
@@ -165,12 +167,34 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def readdir(self, fh, start_id, token):
         node = self._node(fh)
+        if start_id == 0:
+            self._prefetch_maps(node)
         entries = sorted(node.children.items())
         for i, (name, child) in enumerate(entries[start_id:], start_id):
             if child.hidden:
                 continue
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._quick_attrs(child), i + 1):
                 break
+
+    def _prefetch_maps(self, node: Directory) -> None:
+        """Read the maps of a listed folder's views ahead, a few at a time.
+
+        ``ls -l`` stats every entry next, one after the other; each stat of a
+        view needs its map, so reading them while the kernel is busy saves a
+        server start's latency per view.
+        """
+        for child in node.children.values():
+            if type(child) is ViewFile and child.view.map is None and child.view.problem is None:
+                self.pool.spawn(self._load_map_quietly, child.view)
+
+    async def _load_map_quietly(self, view) -> None:
+        async with self._map_limiter:
+            try:
+                await view.load_map(self.pool)
+            except ServerError:
+                pass  # the view is hidden now, with its reason in the status file
+            except Exception:
+                log.exception("reading the map of %s failed", view.filename)
 
     async def releasedir(self, fh):
         pass

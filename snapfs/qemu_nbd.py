@@ -38,7 +38,7 @@ from .reader import ChunkCache
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 30.0
-STOP_TIMEOUT = 2.0
+STOP_TIMEOUT = 1.0
 
 
 class ServerError(Exception):
@@ -130,9 +130,11 @@ class QemuNBD:
         with open(self.errfile, "wb") as err:
             self.proc = await trio.lowlevel.open_process(
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        # qemu-nbd writes its pid file once it listens; the socket file
+        # appears earlier, at bind().
         delay = 0.001
         with trio.move_on_after(START_TIMEOUT) as timeout:
-            while not os.path.exists(self.socket):
+            while not os.path.exists(self.pidfile):
                 if self.proc.poll() is not None:
                     raise self.failure()
                 await trio.sleep(delay)
@@ -155,18 +157,24 @@ class QemuNBD:
         return self.proc is not None and self.proc.poll() is None
 
     async def stop(self) -> None:
-        """Terminate, wait, kill; log what the server said if it failed."""
+        """Wait, terminate, kill; log what the server said if it failed.
+
+        Callers close their connections first, and a non-persistent qemu-nbd
+        then exits by itself. SIGTERM comes second: qemu-nbd loses one that
+        arrives while it is still starting.
+        """
         proc, self.proc = self.proc, None
         if proc is None:
             return
         with trio.CancelScope(shield=True):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                with trio.move_on_after(STOP_TIMEOUT):
-                    await proc.wait()
-                if proc.poll() is None:
+            for sig in (None, signal.SIGTERM, signal.SIGKILL):
+                if proc.poll() is not None:
+                    break
+                if sig == signal.SIGKILL:
                     log.warning("qemu-nbd pid %d ignored SIGTERM, killing it", proc.pid)
-                    proc.kill()
+                if sig is not None:
+                    proc.send_signal(sig)
+                with trio.move_on_after(STOP_TIMEOUT):
                     await proc.wait()
             if proc.returncode not in (0, -signal.SIGTERM):
                 log.warning("qemu-nbd for %s exited with %s: %s", self.spec.describe(),
@@ -318,6 +326,8 @@ class ServerPool:
         self.idle_timeout = idle_timeout
         self.ids = itertools.count(1)
         self.servers: dict[ExportSpec, Server] = {}
+        self._runs: dict[ExportSpec, dict[str, list[Run]]] = {}
+        self._runs_locks: dict[ExportSpec, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -381,11 +391,23 @@ class ServerPool:
                 log.exception("stopping qemu-nbd for %s failed", srv.spec.describe())
 
     async def block_status(self, spec: ExportSpec, size: int) -> dict[str, list[Run]]:
-        srv = await self.acquire(spec)
-        try:
-            return await srv.block_status(size)
-        finally:
-            self.release(srv, linger=False)
+        """Block status of a whole export, read once per mount.
+
+        Views of the same export (a base's chain and layer views, the shared
+        layers of two branches) share it.
+        """
+        runs = self._runs.get(spec)
+        if runs is not None:
+            return runs
+        async with self._runs_locks.setdefault(spec, trio.Lock()):
+            runs = self._runs.get(spec)
+            if runs is None:
+                srv = await self.acquire(spec)
+                try:
+                    runs = self._runs[spec] = await srv.block_status(size)
+                finally:
+                    self.release(srv, linger=False)
+        return runs
 
     async def stop_all(self) -> None:
         for srv in list(self.servers.values()):
