@@ -44,9 +44,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="NBD connections (requests in flight) per qemu-nbd (default: 4)")
     m.add_argument("--idle-timeout", type=float, default=2.0, metavar="SECONDS",
                    help="stop a qemu-nbd this long after its last file is closed (default: 2)")
-    m.add_argument("--readahead-kb", type=int, default=4096, metavar="KB",
-                   help="kernel readahead for the mount, so reads reach snapfs in 1 MiB "
-                        "requests (default: 4096; needs root, else the kernel's 128 stays)")
     m.add_argument("--log", metavar="FILE",
                    help="log file when detached (default: in the runtime directory, printed)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -129,8 +126,7 @@ def _detach(args) -> int:
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "snapfs", "mount", "--foreground", "--ready-fd", str(w),
            "--images", args.images, "--connections", str(args.connections),
-           "--idle-timeout", str(args.idle_timeout), "--readahead-kb", str(args.readahead_kb),
-           "--log", logfile]
+           "--idle-timeout", str(args.idle_timeout), "--log", logfile]
     for flag in ("debug", "allow_other", "allow_outside_backing"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))

@@ -73,13 +73,9 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._fh = itertools.count(1)
         self._map_json: dict[int, bytes] = {}
-        self.initialized = trio.Event()
         # Servers started ahead for maps, at once: one per core.
         self._map_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
 
-    def init(self):
-        # Called by pyfuse3 while it answers FUSE_INIT.
-        self.initialized.set()
 
     # -- attributes -------------------------------------------------------
 
@@ -222,8 +218,11 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         server = await self.pool.acquire(view.spec)
         self._handles[fh] = Handle(node, server=server)
-        # Views never change under a mount: keep the page cache across opens.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # Direct I/O: reads arrive at the size the reader asks for (cp and
+        # cat ask st_blksize, 1 MiB) instead of the page cache's readahead
+        # pieces, and copying a mostly empty 8 GiB view does not fill the
+        # page cache with zeros. The chunk cache serves repeated reads.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
     @_boundary
     async def read(self, fh, off, size):

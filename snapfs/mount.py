@@ -146,8 +146,6 @@ async def serve(args, ready=None) -> None:
             async with trio.open_nursery() as nursery:
                 await nursery.start(pool.run)
                 nursery.start_soon(_signals, nursery.cancel_scope)
-                if args.readahead_kb:
-                    nursery.start_soon(_raise_readahead, ops, mountpoint, args.readahead_kb)
                 log.info("mounted %s on %s", images, mountpoint)
                 if ready is not None:
                     ready()
@@ -160,32 +158,6 @@ async def serve(args, ready=None) -> None:
             log.info("unmounted %s", mountpoint)
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
-
-
-async def _raise_readahead(ops: Operations, mountpoint: str, kb: int) -> None:
-    """Raise the kernel's readahead for the mount (root only).
-
-    FUSE's default window is 128 KiB, so buffered reads reach snapfs as
-    128 KiB requests; a larger window lets the kernel send 1 MiB requests
-    (libfuse's max_pages), an eighth of the per-request work. The kernel
-    caps the window when it gets the reply to FUSE_INIT, so this waits
-    until that reply is out.
-    """
-    path = f"/sys/class/bdi/{mount_device(mountpoint)}/read_ahead_kb"
-    await ops.initialized.wait()
-    for _ in range(50):
-        await trio.sleep(0.01)
-        try:
-            with open(path, "r+") as f:
-                f.write(str(kb))
-                f.seek(0)
-                if f.read().strip() == str(kb):
-                    log.debug("kernel readahead set to %d KiB", kb)
-                    return
-        except OSError as e:
-            log.info("kernel readahead stays at its default (%s: %s)", path, e.strerror)
-            return
-    log.info("kernel readahead could not be set in %s", path)
 
 
 async def _signals(scope: trio.CancelScope) -> None:

@@ -187,10 +187,3 @@ def test_help_describes_the_commands():
     for opt in ("--images", "--foreground", "--debug", "--allow-other", "--allow-outside-backing"):
         assert opt in out
 
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="the kernel readahead is set only by root")
-def test_readahead_is_raised_for_large_requests(images, mount):
-    m = mount(images, "--readahead-kb", "2048")
-    from snapfs.mount import mount_device
-    with open(f"/sys/class/bdi/{mount_device(os.path.realpath(m.path))}/read_ahead_kb") as f:
-        assert f.read().strip() == "2048"
