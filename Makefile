@@ -18,6 +18,7 @@ test: setup
 
 bench: setup
 	$(PY) tests/bench.py
+	$(PY) tests/bench_nbd.py
 
 umount-demo:
 	-$(VENV)/bin/snapfs umount $(DEMO_DIR)/mnt
