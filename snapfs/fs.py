@@ -76,7 +76,6 @@ class Operations(pyfuse3.Operations):
         # Servers started ahead for maps, at once: one per core.
         self._map_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
 
-
     # -- attributes -------------------------------------------------------
 
     def _node(self, inode: int) -> Node:
@@ -85,53 +84,61 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
 
-    async def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
-        if isinstance(node, MapFile):
-            data = await self._map_content(node)
-            return self.tree.attributes(node, size=len(data), blocks=(len(data) + 511) // 512,
-                                        mtime_ns=node.view.layer_mtime_ns)
+    def _content_attrs(self, node: Node, data: bytes, mtime_ns=None, timeout=300):
+        return self.tree.attributes(node, size=len(data), blocks=(len(data) + 511) // 512,
+                                    mtime_ns=mtime_ns, timeout=timeout)
+
+    def _known_attrs(self, node: Node) -> pyfuse3.EntryAttributes | None:
+        """Attributes if they need no server, else None."""
         if isinstance(node, ViewFile):
             view = node.view
-            try:
-                await view.load_map(self.pool)
-            except ServerError:
-                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            if view.map is None:
+                return None
             return self.tree.attributes(node, size=view.size, blocks=view.data_blocks,
                                         mtime_ns=view.layer_mtime_ns)
+        if isinstance(node, MapFile):
+            data = self._map_json.get(node.inode)
+            return None if data is None else self._content_attrs(node, data, node.view.layer_mtime_ns)
         if isinstance(node, StatusFile):
             # Its content changes when views fail: never cache its attributes.
-            size = len(self.status.render())
-            return self.tree.attributes(node, size=size, blocks=(size + 511) // 512, timeout=0)
+            return self._content_attrs(node, self.status.render(), timeout=0)
         return self.tree.attributes(node)
+
+    async def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = self._known_attrs(node)
+        if attrs is None:
+            if isinstance(node, MapFile):
+                await self._map_content(node)
+            else:
+                await self._load_map(node.view)
+            attrs = self._known_attrs(node)
+        return attrs
 
     def _quick_attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         """Attributes for readdirplus without starting a server.
 
-        A view whose map is not known yet gets its size and a zero timeout:
-        the kernel asks getattr before anyone sees st_blocks, so a plain
-        ``ls`` stays fast and ``ls -ls`` is still right.
+        A view whose map is not known yet gets a zero timeout: the kernel
+        asks getattr before anyone sees st_blocks, so a plain ``ls`` stays
+        fast and ``ls -ls`` is still right.
         """
-        if isinstance(node, ViewFile) and not isinstance(node, MapFile):
-            view = node.view
-            if view.map is not None:
-                return self.tree.attributes(node, size=view.size, blocks=view.data_blocks,
-                                            mtime_ns=view.layer_mtime_ns)
-            return self.tree.attributes(node, size=view.size, mtime_ns=view.layer_mtime_ns, timeout=0)
-        if isinstance(node, (MapFile, StatusFile)):
-            cached = self._map_json.get(node.inode) if isinstance(node, MapFile) else None
-            if cached is not None:
-                return self.tree.attributes(node, size=len(cached), blocks=(len(cached) + 511) // 512,
-                                            mtime_ns=node.view.layer_mtime_ns)
-            return self.tree.attributes(node, timeout=0)
-        return self.tree.attributes(node)
+        attrs = self._known_attrs(node)
+        if attrs is None:
+            size = node.view.size if isinstance(node, ViewFile) else 0
+            attrs = self.tree.attributes(node, size=size, mtime_ns=node.view.layer_mtime_ns,
+                                         timeout=0)
+        return attrs
+
+    async def _load_map(self, view):
+        """The view's map; a view that cannot be served is gone (ENOENT)."""
+        try:
+            return await view.load_map(self.pool)
+        except ServerError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
 
     async def _map_content(self, node: MapFile) -> bytes:
         data = self._map_json.get(node.inode)
         if data is None:
-            try:
-                m = await node.view.load_map(self.pool)
-            except ServerError:
-                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            m = await self._load_map(node.view)
             data = self._map_json[node.inode] = m.to_json()
         return data
 
@@ -180,7 +187,7 @@ class Operations(pyfuse3.Operations):
         server start's latency per view.
         """
         for child in node.children.values():
-            if type(child) is ViewFile and child.view.map is None and child.view.problem is None:
+            if isinstance(child, ViewFile) and child.view.map is None and not child.hidden:
                 self.pool.spawn(self._load_map_quietly, child.view)
 
     async def _load_map_quietly(self, view) -> None:
@@ -212,10 +219,7 @@ class Operations(pyfuse3.Operations):
             self._handles[fh] = Handle(node, data=self.status.render())
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         view = node.view
-        try:
-            await view.load_map(self.pool)
-        except ServerError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        await self._load_map(view)
         server = await self.pool.acquire(view.spec)
         self._handles[fh] = Handle(node, server=server)
         # Direct I/O: reads arrive at the size the reader asks for (cp and
@@ -268,7 +272,7 @@ class Operations(pyfuse3.Operations):
     # -- extended attributes, statfs --------------------------------------
 
     def _xattrs(self, node: Node) -> dict[str, str]:
-        if isinstance(node, ViewFile) and not isinstance(node, MapFile):
+        if isinstance(node, ViewFile):
             return node.view.xattrs()
         return {}
 

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 2 << 20
 READAHEAD = 4
-KEEP = 16  # chunks cached per export: 32 MiB
+KEEP = 8  # chunks cached per export: 16 MiB
 
 
 # glibc mallopt() parameters (malloc.h).
@@ -59,8 +59,8 @@ def tune_malloc() -> bool:
     except (OSError, AttributeError):
         return False  # not glibc
     ok = mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-    ok &= mallopt(_M_TRIM_THRESHOLD, 128 << 20)
-    ok &= mallopt(_M_TOP_PAD, 16 << 20)
+    ok &= mallopt(_M_TRIM_THRESHOLD, 32 << 20)
+    ok &= mallopt(_M_TOP_PAD, 4 << 20)
     return bool(ok)
 
 

@@ -39,7 +39,9 @@ class Directory(Node):
         self.children: dict[str, Node] = {}
 
 
-class ViewFile(Node):
+class ViewNode(Node):
+    """A file about a view; hidden once the view turned out unservable."""
+
     def __init__(self, inode, name, parent, view: View):
         super().__init__(inode, name, parent)
         self.view = view
@@ -49,7 +51,11 @@ class ViewFile(Node):
         return self.view.problem is not None
 
 
-class MapFile(ViewFile):
+class ViewFile(ViewNode):
+    """``NAME.raw``: the view itself."""
+
+
+class MapFile(ViewNode):
     """``NAME.map.json``: the view's extent map as JSON."""
 
 

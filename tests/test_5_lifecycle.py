@@ -18,8 +18,16 @@ def children(pid):
 
 
 def alive(pids):
-    return {p for p in pids if os.path.exists(f"/proc/{p}") and
-            open(f"/proc/{p}/stat").read().split()[2] != "Z"}
+    """The pids still running (a zombie has ended)."""
+    out = set()
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    out.add(p)
+        except FileNotFoundError:
+            pass
+    return out
 
 
 def wait_gone(pids, timeout=10):
