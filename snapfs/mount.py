@@ -12,7 +12,6 @@ sockets and pid files and ``mount.json`` (mountpoint, pid, log file), which
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -184,13 +183,13 @@ def find_mount(mountpoint: str) -> tuple[str, dict] | None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """True while pid runs; a zombie (exited, not yet reaped by its new
+    parent, since a detached snapfs is nobody's child) counts as gone."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _is_our_qemu_nbd(pid: int, rundir: str) -> bool:
@@ -222,7 +221,10 @@ def umount(mountpoint: str, timeout: float = 10.0) -> None:
         time.sleep(0.05)
     if pid and _pid_alive(pid):
         log.warning("snapfs pid %d did not exit after unmount, terminating it", pid)
-        os.kill(pid, signal.SIGTERM)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
     # A snapfs killed before it could clean up may leave servers behind.
     for name in os.listdir(rundir) if os.path.isdir(rundir) else []:
         if not name.endswith(".pid"):
@@ -235,7 +237,6 @@ def umount(mountpoint: str, timeout: float = 10.0) -> None:
         if _is_our_qemu_nbd(spid, rundir):
             try:
                 os.kill(spid, signal.SIGTERM)
-            except OSError as e:
-                if e.errno != errno.ESRCH:
-                    raise
+            except ProcessLookupError:
+                pass
     shutil.rmtree(rundir, ignore_errors=True)
