@@ -140,7 +140,7 @@ class Tree:
             a.st_nlink = 1
         a.st_size = size
         a.st_blocks = blocks
-        a.st_blksize = 1 << 20
+        a.st_blksize = 4 << 20  # cp, cat, tar read this much at a time
         a.st_uid = self.uid
         a.st_gid = self.gid
         t = mtime_ns if mtime_ns is not None else self.mtime_ns
