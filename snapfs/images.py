@@ -63,7 +63,6 @@ class Layer:
     backing_format: str | None = None
     bitmaps: list[qcow2.Bitmap] = field(default_factory=list)
     problem: str | None = None
-    backing: Layer | None = None
     mtime_ns: int = 0
 
     @property
@@ -258,7 +257,6 @@ class ImageDirectory:
                 below = read_layer(bpath, layer.backing_format)
             if below.format == "qcow2" and below.problem is None and not qcow2.is_qcow2(bpath):
                 below.problem = "named as a qcow2 backing file but has no qcow2 header"
-            layer.backing = below
             chain.append(below)
             layer = below
         complete = cut is None

@@ -84,7 +84,7 @@ def _unescape(s: str) -> str:
     return "".join(out)
 
 
-def build_tree(images: str, allow_outside: bool) -> tuple[Tree, Status, list]:
+def build_tree(images: str, allow_outside: bool) -> tuple[Tree, Status]:
     """Scan the image directory and lay out the mount."""
     scan = ImageDirectory(images, allow_outside=allow_outside).scan()
     tree = Tree()
@@ -102,7 +102,7 @@ def build_tree(images: str, allow_outside: bool) -> tuple[Tree, Status, list]:
     for path, reason in status.problems:
         log.warning("not available: %s: %s", path, reason)
     log.info("%d disk(s), %d view(s) from %s", len(scan.disks), len(status.views), scan.root)
-    return tree, status, scan.disks
+    return tree, status
 
 
 async def serve(args, ready=None) -> None:
@@ -120,7 +120,7 @@ async def serve(args, ready=None) -> None:
 
     rundir = tempfile.mkdtemp(prefix="m", dir=runtime_base())
     try:
-        tree, status, _ = build_tree(images, args.allow_outside_backing)
+        tree, status = build_tree(images, args.allow_outside_backing)
         if not HAS_LSEEK:
             msg = ("this pyfuse3 has no lseek handler (build it with make setup): "
                    "SEEK_HOLE/SEEK_DATA see every file as all data")
