@@ -162,11 +162,6 @@ def data_ranges(extents, is_data):
     return out
 
 
-def qemu_nbd_pids():
-    r = run("pgrep", "-x", "qemu-nbd", check=False)
-    return {int(p) for p in r.stdout.split()}
-
-
 class Mount:
     """A real snapfs mount in a subprocess, unmounted on close."""
 

@@ -10,7 +10,7 @@ import time
 import pyfuse3
 import pytest
 
-from conftest import REPO, MiB, Mount, create, qemu_io, run
+from conftest import REPO, MiB, create, qemu_io, run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

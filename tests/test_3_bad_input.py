@@ -29,12 +29,6 @@ def _set_ext_type(path, old, new):
             pos += 8 + ((n + 7) & ~7)
 
 
-def _set_u64(path, offset, value):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(">Q", value))
-
-
 @pytest.fixture
 def bad_dir(tmp_path):
     d = tmp_path / "images"
