@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 HAS_LSEEK = hasattr(pyfuse3.Operations, "lseek")
 
 # Zero replies share one buffer: FUSE takes any buffer, and most zero
-# requests are a whole 1 MiB (or 128 KiB) request.
+# requests are a whole 1 MiB request (or less).
 _ZEROS = memoryview(bytes(1 << 20))
 
 
@@ -224,8 +224,9 @@ class Operations(pyfuse3.Operations):
         self._handles[fh] = Handle(node, server=server)
         # Direct I/O: reads arrive at the size the reader asks for (cp and
         # cat ask st_blksize, 4 MiB, sent as four 1 MiB requests at once)
-        # instead of the page cache's 128 KiB readahead pieces, and copying a mostly empty 8 GiB view does not fill the
-        # page cache with zeros. The chunk cache serves repeated reads.
+        # instead of the page cache's 128 KiB readahead pieces, and copying
+        # a mostly empty 8 GiB view does not fill the page cache with zeros.
+        # The chunk cache serves repeated reads.
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
     @_boundary

@@ -1,6 +1,6 @@
 """Reads of view data: 2 MiB chunks from the server, with readahead.
 
-Readers ask for 128 KiB to 1 MiB at a time. One NBD round trip per request
+FUSE requests are at most 1 MiB (libfuse's max_pages). One NBD round trip per request
 costs more than the copy itself: ``tests/bench_nbd.py`` measured about
 600 MB/s for 128 KiB requests against 1 GB/s and more for 1 MiB requests,
 four in flight; through a mount, 2 MiB chunks read faster than 1 MiB or
