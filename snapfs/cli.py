@@ -7,7 +7,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 
 DESCRIPTION = """\
 snapfs presents a VM's disks as directories of sparse raw files:
@@ -144,5 +143,4 @@ def _detach(args) -> int:
         proc.wait()
         return _fail(line[4:])
     rc = proc.wait()
-    time.sleep(0)
     return _fail(f"mount process exited with {rc} before the mount was live; see {logfile}")
