@@ -54,6 +54,7 @@ class View:
     """
 
     kind = ""
+    folder = ""  # the disk's folder holding views of this kind
 
     def __init__(self, disk: Disk, basename: str, layer: Layer, spec: ExportSpec, size: int):
         self.disk = disk
@@ -98,6 +99,9 @@ class View:
         if self.problem is not None:
             raise ServerError(self.problem)
         async with self._lock:
+            if self.problem is not None:
+                # Another open waited on the lock while this view failed.
+                raise ServerError(self.problem)
             if self.map is None:
                 try:
                     runs = await pool.block_status(self.spec, self.size)
@@ -109,10 +113,6 @@ class View:
                     raise ServerError(self.problem, e.errno) from None
         return self.map
 
-    @property
-    def folder(self) -> str:
-        return {"chain": "chain", "layer": "layers", "dirty": "dirty"}[self.kind]
-
     def build_map(self, runs: dict[str, list[ex.Run]]) -> ex.ExtentMap:
         raise NotImplementedError
 
@@ -121,6 +121,7 @@ class ChainView(View):
     """The disk as the guest saw it when ``layer`` was the top of the chain."""
 
     kind = "chain"
+    folder = "chain"
 
     def build_map(self, runs):
         has_backing = len(self.spec.layers) > 1
@@ -133,6 +134,7 @@ class LayerView(View):
     """One layer alone (``"backing": null``): only what it holds itself."""
 
     kind = "layer"
+    folder = "layers"
 
     def build_map(self, runs):
         has_backing = self.layer.backing_path is not None
@@ -145,6 +147,7 @@ class DirtyView(View):
     """The current disk's data where the bitmap marks changes; zeros elsewhere."""
 
     kind = "dirty"
+    folder = "dirty"
 
     def xattrs(self):
         x = super().xattrs()
