@@ -8,11 +8,13 @@ import os
 import subprocess
 import sys
 
+DEFAULT_URI = "qemu:///system"
+
 DESCRIPTION = """\
 snapfs presents a VM's disks as directories of sparse raw files:
   DISK/chain/   the disk as the guest saw it at every snapshot point
   DISK/layers/  each snapshot layer on its own
-  DISK/dirty/   what changed since each dirty bitmap started
+  DISK/dirty/   what changed since each dirty bitmap (checkpoint) started
 Each view NAME.raw has NAME.map.json beside it (its extent map). Holes show
 through SEEK_HOLE/SEEK_DATA and st_blocks, so cp, tar --sparse, rsync and
 qemu-img convert copy only the data. What could not be offered is listed,
@@ -24,12 +26,25 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    m = sub.add_parser("mount", help="mount the disks of an image directory",
-                       description="Mount every leaf image under DIR (and its backing chain) "
-                                   "read-only at MOUNTPOINT. Returns once the mount is live.")
-    m.add_argument("--images", metavar="DIR", required=True,
-                   help="directory of qcow2/raw images; each leaf image becomes a disk directory")
+    m = sub.add_parser("mount", help="mount the disks of an image directory or of libvirt domains",
+                       description="Mount every leaf image under DIR (and its backing chain), or "
+                                   "every disk of libvirt domains, read-only at MOUNTPOINT. "
+                                   "Returns once the mount is live.")
+    src = m.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", metavar="DIR",
+                     help="directory of qcow2/raw images; each leaf image becomes a disk directory")
+    src.add_argument("--connect", metavar="URI", nargs="?", const=DEFAULT_URI,
+                     help=f"libvirt URI (default {DEFAULT_URI}): MOUNTPOINT/DOMAIN/TARGET/ for every "
+                          "disk of every domain, running or shut off")
     m.add_argument("mountpoint", metavar="MOUNTPOINT")
+    m.add_argument("--domain", metavar="NAME", action="append",
+                   help="with --connect: only this domain (repeat for more)")
+    m.add_argument("--since", metavar="CHECKPOINT",
+                   help="with --connect, for running domains: the checkpoint whose dirty views the "
+                        "backup job serves (default: the newest)")
+    m.add_argument("--checkpoint", metavar="NAME",
+                   help="with --connect, for running domains: create checkpoint NAME with the "
+                        "backup job, so the next incremental starts there")
     m.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
     m.add_argument("--debug", action="store_true", help="log every step (qemu-nbd commands, servers)")
     m.add_argument("--debug-fuse", action="store_true", help=argparse.SUPPRESS)
@@ -49,6 +64,16 @@ def _parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("umount", help="unmount and stop every qemu-nbd the mount started")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    r = sub.add_parser("refresh", help="libvirt mounts: a new point in time for one running domain",
+                       description="End DOMAIN's backup job and start a new one (running domains), "
+                                   "or read DOMAIN again (shut-off domains), without remounting. "
+                                   "No file of the domain may be open.")
+    r.add_argument("mountpoint", metavar="MOUNTPOINT")
+    r.add_argument("domain", metavar="DOMAIN")
+    r.add_argument("--since", metavar="CHECKPOINT",
+                   help="serve the dirty views of this checkpoint (default: the newest)")
+    r.add_argument("--checkpoint", metavar="NAME", help="create checkpoint NAME with the new backup job")
     return p
 
 
@@ -71,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "umount":
         return _umount(args)
+    if args.command == "refresh":
+        return _refresh(args)
+    if args.images is not None and (args.domain or args.since or args.checkpoint):
+        return _fail("--domain, --since and --checkpoint go with --connect")
     if args.connections < 1:
         return _fail("--connections must be at least 1")
     if args.foreground:
@@ -85,6 +114,17 @@ def _umount(args) -> int:
         umount(args.mountpoint)
     except MountError as e:
         return _fail(str(e))
+    return 0
+
+
+def _refresh(args) -> int:
+    from .mount import MountError, control_request
+    try:
+        msg = control_request(args.mountpoint, {"command": "refresh", "domain": args.domain,
+                                                "since": args.since, "checkpoint": args.checkpoint})
+    except MountError as e:
+        return _fail(str(e))
+    print(f"snapfs: {msg}")
     return 0
 
 
@@ -124,8 +164,14 @@ def _detach(args) -> int:
         base, "snapfs-" + os.path.abspath(args.mountpoint).strip("/").replace("/", "_") + ".log")
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "snapfs", "mount", "--foreground", "--ready-fd", str(w),
-           "--images", args.images, "--connections", str(args.connections),
+           "--connections", str(args.connections),
            "--idle-timeout", str(args.idle_timeout), "--log", logfile]
+    cmd += ["--images", args.images] if args.images is not None else ["--connect", args.connect]
+    for name in args.domain or ():
+        cmd += ["--domain", name]
+    for opt in ("since", "checkpoint"):
+        if getattr(args, opt):
+            cmd += ["--" + opt, getattr(args, opt)]
     for flag in ("debug", "allow_other", "allow_outside_backing"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
@@ -137,7 +183,7 @@ def _detach(args) -> int:
     with os.fdopen(r) as f:
         line = f.readline().strip()
     if line == "OK":
-        print(f"snapfs: mounted {args.images} on {args.mountpoint} (log: {logfile})")
+        print(f"snapfs: mounted {args.images or args.connect} on {args.mountpoint} (log: {logfile})")
         return 0
     if line.startswith("ERR "):
         proc.wait()

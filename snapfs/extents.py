@@ -96,6 +96,23 @@ def zip_runs(size: int, *run_lists: Sequence[Run]) -> Iterator[tuple[int, int, t
         pos = end
 
 
+def union_runs(size: int, *run_lists: Sequence[Run]) -> list[Run]:
+    """One bitmap's runs from several copies of it: dirty where any is dirty.
+
+    A checkpoint's bitmap is copied into each overlay created after it; the
+    changes since the checkpoint are the union of every copy, as libvirt's
+    backup merges them.
+    """
+    out: list[Run] = []
+    for start, length, flags in zip_runs(size, *run_lists):
+        f = STATE_DIRTY if any(x & STATE_DIRTY for x in flags) else 0
+        if out and out[-1][2] == f:
+            out[-1] = (out[-1][0], out[-1][1] + length, f)
+        else:
+            out.append((start, length, f))
+    return out
+
+
 def merge(extents: Iterable) -> list:
     """Merge neighbours whose flags are equal (extents of one type)."""
     out: list = []
@@ -141,6 +158,12 @@ def allocation_extents(
         for start, length, (flags, d) in zip_runs(size, allocation, depth):
             out.append(Extent(start, length, bool(flags & STATE_ZERO), d == 0))
     return merge(out)
+
+
+def status_extents(size: int, allocation: Sequence[Run]) -> list[Extent]:
+    """Extents straight from base:allocation (an export without allocation depth
+    whose hole flag covers its whole chain, as a libvirt backup job's)."""
+    return merge(Extent(s, n, bool(f & STATE_ZERO), bool(f & STATE_HOLE)) for s, n, f in allocation if n)
 
 
 def dirty_extents(size: int, bitmap: Sequence[Run], allocation: Sequence[Run]) -> list[DirtyExtent]:

@@ -76,6 +76,11 @@ class Operations(pyfuse3.Operations):
         # Servers started ahead for maps, at once: one per core.
         self._map_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
 
+    def open_files(self, prefix: str) -> int:
+        """How many views under ``prefix/`` are open."""
+        return sum(1 for h in self._handles.values() if h.server is not None
+                   and h.node.view.disk.relpath.startswith(prefix + "/"))
+
     # -- attributes -------------------------------------------------------
 
     def _node(self, inode: int) -> Node:

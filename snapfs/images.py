@@ -169,6 +169,60 @@ def read_layer(path: str, fmt: str) -> Layer:
     return layer
 
 
+class Chains:
+    """Reads each image once and follows backing chains.
+
+    outside: called with a backing file's path; returns why it must not be
+    followed (a path outside the image directory), or None.
+    """
+
+    def __init__(self, outside=None):
+        self.outside = outside or (lambda path: None)
+        self.layers: dict[str, Layer] = {}
+
+    def layer(self, path: str, fmt: str) -> Layer:
+        key = os.path.realpath(path)
+        layer = self.layers.get(key)
+        if layer is None or layer.format != fmt:
+            # Found under another format by name; the naming image decides.
+            layer = read_layer(path, fmt)
+            self.layers.setdefault(key, layer)
+        return layer
+
+    def chain(self, top: Layer) -> tuple[list[Layer], str | None]:
+        """The layers from the base up to ``top``, and why the chain was cut (or None)."""
+        chain = [top]
+        seen = {os.path.realpath(top.path)}
+        cut = None
+        layer = top
+        # A layer with a problem still names its backing file when its header
+        # was readable (an image in use by a running VM): the layers below it
+        # stay available.
+        while layer.backing_path:
+            bpath = layer.backing_path
+            if not layer.backing_format:
+                cut = (f"{layer.path} does not record the format of its backing file {bpath} "
+                       f"(fix: qemu-img rebase -u -b {bpath} -F qcow2|raw {layer.path})")
+            elif layer.backing_format not in ("qcow2", "raw"):
+                cut = f"backing file {bpath} has unsupported format {layer.backing_format!r}"
+            elif (why := self.outside(bpath)) is not None:
+                cut = why
+            elif not os.path.exists(bpath):
+                cut = f"backing file {bpath} is missing"
+            elif os.path.realpath(bpath) in seen:
+                cut = f"backing chain loops at {bpath}"
+            if cut:
+                break
+            seen.add(os.path.realpath(bpath))
+            below = self.layer(bpath, layer.backing_format)
+            if below.format == "qcow2" and below.problem is None and not qcow2.is_qcow2(bpath):
+                below.problem = "named as a qcow2 backing file but has no qcow2 header"
+            chain.append(below)
+            layer = below
+        chain.reverse()
+        return chain, cut
+
+
 class ImageDirectory:
     """The disks found in one image directory, and what was wrong on the way.
 
@@ -182,7 +236,7 @@ class ImageDirectory:
         self.allow_outside = allow_outside
         self.disks: list[Disk] = []
         self.problems: list[Problem] = []
-        self._layers: dict[str, Layer] = {}
+        self._chains = Chains(self._outside)
 
     def scan(self) -> ImageDirectory:
         found: dict[str, Layer] = {}
@@ -195,7 +249,7 @@ class ImageDirectory:
                 fmt = format_by_name(path)
                 if fmt is None:
                     continue
-                found[path] = self._layer(path, fmt)
+                found[path] = self._chains.layer(path, fmt)
 
         used = set()
         for layer in found.values():
@@ -205,7 +259,7 @@ class ImageDirectory:
             if os.path.realpath(path) in used:
                 continue
             self.disks.append(self._disk(path, layer))
-        for layer in self._layers.values():
+        for layer in self._chains.layers.values():
             if layer.problem:
                 self.problems.append(Problem(layer.path, layer.problem))
         self.problems.sort(key=lambda p: p.path)
@@ -214,54 +268,17 @@ class ImageDirectory:
     def _walk_error(self, err: OSError) -> None:
         self.problems.append(Problem(err.filename or self.root, f"cannot list: {err.strerror}"))
 
-    def _layer(self, path: str, fmt: str) -> Layer:
-        key = os.path.realpath(path)
-        layer = self._layers.get(key)
-        if layer is None:
-            layer = read_layer(path, fmt)
-            self._layers[key] = layer
-        return layer
-
-    def _inside(self, path: str) -> bool:
+    def _outside(self, path: str) -> str | None:
+        if self.allow_outside:
+            return None
         real = os.path.realpath(path)
-        return real == self.real_root or real.startswith(self.real_root.rstrip("/") + "/")
+        if real == self.real_root or real.startswith(self.real_root.rstrip("/") + "/"):
+            return None
+        return f"backing file {path} is outside {self.root} (mount with --allow-outside-backing to follow it)"
 
     def _disk(self, path: str, top: Layer) -> Disk:
-        chain = [top]
-        seen = {os.path.realpath(path)}
-        cut = None
-        layer = top
-        # A layer with a problem still names its backing file when its header
-        # was readable (an image in use by a running VM): the layers below it
-        # stay available.
-        while layer.backing_path:
-            bpath = layer.backing_path
-            if not layer.backing_format:
-                cut = (f"{layer.path} does not record the format of its backing file {bpath} "
-                       f"(fix: qemu-img rebase -u -b {bpath} -F qcow2|raw {layer.path})")
-            elif layer.backing_format not in ("qcow2", "raw"):
-                cut = f"backing file {bpath} has unsupported format {layer.backing_format!r}"
-            elif not self.allow_outside and not self._inside(bpath):
-                cut = (f"backing file {bpath} is outside {self.root} "
-                       f"(mount with --allow-outside-backing to follow it)")
-            elif not os.path.exists(bpath):
-                cut = f"backing file {bpath} is missing"
-            elif os.path.realpath(bpath) in seen:
-                cut = f"backing chain loops at {bpath}"
-            if cut:
-                break
-            seen.add(os.path.realpath(bpath))
-            below = self._layer(bpath, layer.backing_format)
-            if below.format != layer.backing_format:
-                # Found under another format by name; the naming image decides.
-                below = read_layer(bpath, layer.backing_format)
-            if below.format == "qcow2" and below.problem is None and not qcow2.is_qcow2(bpath):
-                below.problem = "named as a qcow2 backing file but has no qcow2 header"
-            chain.append(below)
-            layer = below
-        complete = cut is None
-        if cut:
-            self.problems.append(Problem(os.path.relpath(path, self.root), cut))
-        chain.reverse()
+        chain, cut = self._chains.chain(top)
         rel = os.path.relpath(path, self.root)
-        return Disk(relpath=rel, chain=chain, complete=complete, cut_reason=cut)
+        if cut:
+            self.problems.append(Problem(rel, cut))
+        return Disk(relpath=rel, chain=chain, complete=cut is None, cut_reason=cut)

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -47,8 +48,10 @@ def runtime_base() -> str:
     st = os.lstat(base)
     if not os.path.isdir(base) or os.path.islink(base) or st.st_uid != os.getuid():
         raise MountError(f"runtime directory {base} is not a directory owned by you")
-    if st.st_mode & 0o077:
-        os.chmod(base, 0o700)
+    if st.st_mode & 0o066:
+        # Search permission may be granted (a libvirt backup job's directory
+        # must be reachable by qemu's user), nothing more.
+        os.chmod(base, st.st_mode & 0o711)
     return base
 
 
@@ -105,6 +108,23 @@ def build_tree(images: str, allow_outside: bool) -> tuple[Tree, Status]:
     return tree, status
 
 
+def layout(tree: Tree, status: Status, plan) -> None:
+    """Put one libvirt domain's plan into the tree and the status file."""
+    tree.directory(plan.dirname)
+    for rel in plan.disk_dirs:
+        for folder in ("chain", "layers", "dirty"):
+            tree.directory(f"{rel}/{folder}")
+    for view in plan.views:
+        tree.add_view(view)
+    status.replace(plan.dirname, plan.missing, plan.notes, plan.views)
+    for path, reason in plan.missing:
+        log.warning("not available: %s: %s", path, reason)
+    for note in plan.notes:
+        log.warning("%s", note)
+    log.info("domain %s: %d disk(s), %d view(s)%s", plan.name, len(plan.disk_dirs), len(plan.views),
+             " (running: read through a backup job)" if plan.running else "")
+
+
 async def serve(args, ready=None) -> None:
     """Mount, serve until unmounted or signalled, then stop every server."""
     mountpoint = os.path.realpath(args.mountpoint)
@@ -112,15 +132,21 @@ async def serve(args, ready=None) -> None:
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     if is_mounted(mountpoint):
         raise MountError(f"{mountpoint} is already a mount point")
-    images = os.path.abspath(args.images)
-    if not os.path.isdir(images):
+    images = os.path.abspath(args.images) if args.images else None
+    if images is not None and not os.path.isdir(images):
         raise MountError(f"image directory {images} is not a directory")
     if shutil.which("qemu-nbd") is None:
         raise MountError("qemu-nbd not found (install qemu-utils, or run make setup)")
 
     rundir = tempfile.mkdtemp(prefix="m", dir=runtime_base())
+    source = None
     try:
-        tree, status = build_tree(images, args.allow_outside_backing)
+        if images is not None:
+            what = images
+            tree, status = build_tree(images, args.allow_outside_backing)
+        else:
+            what = args.connect
+            source, tree, status = await _libvirt_tree(args, rundir)
         if not HAS_LSEEK:
             msg = ("this pyfuse3 has no lseek handler (build it with make setup): "
                    "SEEK_HOLE/SEEK_DATA see every file as all data")
@@ -133,8 +159,10 @@ async def serve(args, ready=None) -> None:
             options |= {"allow_other", "default_permissions"}
         if args.debug_fuse:
             options.add("debug")
+        control = os.path.join(rundir, "control.sock")
         with open(os.path.join(rundir, "mount.json"), "w") as f:
-            json.dump({"mountpoint": mountpoint, "pid": os.getpid(), "images": images,
+            json.dump({"mountpoint": mountpoint, "pid": os.getpid(), "source": what,
+                       "control": control if source else None,
                        "log": getattr(args, "log", None)}, f)
         try:
             pyfuse3.init(ops, mountpoint, options)
@@ -145,7 +173,10 @@ async def serve(args, ready=None) -> None:
             async with trio.open_nursery() as nursery:
                 await nursery.start(pool.run)
                 nursery.start_soon(_signals, nursery.cancel_scope)
-                log.info("mounted %s on %s", images, mountpoint)
+                if source is not None:
+                    refresher = Refresher(source, tree, status, ops, pool)
+                    await nursery.start(_control_server, control, refresher)
+                log.info("mounted %s on %s", what, mountpoint)
                 if ready is not None:
                     ready()
                 await pyfuse3.main()
@@ -156,7 +187,148 @@ async def serve(args, ready=None) -> None:
             pyfuse3.close(unmount=unmount)
             log.info("unmounted %s", mountpoint)
     finally:
+        if source is not None:
+            # The servers are stopped (the pool's nursery is done): end the jobs.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(source.close)
         shutil.rmtree(rundir, ignore_errors=True)
+
+
+async def _libvirt_tree(args, rundir: str):
+    from .libvirt_source import LibvirtSource, SourceError
+    source = LibvirtSource(args.connect, args.domain, rundir, since=args.since,
+                           new_checkpoint=args.checkpoint)
+    try:
+        await trio.to_thread.run_sync(source.open)
+        plans = await trio.to_thread.run_sync(source.plan_all)
+    except SourceError as e:
+        await trio.to_thread.run_sync(source.close)
+        raise MountError(str(e)) from None
+    tree = Tree()
+    status = Status(args.connect)
+    tree.add_status()
+    for plan in plans:
+        layout(tree, status, plan)
+    if not plans:
+        status.notes.append(f"no domains at {args.connect}")
+    return source, tree, status
+
+
+class ControlError(Exception):
+    """A control request that failed; the message is for the user."""
+
+
+class Refresher:
+    """``snapfs refresh``: a new point in time for one domain, without remounting."""
+
+    def __init__(self, source, tree: Tree, status: Status, ops: Operations, pool: ServerPool):
+        self.source = source
+        self.tree = tree
+        self.status = status
+        self.ops = ops
+        self.pool = pool
+        self.lock = trio.Lock()
+
+    async def refresh(self, domain: str, since: str | None, checkpoint: str | None) -> str:
+        from .libvirt_source import SourceError
+        async with self.lock:
+            old = self.source.plans.get(domain)
+            if old is None:
+                raise ControlError(f"domain {domain!r} is not in this mount")
+            prefix = old.dirname
+            busy = self.ops.open_files(prefix)
+            if busy:
+                raise ControlError(f"{busy} file(s) of domain {domain} are open; close them and retry")
+            await self.pool.discard({s for v in old.views for s in v.specs()})
+            try:
+                plan = await trio.to_thread.run_sync(self.source.refresh, domain, since, checkpoint)
+            except SourceError as e:
+                self._replace(prefix, None)
+                self.status.replace(prefix, [(prefix, f"refresh failed: {e}")], [], [])
+                raise ControlError(str(e)) from None
+            self._replace(prefix, plan)
+        if not plan.running:
+            return f"{domain}: read again (shut off)"
+        if plan.job is None:
+            raise ControlError(f"{domain}: no backup job could be started: "
+                               + "; ".join(plan.notes or ["see the log"]))
+        return f"{domain}: new point in time " + time.strftime("%H:%M:%S")
+
+    def _replace(self, prefix: str, plan) -> None:
+        removed = self.tree.remove(prefix)
+        if plan is not None:
+            layout(self.tree, self.status, plan)
+        else:
+            self.tree.directory(prefix)
+        if removed is not None:
+            try:
+                pyfuse3.invalidate_entry_async(self.tree.root.inode, os.fsencode(prefix),
+                                               ignore_enoent=True)
+            except Exception:
+                log.debug("invalidating %s failed", prefix, exc_info=True)
+
+
+async def _control_server(path: str, refresher: Refresher, *, task_status=trio.TASK_STATUS_IGNORED):
+    """Answer one JSON request per connection on the mount's control socket."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(4)
+    task_status.started()
+
+    async def handle(stream):
+        async with stream:
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                data += chunk
+            try:
+                req = json.loads(data)
+                if req.get("command") != "refresh":
+                    raise ControlError(f"unknown request {req.get('command')!r}")
+                msg = await refresher.refresh(req["domain"], req.get("since"), req.get("checkpoint"))
+                reply = {"ok": True, "message": msg}
+            except ControlError as e:
+                reply = {"ok": False, "message": str(e)}
+            except Exception as e:
+                log.exception("control request failed")
+                reply = {"ok": False, "message": f"internal error: {e}"}
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+    await trio.serve_listeners(handle, [trio.SocketListener(sock)])
+
+
+def control_request(mountpoint: str, request: dict, timeout: float = 600) -> str:
+    """Send a request to a mount's snapfs process; its answer, or MountError."""
+    found = find_mount(mountpoint)
+    if found is None or not found[1].get("control"):
+        raise MountError(f"{mountpoint} is not a snapfs mount of libvirt domains")
+    if not pid_alive(found[1].get("pid", 0)):
+        raise MountError(f"the snapfs process of {mountpoint} is gone (snapfs umount cleans up)")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(found[1]["control"])
+        s.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except OSError as e:
+        raise MountError(f"cannot reach the snapfs process of {mountpoint}: {e.strerror or e}") from None
+    finally:
+        s.close()
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise MountError("the snapfs process gave no answer (see its log)") from None
+    if not reply.get("ok"):
+        raise MountError(reply.get("message", "refresh failed"))
+    return reply.get("message", "")
 
 
 async def _signals(scope: trio.CancelScope) -> None:
@@ -182,7 +354,7 @@ def find_mount(mountpoint: str) -> tuple[str, dict] | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True while pid runs; a zombie (exited, not yet reaped by its new
     parent, since a detached snapfs is nobody's child) counts as gone."""
     try:
@@ -217,9 +389,9 @@ def umount(mountpoint: str, timeout: float = 10.0) -> None:
     rundir, info = found
     pid = info.get("pid")
     deadline = time.monotonic() + timeout
-    while pid and _pid_alive(pid) and time.monotonic() < deadline:
+    while pid and pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if pid and _pid_alive(pid):
+    if pid and pid_alive(pid):
         log.warning("snapfs pid %d did not exit after unmount, terminating it", pid)
         try:
             os.kill(pid, signal.SIGTERM)

@@ -52,14 +52,15 @@ class NBDError(Exception):
 
 
 class Connection:
-    """One blocking libnbd connection to a UNIX socket export."""
+    """One blocking libnbd connection to an export on a UNIX socket."""
 
-    def __init__(self, socket_path: str, contexts: tuple[str, ...] = ()):
+    def __init__(self, socket_path: str, contexts: tuple[str, ...] = (), export: str = ""):
         self.contexts = contexts
         self._h = nbd.NBD()
         try:
             for ctx in contexts:
                 self._h.add_meta_context(ctx)
+            self._h.set_export_name(export)
             self._h.connect_unix(socket_path)
             self.size = self._h.get_size()
             for ctx in contexts:

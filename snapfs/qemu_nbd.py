@@ -57,15 +57,21 @@ class ExportSpec:
     layers: ``(path, format)`` from the top layer down; the lowest qcow2 layer
     gets ``"backing": null``, so a one-element spec is a single layer alone.
     bitmap: a dirty bitmap to export as ``qemu:dirty-bitmap:NAME``.
+    socket, export: set for an export someone else serves (a libvirt backup
+    job's NBD server): no qemu-nbd is started, ``layers`` only names the
+    images for messages.
     """
 
     layers: tuple[tuple[str, str], ...]
     bitmap: str | None = None
+    socket: str | None = None
+    export: str = ""
 
     @property
     def allocation_depth(self) -> bool:
-        # Valid for qcow2 only (ovirt-imageio does the same); raw has no backing.
-        return self.layers[0][1] == "qcow2"
+        # Valid for qcow2 only (ovirt-imageio does the same); raw has no
+        # backing. A backup job's export does not offer it.
+        return self.socket is None and self.layers[0][1] == "qcow2"
 
     @property
     def contexts(self) -> tuple[str, ...]:
@@ -89,6 +95,8 @@ class ExportSpec:
 
     def describe(self) -> str:
         what = " <- ".join(p for p, _ in self.layers)
+        if self.socket is not None:
+            what = f"backup export {self.export!r} of {what}"
         return f"{what} (bitmap {self.bitmap})" if self.bitmap else what
 
 
@@ -217,6 +225,9 @@ class Server:
             self.pool.spawn(fn, *args)
 
     async def ensure_running(self) -> None:
+        if self.spec.socket is not None:
+            await self._ensure_connected()
+            return
         async with self.lock:
             if self.process is not None and self.process.alive:
                 return
@@ -236,6 +247,25 @@ class Server:
             self._all.append(conn)
             self._free.append(conn)
 
+    async def _ensure_connected(self) -> None:
+        """An export served by someone else: nothing to start, only to reach."""
+        async with self.lock:
+            if self._all:
+                return
+            try:
+                conn = await self._connect()
+            except nbd_client.NBDError as e:
+                raise ServerError(f"the backup job's NBD server does not answer: {e}", e.errno) from None
+            self._all.append(conn)
+            self._free.append(conn)
+
+    def _socket(self) -> str:
+        return self.spec.socket if self.spec.socket is not None else self.process.socket
+
+    async def _connect(self) -> nbd_client.Connection:
+        return await trio.to_thread.run_sync(
+            nbd_client.Connection, self._socket(), self.spec.contexts, self.spec.export)
+
     async def _first_connection(self) -> nbd_client.Connection:
         """Connect as soon as the server listens.
 
@@ -247,8 +277,7 @@ class Server:
         delay = 0.001
         while True:
             try:
-                return await trio.to_thread.run_sync(
-                    nbd_client.Connection, self.process.socket, self.spec.contexts)
+                return await self._connect()
             except nbd_client.NBDError as e:
                 if (e.errno not in (errno.ECONNREFUSED, errno.ENOENT) or not self.process.alive
                         or trio.current_time() > deadline):
@@ -261,8 +290,7 @@ class Server:
     async def _connection(self) -> nbd_client.Connection:
         if self._free:
             return self._free.pop()
-        conn = await trio.to_thread.run_sync(
-            nbd_client.Connection, self.process.socket, self.spec.contexts)
+        conn = await self._connect()
         self._all.append(conn)
         return conn
 
@@ -408,6 +436,14 @@ class ServerPool:
                 finally:
                     self.release(srv, linger=False)
         return runs
+
+    async def discard(self, specs) -> None:
+        """Stop the servers of exports that are gone (a finished backup job)."""
+        for spec in specs:
+            self._runs.pop(spec, None)
+            srv = self.servers.pop(spec, None)
+            if srv is not None:
+                await srv.stop()
 
     async def stop_all(self) -> None:
         for srv in list(self.servers.values()):

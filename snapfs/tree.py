@@ -27,10 +27,11 @@ class Node:
         self.inode = inode
         self.name = name
         self.parent = parent
+        self.removed = False  # replaced by a refresh; its inode answers ENOENT
 
     @property
     def hidden(self) -> bool:
-        return False
+        return self.removed
 
 
 class Directory(Node):
@@ -48,7 +49,7 @@ class ViewNode(Node):
 
     @property
     def hidden(self) -> bool:
-        return self.view.problem is not None
+        return self.removed or self.view.problem is not None
 
 
 class ViewFile(ViewNode):
@@ -72,6 +73,14 @@ class Status:
         self.notes: list[str] = []
         self.problems: list[tuple[str, str]] = []
         self.views: list[View] = []
+
+    def replace(self, prefix: str, problems, notes, views) -> None:
+        """Drop what is under ``prefix/`` (a refreshed domain) and add its new state."""
+        def keep(text):
+            return not (text == prefix or text.startswith((prefix + "/", prefix + ":")))
+        self.problems = [p for p in self.problems if keep(p[0])] + list(problems)
+        self.notes = [n for n in self.notes if keep(n)] + list(notes)
+        self.views = [v for v in self.views if keep(v.disk.relpath)] + list(views)
 
     def render(self) -> bytes:
         lines = [f"snapfs mount of {self.source}, since {self.started}"]
@@ -115,6 +124,22 @@ class Tree:
             if not isinstance(child, Directory):
                 raise ValueError(f"{path}: {part} is not a directory")
             node = child
+        return node
+
+    def remove(self, path: str) -> Directory | None:
+        """Take the directory at ``path`` out of the tree; its inodes stay, removed."""
+        node = self.root
+        for part in [p for p in path.split("/") if p]:
+            node = node.children.get(part) if isinstance(node, Directory) else None
+            if node is None:
+                return None
+        del node.parent.children[node.name]
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            n.removed = True
+            if isinstance(n, Directory):
+                stack.extend(n.children.values())
         return node
 
     def add_status(self) -> StatusFile:

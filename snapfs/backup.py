@@ -1,0 +1,260 @@
+"""libvirt pull-mode backup jobs: a running domain's disks at one point in time.
+
+A job exports every served disk over NBD on a UNIX socket in the mount's
+private runtime directory, with a scratch file per disk beside it. qemu runs
+as its own user (``libvirt-qemu`` for qemu:///system), so that directory is
+made that user's and the directories above it searchable (mode 0711: no
+listing). Each disk is backed up ``incremental`` from one checkpoint where
+it can be, else ``full``; a disk libvirt refuses to back up incrementally
+(its bitmap is missing or broken) is retried in full mode, with libvirt's
+message as the reason.
+
+A job left behind by a snapfs that crashed is recognised by its socket path
+(in snapfs's runtime base, its mount process gone) and aborted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import stat
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from xml.sax.saxutils import quoteattr
+
+import libvirt
+
+from .mount import pid_alive, runtime_base
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "nbd.sock"
+
+
+class BackupError(Exception):
+    """No backup job could be started; the message is for users."""
+
+
+@dataclass
+class Export:
+    """One disk of a job: NBD export name, dirty bitmap (incremental) or reason (full)."""
+
+    name: str
+    size: int
+    bitmap: str | None = None
+    reason: str | None = None
+
+
+def _message(e: libvirt.libvirtError) -> str:
+    return (e.get_error_message() or str(e)).strip()
+
+
+def _qemu_ids(domain: ET.Element) -> tuple[int, int] | None:
+    """uid/gid qemu runs as, from the live XML's DAC label ("+64055:+64055")."""
+    for sl in domain.findall("seclabel"):
+        if sl.get("model") == "dac":
+            label = sl.findtext("label") or ""
+            try:
+                uid, gid = (int(x.lstrip("+")) for x in label.split(":"))
+                return uid, gid
+            except ValueError:
+                return None
+    return None
+
+
+def _reachable(path: str, uid: int, gid: int) -> str | None:
+    """The first directory above path that uid:gid cannot search, or None."""
+    p = os.path.dirname(path)
+    while True:
+        st = os.stat(p)
+        bit = stat.S_IXOTH
+        if st.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid == gid:
+            bit = stat.S_IXGRP
+        if not st.st_mode & bit:
+            return p
+        if p == "/":
+            return None
+        p = os.path.dirname(p)
+
+
+def snapfs_job_owner(socket: str) -> tuple[bool, dict | None]:
+    """(is it a snapfs job, the mount.json of its mount if that still exists)."""
+    base = runtime_base()
+    jobdir = os.path.dirname(socket)
+    if not (socket.startswith(base.rstrip("/") + "/") and os.path.basename(socket) == SOCKET_NAME
+            and os.path.basename(jobdir).startswith("backup-")):
+        return False, None
+    try:
+        with open(os.path.join(os.path.dirname(jobdir), "mount.json")) as f:
+            return True, json.load(f)
+    except (OSError, ValueError):
+        return True, None
+
+
+@dataclass
+class BackupJob:
+    dom: libvirt.virDomain
+    dir: str
+    socket: str
+    exports: dict[str, Export] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, dom, domain_xml: ET.Element, rundir: str, disks, modes: dict[str, tuple[str, str | None]],
+              since: str | None, new_checkpoint: str | None) -> BackupJob:
+        """Begin a pull-mode backup of ``disks`` (DiskDefs).
+
+        modes: target -> ("incremental" | "full", reason for full). Incremental
+        disks start from checkpoint ``since``. new_checkpoint: a checkpoint
+        created with the job, so the next incremental starts there.
+        """
+        _abort_leftover(dom)
+        jobdir = os.path.join(rundir, "backup-" + dom.UUIDString())
+        os.makedirs(jobdir, mode=0o700, exist_ok=True)
+        job = cls(dom=dom, dir=jobdir, socket=os.path.join(jobdir, SOCKET_NAME))
+        try:
+            job._prepare_dir(domain_xml, rundir)
+            modes = dict(modes)
+            for _ in range(len(disks) + 1):
+                try:
+                    dom.backupBegin(job._backup_xml(disks, modes, since),
+                                    _checkpoint_xml(new_checkpoint, disks), 0)
+                    break
+                except libvirt.libvirtError as e:
+                    msg = _message(e)
+                    inc = [t for t, (m, _) in modes.items() if m == "incremental"]
+                    if not inc or "bitmap" not in msg and "checkpoint" not in msg:
+                        raise BackupError(f"libvirt refused the backup job: {msg}") from None
+                    # libvirt names the disk (or its image); without a name,
+                    # no incremental disk can be trusted.
+                    named = [t for t in inc if f"'{t}'" in msg] or [
+                        t for d in disks for t in inc if d.target == t and d.source and d.source in msg]
+                    for t in named or inc:
+                        modes[t] = ("full", f"libvirt refused an incremental backup of {t} from "
+                                            f"checkpoint {since!r}: {msg}")
+            else:
+                raise BackupError("libvirt refused every attempt to start the backup job")
+            job._read_exports(modes)
+        except BaseException:
+            job.stop()
+            raise
+        what = f"incremental from {since}" if since else "full"
+        log.info("domain %s: backup job started (%s%s), NBD at %s", dom.name(), what,
+                 f", new checkpoint {new_checkpoint}" if new_checkpoint else "", job.socket)
+        if new_checkpoint:
+            job.notes.append(f"checkpoint {new_checkpoint!r} created with the backup job")
+        return job
+
+    def _prepare_dir(self, domain_xml: ET.Element, rundir: str) -> None:
+        ids = _qemu_ids(domain_xml)
+        if ids is None or os.getuid() != 0 or ids == (os.getuid(), os.getgid()):
+            return
+        uid, gid = ids
+        os.chown(self.dir, uid, gid)
+        # qemu creates the socket and libvirt the scratch files here: the
+        # directories above need search permission, nothing more.
+        for d in (runtime_base(), rundir):
+            mode = stat.S_IMODE(os.stat(d).st_mode)
+            if not mode & stat.S_IXOTH:
+                os.chmod(d, mode | stat.S_IXGRP | stat.S_IXOTH)
+        blocked = _reachable(self.socket, uid, gid)
+        if blocked is not None:
+            raise BackupError(f"qemu runs as uid {uid} and cannot reach {blocked}, where snapfs keeps "
+                              "the backup job's socket and scratch files (set XDG_RUNTIME_DIR to a "
+                              "directory it can search, or unset it)")
+
+    def _backup_xml(self, disks, modes, since) -> str:
+        lines = ["<domainbackup mode='pull'>",
+                 f"  <server transport='unix' socket={quoteattr(self.socket)}/>", "  <disks>"]
+        for d in disks:
+            mode, _ = modes[d.target]
+            attrs = f"name={quoteattr(d.target)} backup='yes' type='file' backupmode='{mode}'"
+            if mode == "incremental":
+                attrs += f" incremental={quoteattr(since)}"
+            scratch = os.path.join(self.dir, f"{d.target}.scratch")
+            lines.append(f"    <disk {attrs}><scratch file={quoteattr(scratch)}/></disk>")
+        lines += ["  </disks>", "</domainbackup>"]
+        return "\n".join(lines)
+
+    def _read_exports(self, modes) -> None:
+        root = ET.fromstring(self.dom.backupGetXMLDesc(0))
+        for d in root.findall("./disks/disk"):
+            if d.get("backup") != "yes":
+                continue
+            target = d.get("name")
+            size = self.dom.blockInfo(target)[0]
+            _, reason = modes.get(target, ("full", None))
+            bitmap = d.get("exportbitmap") if d.get("backupmode") == "incremental" else None
+            if bitmap is None and reason is None:
+                reason = "no checkpoint to start from: a full backup"
+            self.exports[target] = Export(name=d.get("exportname") or target, size=size,
+                                          bitmap=bitmap, reason=reason)
+
+    def stop(self) -> None:
+        """End the job (libvirt drops the scratch files) and remove its directory."""
+        try:
+            self.dom.abortJob()
+            _wait_gone(self.dom)
+            log.info("domain %s: backup job ended", self.dom.name())
+        except libvirt.libvirtError as e:
+            log.debug("ending the backup job: %s", _message(e))
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _wait_gone(dom, timeout: float = 30.0) -> None:
+    """abortJob returns before libvirt has torn the job down: wait for that."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while time.monotonic() < deadline:
+        try:
+            dom.backupGetXMLDesc(0)
+        except libvirt.libvirtError:
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+    log.warning("domain %s: the backup job is still there %.0f s after it was aborted", dom.name(), timeout)
+
+
+def _checkpoint_xml(name: str | None, disks) -> str | None:
+    if not name:
+        return None
+    parts = [f"<domaincheckpoint><name>{_text(name)}</name><disks>"]
+    for d in disks:
+        how = "bitmap" if d.format == "qcow2" else "no"
+        parts.append(f"<disk name={quoteattr(d.target)} checkpoint='{how}'/>")
+    parts.append("</disks></domaincheckpoint>")
+    return "".join(parts)
+
+
+def _text(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _abort_leftover(dom) -> None:
+    """Abort a backup job a crashed snapfs left; refuse to touch anyone else's."""
+    try:
+        xml = dom.backupGetXMLDesc(0)
+    except libvirt.libvirtError:
+        return  # no backup job
+    server = ET.fromstring(xml).find("server")
+    socket = server.get("socket", "") if server is not None else ""
+    ours, info = snapfs_job_owner(socket)
+    if not ours:
+        raise BackupError("the domain already has a backup job that snapfs did not start "
+                          f"({socket or 'not on a UNIX socket'}); end it with virsh domjobabort "
+                          f"{dom.name()} if nobody uses it")
+    if info is not None and pid_alive(info.get("pid", 0)):
+        raise BackupError(f"the snapfs mount at {info.get('mountpoint')} holds this domain's "
+                          "backup job; unmount it first")
+    log.warning("domain %s: aborting a backup job left by a snapfs that is gone (%s)", dom.name(), socket)
+    try:
+        dom.abortJob()
+        _wait_gone(dom)
+    except libvirt.libvirtError as e:
+        raise BackupError(f"cannot abort the backup job left by an earlier snapfs: {_message(e)}") from None
+    shutil.rmtree(os.path.dirname(socket), ignore_errors=True)

@@ -1,0 +1,544 @@
+"""VMs from libvirt: domains, disks, snapshots, checkpoints, backup jobs.
+
+``snapfs mount --connect URI`` lays out ``DOMAIN/TARGET/{chain,layers,dirty}``
+for every selected domain from what libvirt knows and what the images hold:
+
+- chain views are named after snapshots (``NN-NAME.raw``, the disk as it was
+  when the snapshot was taken: the image that was active then, with its
+  backing chain) plus ``current.raw``, the disk now;
+- layer views are named after the files, as in image mode;
+- dirty views are named after checkpoints.
+
+A shut-off domain is read through qemu-nbd, like an image directory. A running
+domain's active layer is never opened: snapfs starts a libvirt pull-mode
+backup job and reads ``current`` and one checkpoint's dirty view from the
+job's NBD server (``backup.py``). Its backing layers open read-only as usual.
+
+Every (checkpoint, disk) pair gets a dirty view. Its ``backupmode`` is
+``incremental`` only when a bitmap chain for that checkpoint can be trusted
+on that disk (``bitmap_verdict``); otherwise it is ``full``, every area
+counts as changed, and the reason goes to the status file and the log. A
+doubtful bitmap is never used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+import libvirt
+
+from . import backup
+from .images import Chains, Disk, Layer
+from .qemu_nbd import ExportSpec
+from .views import (ChainView, DirtyView, FullDirtyView, LayerView, UnionDirtyView, View,
+                    escape_name, view_basename)
+
+log = logging.getLogger(__name__)
+
+CURRENT = "current"
+
+
+class SourceError(Exception):
+    """A libvirt source that cannot be mounted; the message is for users."""
+
+
+def libvirt_message(e: libvirt.libvirtError) -> str:
+    return (e.get_error_message() or str(e)).strip()
+
+
+# -- what libvirt's XML says ----------------------------------------------------
+
+
+@dataclass
+class DiskDef:
+    """One ``<disk>`` of a domain definition."""
+
+    target: str
+    device: str = "disk"
+    type: str = "file"
+    format: str | None = None
+    source: str | None = None
+
+    def unsupported(self) -> str | None:
+        """Why snapfs does not serve this disk, or None."""
+        if self.device != "disk":
+            return f"a {self.device} device, not a disk"
+        if self.type not in ("file", "block"):
+            return f"a {self.type} disk: snapfs serves disks backed by a file or block device"
+        if not self.source:
+            return "the disk has no source (empty)"
+        if self.format not in ("qcow2", "raw"):
+            return f"format {self.format or 'not given'}: snapfs serves qcow2 and raw disks"
+        return None
+
+
+def parse_disks(domain: ET.Element) -> list[DiskDef]:
+    disks = []
+    for d in domain.findall("./devices/disk"):
+        target = d.find("target")
+        if target is None or not target.get("dev"):
+            continue
+        driver = d.find("driver")
+        source = d.find("source")
+        dtype = d.get("type", "file")
+        src = None
+        if source is not None:
+            src = source.get("file") if dtype == "file" else source.get("dev") if dtype == "block" else None
+        disks.append(DiskDef(target=target.get("dev"), device=d.get("device", "disk"), type=dtype,
+                             format=driver.get("type") if driver is not None else None, source=src))
+    return disks
+
+
+@dataclass
+class CheckpointDef:
+    """A libvirt checkpoint.
+
+    disks: target -> bitmap name, or None for ``checkpoint='no'``; a disk
+    the checkpoint does not list was attached after it.
+    sources: target -> the image that was active when it was made.
+    """
+
+    name: str
+    created: int = 0
+    disks: dict[str, str | None] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SnapshotDef:
+    """A libvirt snapshot.
+
+    disks: target -> (``external``/``internal``/``no``, the overlay made).
+    sources: target -> (image active when it was taken, its format).
+    """
+
+    name: str
+    created: int = 0
+    disks: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    sources: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+
+
+def _sources(root: ET.Element) -> dict[str, tuple[str, str | None]]:
+    dom = root.find("domain")
+    if dom is None:
+        return {}
+    return {d.target: (d.source, d.format) for d in parse_disks(dom) if d.source}
+
+
+def parse_checkpoint(xml: str) -> CheckpointDef:
+    root = ET.fromstring(xml)
+    cp = CheckpointDef(name=root.findtext("name"), created=int(root.findtext("creationTime") or 0))
+    for d in root.findall("./disks/disk"):
+        cp.disks[d.get("name")] = d.get("bitmap") or cp.name if d.get("checkpoint", "bitmap") == "bitmap" else None
+    cp.sources = {t: s for t, (s, _) in _sources(root).items()}
+    return cp
+
+
+def parse_snapshot(xml: str) -> SnapshotDef:
+    root = ET.fromstring(xml)
+    snap = SnapshotDef(name=root.findtext("name"), created=int(root.findtext("creationTime") or 0))
+    for d in root.findall("./disks/disk"):
+        src = d.find("source")
+        snap.disks[d.get("name")] = (d.get("snapshot", "no"), src.get("file") if src is not None else None)
+    snap.sources = _sources(root)
+    return snap
+
+
+def _ordered(items, parse):
+    """Parsed checkpoints or snapshots, oldest first (libvirt's topological order breaks ties)."""
+    parsed = [parse(x.getXMLDesc(0)) for x in items]
+    return [p for _, p in sorted(enumerate(parsed), key=lambda ip: (ip[1].created, ip[0]))]
+
+
+# -- which bitmaps can be trusted ---------------------------------------------------
+
+
+def bitmap_verdict(chain: list[Layer], bitmap: str, active_then: str | None) -> tuple[list[Layer], str | None]:
+    """The layers whose copies of ``bitmap`` make up the changes since the checkpoint.
+
+    Returns (layers, None) when the bitmap chain can be trusted, else
+    ([], reason). libvirt's rules (qemuBlockBitmapChainIsValid): the top
+    layer has the bitmap, the copies below it have no gap, none is
+    inconsistent. snapfs adds one: the image that was active when the
+    checkpoint was made (``active_then``) must be in the chain and hold a
+    copy, or changes made there after the checkpoint would be missed.
+    """
+    top_down = list(reversed(chain))
+    holding = []
+    ended = False
+    for layer in top_down:
+        bm = next((b for b in layer.bitmaps if b.name == bitmap), None)
+        if bm is None:
+            if not holding:
+                return [], f"bitmap {bitmap!r} is missing from the top image {layer.path}"
+            ended = True
+            continue
+        if ended:
+            return [], (f"bitmap {bitmap!r} has a gap: {layer.path} has it, but an image above it "
+                        "does not, so changes made there are not recorded")
+        if bm.in_use:
+            return [], (f"bitmap {bitmap!r} in {layer.path} is marked in use (inconsistent): "
+                        "qemu did not close the image cleanly")
+        holding.append(layer)
+    if not next(b for b in holding[0].bitmaps if b.name == bitmap).auto:
+        return [], (f"bitmap {bitmap!r} in the top image {holding[0].path} is disabled: it does not "
+                    "record changes")
+    if active_then is not None:
+        real = os.path.realpath(active_then)
+        paths = [os.path.realpath(lay.path) for lay in top_down]
+        if real not in paths:
+            return [], (f"the image that was active when the checkpoint was made ({active_then}) "
+                        "is no longer in the disk's chain")
+        if real not in [os.path.realpath(lay.path) for lay in holding]:
+            return [], (f"bitmap {bitmap!r} is missing from {active_then}, the image that was active "
+                        "when the checkpoint was made: changes made there would be missed")
+    return holding, None
+
+
+# -- one domain ------------------------------------------------------------------------
+
+
+def _chain_spec(chain: list[Layer], **kw) -> ExportSpec:
+    return ExportSpec(tuple((lay.path, lay.format) for lay in reversed(chain)), **kw)
+
+
+class BackupChainView(ChainView):
+    """``current`` of a running domain, read from its backup job's export.
+
+    The export has no qemu:allocation-depth; its base:allocation hole flag
+    already means "allocated in no layer" (qemu reports block status of the
+    whole chain).
+    """
+
+    def build_map(self, runs):
+        from . import extents as ex
+        from . import nbd_client
+        ext = ex.status_extents(self.size, runs[nbd_client.BASE_ALLOCATION])
+        return ex.ExtentMap(self.size, ext, is_data=lambda e: not e.zero, reads_zero=lambda e: e.zero)
+
+
+@dataclass
+class DomainPlan:
+    """What one domain contributes to the mount."""
+
+    name: str
+    dirname: str
+    running: bool
+    disk_dirs: list[str] = field(default_factory=list)
+    views: list[View] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    job: backup.BackupJob | None = None
+
+
+class DomainReader:
+    """Reads one domain and decides its views (blocking libvirt calls: run in a thread)."""
+
+    def __init__(self, dom: libvirt.virDomain, rundir: str, since: str | None = None,
+                 new_checkpoint: str | None = None):
+        self.dom = dom
+        self.rundir = rundir
+        self.since = since
+        self.new_checkpoint = new_checkpoint
+        self.chains = Chains()
+
+    def plan(self) -> DomainPlan:
+        dom = self.dom
+        name = dom.name()
+        try:
+            running = bool(dom.isActive())
+            xml = ET.fromstring(dom.XMLDesc(0))
+            checkpoints = _ordered(dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL),
+                                   parse_checkpoint)
+            snapshots = _ordered(dom.listAllSnapshots(libvirt.VIR_DOMAIN_SNAPSHOT_LIST_TOPOLOGICAL),
+                                 parse_snapshot)
+        except libvirt.libvirtError as e:
+            raise SourceError(f"domain {name}: {libvirt_message(e)}") from None
+        plan = DomainPlan(name=name, dirname=escape_name(name), running=running)
+        disks = parse_disks(xml)
+        served = []
+        for d in disks:
+            why = d.unsupported()
+            if why:
+                plan.missing.append((f"{plan.dirname}/{d.target}", why))
+            else:
+                served.append(d)
+        if running:
+            since = self._since(checkpoints, plan)
+            plan.job = self._start_job(xml, served, checkpoints, since, plan)
+        else:
+            since = None
+        for d in served:
+            self._disk(plan, d, snapshots, checkpoints, since)
+        return plan
+
+    # -- running domains --------------------------------------------------
+
+    def _since(self, checkpoints: list[CheckpointDef], plan: DomainPlan) -> CheckpointDef | None:
+        if self.since is not None:
+            found = [c for c in checkpoints if c.name == self.since]
+            if not found:
+                have = ", ".join(c.name for c in checkpoints) or "none"
+                raise SourceError(f"domain {plan.name} has no checkpoint {self.since!r} (it has: {have})")
+            return found[0]
+        return checkpoints[-1] if checkpoints else None
+
+    def _start_job(self, xml, served, checkpoints, since, plan) -> backup.BackupJob | None:
+        if self.new_checkpoint and any(c.name == self.new_checkpoint for c in checkpoints):
+            raise SourceError(f"domain {plan.name} already has a checkpoint {self.new_checkpoint!r}")
+        modes: dict[str, tuple[str, str | None]] = {}
+        for d in served:
+            if since is None:
+                modes[d.target] = ("full", None)
+            elif d.target not in since.disks:
+                modes[d.target] = ("full", f"disk {d.target} was attached after checkpoint {since.name!r} "
+                                           "was made, so it has no bitmap for it (backupmode='full')")
+            elif since.disks[d.target] is None:
+                modes[d.target] = ("full", f"checkpoint {since.name!r} does not track disk {d.target} "
+                                           "(checkpoint='no')")
+            else:
+                modes[d.target] = ("incremental", None)
+        try:
+            job = backup.BackupJob.start(self.dom, xml, self.rundir, served, modes,
+                                         since.name if since else None, self.new_checkpoint)
+        except backup.BackupError as e:
+            plan.notes.append(f"{plan.dirname}: {e}")
+            log.warning("domain %s: %s", plan.name, e)
+            return None
+        for note in job.notes:
+            plan.notes.append(f"{plan.dirname}: {note}")
+        return job
+
+    # -- one disk ----------------------------------------------------------
+
+    def _disk(self, plan: DomainPlan, d: DiskDef, snapshots, checkpoints, since) -> None:
+        rel = f"{plan.dirname}/{d.target}"
+        plan.disk_dirs.append(rel)
+        top = self.chains.layer(d.source, d.format)
+        chain, cut = self.chains.chain(top)
+        disk = Disk(relpath=rel, chain=chain, complete=cut is None, cut_reason=cut)
+        whole = disk.complete and all(lay.problem is None for lay in chain)
+        below_ok = disk.complete and all(lay.problem is None for lay in chain[:-1])
+        views, missing = plan.views, plan.missing
+
+        # chain/: one view per snapshot, then current.
+        width = max(2, len(str(max(len(snapshots) - 1, 0))))
+        branches: list[list[Layer]] = []
+        for i, snap in enumerate(snapshots):
+            base = f"{i:0{width}d}-{escape_name(snap.name)}"
+            layer, why = self._snapshot_top(snap, d)
+            if layer is not None:
+                schain, scut = self.chains.chain(layer)
+                bad = next((lay for lay in schain if lay.problem), None)
+                if scut:
+                    why = f"snapshot {snap.name!r}: {scut}"
+                elif bad is not None:
+                    why = f"snapshot {snap.name!r}: {bad.path}: {bad.problem}"
+                else:
+                    views.append(ChainView(disk, base, layer, _chain_spec(schain), layer.size))
+                    branches.append(schain)
+            if why:
+                missing.append((f"{rel}/chain/{base}.raw", why))
+
+        job = plan.job
+        if plan.running:
+            if job is None:
+                missing.append((f"{rel}/chain/{CURRENT}.raw", "the domain runs and no backup job could "
+                                "be started (see the notes above)"))
+            else:
+                exp = job.exports[d.target]
+                spec = _chain_spec(chain, socket=job.socket, export=exp.name)
+                views.append(BackupChainView(disk, CURRENT, top, spec, exp.size))
+        elif whole:
+            views.append(ChainView(disk, CURRENT, top, _chain_spec(chain), top.size))
+        else:
+            bad = next((lay for lay in chain if lay.problem), None)
+            missing.append((f"{rel}/chain/{CURRENT}.raw", cut or f"{bad.path}: {bad.problem}"))
+
+        self._layers(plan, disk, chain, branches)
+        self._dirty(plan, disk, d, checkpoints, since, whole if not plan.running else below_ok)
+
+    def _snapshot_top(self, snap: SnapshotDef, d: DiskDef) -> tuple[Layer | None, str | None]:
+        kind, overlay = snap.disks.get(d.target, (None, None))
+        if kind is None:
+            return None, f"snapshot {snap.name!r} does not include disk {d.target}"
+        if kind == "internal":
+            return None, (f"snapshot {snap.name!r} of {d.target} is internal: snapfs serves "
+                          "external snapshots")
+        if kind != "external":
+            return None, f"snapshot {snap.name!r} did not snapshot disk {d.target} (snapshot='{kind}')"
+        path, fmt = snap.sources.get(d.target, (None, None))
+        if path is None and overlay:
+            ov = self.chains.layer(overlay, "qcow2")
+            path, fmt = ov.backing_path, ov.backing_format
+        if not path or fmt not in ("qcow2", "raw"):
+            return None, f"snapshot {snap.name!r} does not say which image of {d.target} it kept"
+        return self.chains.layer(path, fmt), None
+
+    def _layers(self, plan: DomainPlan, disk: Disk, chain: list[Layer], branches) -> None:
+        rel = disk.relpath
+        width = max(2, len(str(max(len(c) for c in [chain, *branches]) - 1)))
+        seen: set[str] = set()
+        names: set[str] = set()
+        for c, is_current in [(chain, True)] + [(b, False) for b in branches]:
+            for i, layer in enumerate(c):
+                key = os.path.realpath(layer.path)
+                if key in seen:
+                    continue
+                seen.add(key)
+                base = view_basename(i, width, layer)
+                n = 2
+                while base in names:
+                    base = f"{view_basename(i, width, layer)}~{n}"
+                    n += 1
+                names.add(base)
+                if plan.running and is_current and layer is chain[-1]:
+                    plan.missing.append((f"{rel}/layers/{base}.raw", "the active layer of a running "
+                                         "domain is read only through its backup job: chain/current.raw"))
+                elif layer.problem is not None:
+                    plan.missing.append((f"{rel}/layers/{base}.raw", layer.problem))
+                else:
+                    plan.views.append(LayerView(disk, base, layer, ExportSpec(((layer.path, layer.format),)),
+                                                layer.size))
+
+    def _dirty(self, plan, disk: Disk, d: DiskDef, checkpoints, since, readable: bool) -> None:
+        rel = disk.relpath
+        chain, top = disk.chain, disk.top
+        known = set()
+        for cp in checkpoints:
+            base = escape_name(cp.name)
+            path = f"{rel}/dirty/{base}.raw"
+            bitmap = cp.disks.get(d.target)
+            if bitmap:
+                known.add(bitmap)
+            if plan.running:
+                self._running_dirty(plan, disk, d, cp, since, base)
+                continue
+            if not readable:
+                plan.missing.append((path, "dirty views read the whole chain, which is not available"))
+                continue
+            spec = _chain_spec(chain)
+            if d.target not in cp.disks:
+                reason = (f"disk {d.target} was attached after checkpoint {cp.name!r} was made, so it has "
+                          "no bitmap for it (backupmode='full')")
+            elif bitmap is None:
+                reason = f"checkpoint {cp.name!r} does not track disk {d.target} (checkpoint='no')"
+            else:
+                holding, reason = bitmap_verdict(chain, bitmap, cp.sources.get(d.target))
+                if reason is None:
+                    specs = [ExportSpec(((lay.path, lay.format),), bitmap=bitmap) for lay in holding]
+                    plan.views.append(UnionDirtyView(disk, base, top, spec, top.size, bitmap, specs))
+                    continue
+            plan.views.append(FullDirtyView(disk, base, top, spec, top.size, bitmap or cp.name, reason))
+            plan.notes.append(f"{path}: full: {reason}")
+        if not plan.running:
+            for layer in chain:
+                for bm in layer.bitmaps:
+                    if bm.name not in known:
+                        plan.notes.append(f"{rel}: image {layer.path} holds bitmap {bm.name!r}, which no "
+                                          f"checkpoint of domain {plan.name} knows; it is not used")
+
+    def _running_dirty(self, plan, disk, d, cp, since, base) -> None:
+        path = f"{disk.relpath}/dirty/{base}.raw"
+        job = plan.job
+        if since is None or cp.name != since.name:
+            plan.missing.append((path, f"the backup job of running domain {plan.name} serves checkpoint "
+                                 f"{since.name if since else '(none)'}; to see this one: snapfs refresh "
+                                 f"MOUNTPOINT {plan.name} --since {cp.name}"))
+            return
+        if job is None:
+            plan.missing.append((path, "no backup job could be started (see the notes above)"))
+            return
+        exp = job.exports[d.target]
+        bitmap = cp.disks.get(d.target) or cp.name
+        top = disk.top
+        if exp.bitmap:
+            spec = _chain_spec(disk.chain, socket=job.socket, export=exp.name, bitmap=exp.bitmap)
+            view = DirtyView(disk, base, top, spec, exp.size, bitmap)
+            view.backupmode = "incremental"
+        else:
+            spec = _chain_spec(disk.chain, socket=job.socket, export=exp.name)
+            view = FullDirtyView(disk, base, top, spec, exp.size, bitmap, exp.reason)
+            plan.notes.append(f"{path}: full: {exp.reason}")
+        plan.views.append(view)
+
+
+# -- the source -------------------------------------------------------------------------
+
+
+class LibvirtSource:
+    """Every selected domain of one libvirt connection."""
+
+    def __init__(self, uri: str, domains: list[str] | None, rundir: str,
+                 since: str | None = None, new_checkpoint: str | None = None):
+        self.uri = uri
+        self.names = domains or []
+        self.rundir = rundir
+        self.since = since
+        self.new_checkpoint = new_checkpoint
+        self.conn: libvirt.virConnect | None = None
+        self.plans: dict[str, DomainPlan] = {}
+
+    def open(self) -> None:
+        libvirt.registerErrorHandler(lambda ctx, err: None, None)  # no stderr noise
+        try:
+            self.conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as e:
+            raise SourceError(f"cannot connect to {self.uri}: {libvirt_message(e)}") from None
+
+    def domains(self) -> list[libvirt.virDomain]:
+        if self.names:
+            out = []
+            for n in self.names:
+                try:
+                    out.append(self.conn.lookupByName(n))
+                except libvirt.libvirtError:
+                    raise SourceError(f"no domain {n!r} at {self.uri}") from None
+            return out
+        return sorted(self.conn.listAllDomains(0), key=lambda d: d.name())
+
+    def plan_all(self) -> list[DomainPlan]:
+        """Plan every domain; a failure stops the jobs already started."""
+        try:
+            for dom in self.domains():
+                plan = self.plan_domain(dom)
+                self.plans[plan.name] = plan
+        except BaseException:
+            self.close()
+            raise
+        return list(self.plans.values())
+
+    def plan_domain(self, dom, since: str | None = None, new_checkpoint: str | None = None) -> DomainPlan:
+        reader = DomainReader(dom, self.rundir, since or self.since, new_checkpoint or self.new_checkpoint)
+        return reader.plan()
+
+    def refresh(self, name: str, since: str | None, new_checkpoint: str | None) -> DomainPlan:
+        """End the domain's backup job (if any) and read it again."""
+        old = self.plans.get(name)
+        if old is None:
+            raise SourceError(f"domain {name!r} is not in this mount")
+        if old.job is not None:
+            old.job.stop()
+            old.job = None
+        try:
+            dom = self.conn.lookupByName(name)
+        except libvirt.libvirtError as e:
+            raise SourceError(f"domain {name}: {libvirt_message(e)}") from None
+        plan = self.plan_domain(dom, since, new_checkpoint)
+        self.plans[name] = plan
+        return plan
+
+    def close(self) -> None:
+        for plan in self.plans.values():
+            if plan.job is not None:
+                plan.job.stop()
+                plan.job = None
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except libvirt.libvirtError:
+                pass
+            self.conn = None
