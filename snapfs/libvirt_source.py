@@ -511,23 +511,31 @@ class LibvirtSource:
             raise
         return list(self.plans.values())
 
-    def plan_domain(self, dom, since: str | None = None, new_checkpoint: str | None = None) -> DomainPlan:
-        reader = DomainReader(dom, self.rundir, since or self.since, new_checkpoint or self.new_checkpoint)
-        return reader.plan()
+    def plan_domain(self, dom) -> DomainPlan:
+        return DomainReader(dom, self.rundir, self.since, self.new_checkpoint).plan()
 
     def refresh(self, name: str, since: str | None, new_checkpoint: str | None) -> DomainPlan:
-        """End the domain's backup job (if any) and read it again."""
+        """End the domain's backup job (if any) and read the domain again.
+
+        ``since``/``new_checkpoint`` are this refresh's own: the mount's
+        ``--checkpoint`` is not made twice.
+        """
         old = self.plans.get(name)
         if old is None:
             raise SourceError(f"domain {name!r} is not in this mount")
+        try:
+            dom = self.conn.lookupByName(name)
+            have = [c.getName() for c in dom.listAllCheckpoints(0)]
+        except libvirt.libvirtError as e:
+            raise SourceError(f"domain {name}: {libvirt_message(e)}") from None
+        if since is not None and since not in have:
+            raise SourceError(f"domain {name} has no checkpoint {since!r} (it has: {', '.join(have) or 'none'})")
+        if new_checkpoint is not None and new_checkpoint in have:
+            raise SourceError(f"domain {name} already has a checkpoint {new_checkpoint!r}")
         if old.job is not None:
             old.job.stop()
             old.job = None
-        try:
-            dom = self.conn.lookupByName(name)
-        except libvirt.libvirtError as e:
-            raise SourceError(f"domain {name}: {libvirt_message(e)}") from None
-        plan = self.plan_domain(dom, since, new_checkpoint)
+        plan = DomainReader(dom, self.rundir, since, new_checkpoint).plan()
         self.plans[name] = plan
         return plan
 

@@ -237,6 +237,11 @@ class Refresher:
                 raise ControlError(f"domain {domain!r} is not in this mount")
             prefix = old.dirname
             busy = self.ops.open_files(prefix)
+            # The kernel sends RELEASE after close() returns: allow it a moment.
+            with trio.move_on_after(1):
+                while busy:
+                    await trio.sleep(0.02)
+                    busy = self.ops.open_files(prefix)
             if busy:
                 raise ControlError(f"{busy} file(s) of domain {domain} are open; close them and retry")
             await self.pool.discard({s for v in old.views for s in v.specs()})

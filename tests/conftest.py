@@ -163,19 +163,29 @@ def data_ranges(extents, is_data):
 
 
 class Mount:
-    """A real snapfs mount in a subprocess, unmounted on close."""
+    """A real snapfs mount in a subprocess, unmounted on close.
+
+    ``images`` is an image directory, or a list of source options
+    (``["--connect", URI, "--domain", NAME]``).
+    """
 
     def __init__(self, images, mountpoint, *extra):
-        self.images = str(images)
+        source = [str(a) for a in images] if isinstance(images, list) else ["--images", str(images)]
         self.path = str(mountpoint)
         os.makedirs(self.path, exist_ok=True)
-        self.result = run(*SNAPFS, "mount", "--images", self.images, *extra, self.path,
-                          check=False, cwd=REPO)
+        self.result = run(*SNAPFS, "mount", *source, *extra, self.path, check=False, cwd=REPO)
         if self.result.returncode != 0:
             raise RuntimeError(f"snapfs mount failed: {self.result.stderr}")
 
     def __truediv__(self, rel):
         return os.path.join(self.path, rel)
+
+    @property
+    def log(self):
+        from snapfs.mount import find_mount
+        found = find_mount(self.path)
+        with open(found[1]["log"]) as f:
+            return f.read()
 
     @property
     def pid(self):

@@ -1,0 +1,464 @@
+"""Tier 7: libvirt mode against a real libvirtd and real OS-less VMs.
+
+Ground truth: the disk content recorded at each point (the domain paused,
+flushed and converted by qemu-img), nbdinfo on the backup job's own NBD
+export, and qemu-img map / nbdinfo on the images of shut-off domains. Every
+backup is rebuilt into qcow2 chains from the views and proved with
+``qemu-img compare``, as in seed 002.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+from conftest import (MiB, REPO, SNAPFS, create, expected_allocation_map, expected_dirty_map,
+                      json_layer, merge_dicts, qemu_img, run, seek_walk)
+from libvirt_env import DiskSpec, NetworkDiskSpec, TestDomain, libvirt_conn, new_image_dir
+
+URI = "qemu:///system"
+
+
+@pytest.fixture(scope="module")
+def conn():
+    c = libvirt_conn(URI)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def d():
+    path = new_image_dir("t7")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def lv_mount(mount, dom, *extra, name="mnt"):
+    return mount(["--connect", URI, "--domain", dom.name], *extra, name=name)
+
+
+def maps(path):
+    with open(path[:-4] + ".map.json") as f:
+        return json.load(f)
+
+
+def xattr(path, name):
+    return os.getxattr(path, f"user.snapfs.{name}").decode()
+
+
+def job_socket(dom):
+    root = ET.fromstring(dom.dom.backupGetXMLDesc(0))
+    return root.find("server").get("socket")
+
+
+def nbd_runs(dom, export, context):
+    uri = f"nbd+unix:///{export}?socket={job_socket(dom)}"
+    out = run("nbdinfo", "--json", f"--map={context}", uri).stdout
+    return [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]
+
+
+def zip_maps(a, b):
+    """Pairs of flags over the union of both run lists' boundaries."""
+    cuts = sorted({s for s, _, _ in a} | {s + n for s, n, _ in a} | {s for s, _, _ in b}
+                  | {s + n for s, n, _ in b})
+    for lo, hi in zip(cuts, cuts[1:]):
+        fa = next(t for s, n, t in a if s <= lo < s + n)
+        fb = next(t for s, n, t in b if s <= lo < s + n)
+        yield lo, hi - lo, fa, fb
+
+
+def job_chain_map(dom, export):
+    runs = nbd_runs(dom, export, "base:allocation")
+    return merge_dicts([{"start": s, "length": n, "zero": bool(t & 2), "hole": bool(t & 1)}
+                        for s, n, t in runs], ("zero", "hole"))
+
+
+def job_dirty_map(dom, export, bitmap):
+    dirty = nbd_runs(dom, export, f"qemu:dirty-bitmap:{bitmap}")
+    alloc = nbd_runs(dom, export, "base:allocation")
+    return merge_dicts([{"start": s, "length": n, "dirty": bool(fd & 1), "zero": bool(fa & 2)}
+                        for s, n, fd, fa in zip_maps(dirty, alloc)], ("dirty", "zero"))
+
+
+def job_full_map(dom, export):
+    """A full dirty view: every area dirty, zero status from the job's export."""
+    runs = nbd_runs(dom, export, "base:allocation")
+    return merge_dicts([{"start": s, "length": n, "dirty": True, "zero": bool(t & 2)}
+                        for s, n, t in runs], ("dirty", "zero"))
+
+
+def backup_from_dirty(view, out, size):
+    """Seed 002's copy: a qcow2 holding the view's dirty areas, zeroed ones as zero clusters."""
+    create(out, size)
+    qemu_img("rebase", "-u", "-F", "raw", "-b", view, out)
+    cmds = []
+    for e in maps(view):
+        if e["dirty"]:
+            cmds.append(f"write -z {e['start']} {e['length']}" if e["zero"]
+                        else f"read {e['start']} {e['length']}")
+    for i in range(0, len(cmds), 100):
+        args = []
+        for c in cmds[i:i + 100]:
+            args += ["-c", c]
+        run("qemu-io", "-C", "-f", "qcow2", *args, out)
+    qemu_img("rebase", "-u", "-b", "", out)
+    return out
+
+
+def chain_onto(upper, lower):
+    qemu_img("rebase", "-u", "-F", "qcow2", "-b", lower, upper)
+
+
+def identical(a, b, fa="qcow2", fb="raw"):
+    r = run("qemu-img", "compare", "-f", fa, "-F", fb, a, b, check=False)
+    assert r.returncode == 0, f"{a} differs from {b}: {r.stdout}{r.stderr}"
+
+
+def check_running_view_against_job(dom, view, export):
+    """A running domain's current view: map = the job's export, SEEK agrees."""
+    assert maps(view) == job_chain_map(dom, export)
+    data = [(e["start"], e["length"]) for e in maps(view) if not e["zero"]]
+    merged = []
+    for s, n in data:
+        if merged and sum(merged[-1]) == s:
+            merged[-1] = (merged[-1][0], merged[-1][1] + n)
+        else:
+            merged.append((s, n))
+    assert seek_walk(view) == merged
+
+
+# -- seed 002: full, new disk, incrementals, every point rebuilt ------------------------
+
+
+def test_seed_002_backups_with_a_disk_added_later(conn, d, mount, tmp_path):
+    sizes = {"vda": 64 * MiB, "vdb": 32 * MiB, "vdc": 48 * MiB}
+    disks = [DiskSpec(t, f"{d}/{t}.qcow2", size=sizes[t]) for t in ("vda", "vdb")]
+    with TestDomain.define(conn, "seed2", disks) as dom:
+        dom.start()
+        dom.write("vda", 0, 4 * MiB, 0x11)
+        dom.write("vda", 20 * MiB, 1 * MiB, 0x12)
+        dom.write("vdb", 0, 2 * MiB, 0x21)
+        rec = {0: {t: dom.record(t, str(tmp_path / f"{t}.0.raw")) for t in ("vda", "vdb")}}
+
+        # Round 1: full backup, checkpoint ck1 made with it.
+        m = lv_mount(mount, dom, "--checkpoint", "ck1", name="m1")
+        backups = {}
+        for t in ("vda", "vdb"):
+            view = m / f"{dom.name}/{t}/chain/current.raw"
+            check_running_view_against_job(dom, view, t)
+            identical(view, rec[0][t], fa="raw")
+            backups[t] = [str(tmp_path / f"{t}.full.qcow2")]
+            qemu_img("convert", "-f", "raw", "-O", "qcow2", view, backups[t][0])
+            assert os.listdir(m / f"{dom.name}/{t}/dirty") == []
+        assert "checkpoint 'ck1' created" in m.status()
+        m.close()
+        assert [c.getName() for c in dom.dom.listAllCheckpoints()] == ["ck1"]
+
+        # A disk is attached after ck1; every disk changes, one area is zeroed.
+        dom.attach_disk("vdc", f"{d}/vdc.qcow2", size=sizes["vdc"])
+        dom.write("vda", 8 * MiB, 1 * MiB, 0x13)
+        dom.zero("vda", 20 * MiB, 1 * MiB)
+        dom.write("vdb", 1 * MiB, 1 * MiB, 0x22)
+        dom.write("vdc", 0, 3 * MiB, 0x31)
+        rec[1] = {t: dom.record(t, str(tmp_path / f"{t}.1.raw")) for t in sizes}
+
+        # Round 2: incremental from ck1; vdc has no bitmap for it -> full.
+        m = lv_mount(mount, dom, "--since", "ck1", "--checkpoint", "ck2", name="m2")
+        for t in sizes:
+            view = m / f"{dom.name}/{t}/dirty/ck1.raw"
+            assert xattr(view, "view") == "dirty"
+            assert xattr(view, "bitmap") == "ck1"
+            identical(m / f"{dom.name}/{t}/chain/current.raw", rec[1][t], fa="raw")
+            if t == "vdc":
+                assert xattr(view, "backupmode") == "full"
+                assert maps(view) == job_full_map(dom, t)
+                backups[t] = [backup_from_dirty(view, str(tmp_path / "vdc.full.qcow2"), sizes[t])]
+            else:
+                assert xattr(view, "backupmode") == "incremental"
+                assert maps(view) == job_dirty_map(dom, t, f"backup-{t}")
+                backups[t].append(backup_from_dirty(view, str(tmp_path / f"{t}.inc1.qcow2"), sizes[t]))
+        status = m.status()
+        assert f"{dom.name}/vdc/dirty/ck1.raw: full: disk vdc was attached after checkpoint 'ck1'" in status
+        # The zeroed area is dirty and zero: it moves no data.
+        za = [e for e in maps(m / f"{dom.name}/vda/dirty/ck1.raw") if e["start"] <= 20 * MiB < e["start"] + e["length"]]
+        assert za[0]["dirty"] and za[0]["zero"]
+        m.close()
+
+        dom.write("vda", 16 * MiB, 1 * MiB, 0x14)
+        dom.write("vdb", 0, 1 * MiB, 0x23)
+        dom.write("vdc", 1 * MiB, 1 * MiB, 0x32)
+        rec[2] = {t: dom.record(t, str(tmp_path / f"{t}.2.raw")) for t in sizes}
+
+        # Round 3: incremental from ck2 for every disk, vdc included.
+        m = lv_mount(mount, dom, "--since", "ck2", name="m3")
+        for t in sizes:
+            view = m / f"{dom.name}/{t}/dirty/ck2.raw"
+            assert xattr(view, "backupmode") == "incremental"
+            assert maps(view) == job_dirty_map(dom, t, f"backup-{t}")
+            backups[t].append(backup_from_dirty(view, str(tmp_path / f"{t}.inc2.qcow2"), sizes[t]))
+        # The older checkpoint is one refresh away.
+        assert f"snapfs refresh MOUNTPOINT {dom.name} --since ck1" in m.status()
+        m.close()
+
+    # Rebuild every point in time and compare it with what the disk held then.
+    for t in ("vda", "vdb"):
+        full, inc1, inc2 = backups[t]
+        chain_onto(inc1, full)
+        chain_onto(inc2, inc1)
+        identical(full, rec[0][t])
+        identical(inc1, rec[1][t])
+        identical(inc2, rec[2][t])
+    full, inc2 = backups["vdc"]
+    chain_onto(inc2, full)
+    identical(full, rec[1]["vdc"])
+    identical(inc2, rec[2]["vdc"])
+
+
+# -- seed 001: a trimmed area is dirty and zero, and moves no data -------------------------
+
+
+def test_seed_001_zeroed_area_moves_no_data(conn, d, mount, tmp_path):
+    size = 128 * MiB
+    with TestDomain.define(conn, "seed1", [DiskSpec("vda", f"{d}/vda.qcow2", size=size)]) as dom:
+        dom.start()
+        dom.write("vda", 0, 64 * MiB, 0x5a)
+        m = lv_mount(mount, dom, "--checkpoint", "ck1", name="m1")
+        full = str(tmp_path / "full.qcow2")
+        qemu_img("convert", "-f", "raw", "-O", "qcow2", m / f"{dom.name}/vda/chain/current.raw", full)
+        m.close()
+        dom.zero("vda", 0, 64 * MiB)
+        rec = dom.record("vda", str(tmp_path / "after.raw"))
+
+        m = lv_mount(mount, dom, name="m2")  # --since defaults to the newest checkpoint
+        view = m / f"{dom.name}/vda/dirty/ck1.raw"
+        assert maps(view) == job_dirty_map(dom, "vda", "backup-vda")
+        assert maps(view)[0] == {"start": 0, "length": 64 * MiB, "dirty": True, "zero": True}
+        # Dirty and zero is data (it must overwrite the old data on restore).
+        assert seek_walk(view) == [(0, 64 * MiB)]
+        inc = backup_from_dirty(view, str(tmp_path / "inc.qcow2"), size)
+        m.close()
+    # The incremental holds zero clusters only: no data moved.
+    assert all(not e["data"] for e in json.loads(qemu_img("map", "--output=json", inc).stdout))
+    assert os.path.getsize(inc) < 2 * MiB
+    chain_onto(inc, full)
+    identical(inc, rec)
+
+
+# -- seed 004: checkpoints and bitmaps disagree ---------------------------------------------
+
+
+def test_seed_004_missing_bitmap_falls_back_to_full(conn, d, mount, tmp_path):
+    disks = [DiskSpec(t, f"{d}/{t}.qcow2", size=32 * MiB) for t in ("vda", "vdb")]
+    with TestDomain.define(conn, "seed4", disks) as dom:
+        dom.start()
+        dom.write("vda", 0, 1 * MiB, 0x41)
+        dom.write("vdb", 0, 1 * MiB, 0x42)
+        dom.checkpoint("ck1")
+        dom.write("vda", 4 * MiB, 1 * MiB, 0x43)
+        dom.write("vdb", 4 * MiB, 1 * MiB, 0x44)
+        dom.destroy()
+
+        # Behind libvirt's back: vdb loses ck1, vda gains a bitmap nobody knows.
+        qemu_img("bitmap", "--remove", f"{d}/vdb.qcow2", "ck1")
+        qemu_img("bitmap", "--add", f"{d}/vda.qcow2", "stray")
+
+        m = lv_mount(mount, dom, name="off")
+        vda, vdb = (m / f"{dom.name}/{t}/dirty/ck1.raw" for t in ("vda", "vdb"))
+        assert xattr(vda, "backupmode") == "incremental"
+        assert maps(vda) == expected_dirty_map(tmp_path, f"{d}/vda.qcow2", "ck1")
+        assert xattr(vdb, "backupmode") == "full"
+        assert maps(vdb) == [{"start": e["start"], "length": e["length"], "dirty": True, "zero": e["zero"]}
+                             for e in expected_allocation_map(f"{d}/vdb.qcow2", False)]
+        identical(vdb, f"{d}/vdb.qcow2", fa="raw", fb="qcow2")
+        status = m.status()
+        assert f"vdb/dirty/ck1.raw: full: bitmap 'ck1' is missing from the top image {d}/vdb.qcow2" in status
+        assert "holds bitmap 'stray', which no checkpoint" in status
+        # Nothing else changed: every other view is there.
+        for t in ("vda", "vdb"):
+            assert os.path.exists(m / f"{dom.name}/{t}/chain/current.raw")
+            assert os.path.exists(m / f"{dom.name}/{t}/layers/00-{t}.raw")
+        m.close()
+
+        # Running: libvirt itself refuses the incremental of vdb; snapfs
+        # falls back to full for that disk only.
+        dom.start()
+        m = lv_mount(mount, dom, name="on")
+        vda, vdb = (m / f"{dom.name}/{t}/dirty/ck1.raw" for t in ("vda", "vdb"))
+        assert xattr(vda, "backupmode") == "incremental"
+        assert maps(vda) == job_dirty_map(dom, "vda", "backup-vda")
+        assert xattr(vdb, "backupmode") == "full"
+        assert maps(vdb) == job_full_map(dom, "vdb")
+        assert "vdb/dirty/ck1.raw: full: libvirt refused an incremental backup of vdb" in m.status()
+        m.close()
+
+
+# -- snapshot names, a branch, and reading backing layers of a running domain ---------------
+
+
+def test_snapshot_names_and_a_branch(conn, d, mount, tmp_path):
+    size = 32 * MiB
+    base = f"{d}/vda.qcow2"
+    with TestDomain.define(conn, "snap", [DiskSpec("vda", base, size=size)]) as dom:
+        dom.start()
+        dom.write("vda", 0, 2 * MiB, 0x61)
+        rec_s1 = dom.record("vda", str(tmp_path / "s1.raw"))
+        dom.snapshot_external("s1", {"vda": f"{d}/vda.s1"})
+        dom.write("vda", 2 * MiB, 2 * MiB, 0x62)
+        dom.zero("vda", 0, 1 * MiB)
+        rec_s2 = dom.record("vda", str(tmp_path / "s2.raw"))
+        dom.snapshot_external("s2", {"vda": f"{d}/vda.s2"})
+        dom.write("vda", 8 * MiB, 1 * MiB, 0x63)
+        rec_s3 = dom.record("vda", str(tmp_path / "s3.raw"))
+        dom.snapshot_external("s3", {"vda": f"{d}/vda.s3"})
+
+        # Running: the snapshots' images are backing files, read as usual.
+        m = lv_mount(mount, dom, name="running")
+        chain = m / f"{dom.name}/vda/chain"
+        assert sorted(os.listdir(chain)) == ["00-s1.map.json", "00-s1.raw", "01-s2.map.json", "01-s2.raw",
+                                             "02-s3.map.json", "02-s3.raw", "current.map.json", "current.raw"]
+        identical(f"{chain}/01-s2.raw", rec_s2, fa="raw")
+        assert "layers/03-vda.s3.raw: the active layer of a running domain" in m.status()
+        m.close()
+        dom.destroy()
+
+        # A revert to s2 by hand (libvirt 9.0 has no external revert): a new
+        # overlay on s2's image; the old branch stays known through s3.
+        branch = create(f"{d}/vda.b", backing=f"{d}/vda.s1")
+        dom.made.append(branch)
+        xml = dom.dom.XMLDesc(libvirt_inactive())
+        conn.defineXML(xml.replace(f"{d}/vda.s3", branch))
+        dom.start()
+        dom.write("vda", 12 * MiB, 1 * MiB, 0x64)
+        rec_now = dom.record("vda", str(tmp_path / "now.raw"))
+        dom.destroy()
+        before = {p: os.stat(p).st_mtime_ns for p in (base, f"{d}/vda.s1", f"{d}/vda.s2", branch)}
+
+        m = lv_mount(mount, dom, name="off")
+        root = m / f"{dom.name}/vda"
+        assert sorted(f for f in os.listdir(f"{root}/layers") if f.endswith(".raw")) == [
+            "00-vda.raw", "01-vda.s1.raw", "02-vda.b.raw", "02-vda.s2.raw"]
+        for name, rec, top in (("00-s1", rec_s1, base), ("01-s2", rec_s2, f"{d}/vda.s1"),
+                               ("02-s3", rec_s3, f"{d}/vda.s2"), ("current", rec_now, branch)):
+            view = f"{root}/chain/{name}.raw"
+            assert xattr(view, "image") == top
+            assert maps(view) == expected_allocation_map(top, top != base)
+            identical(view, rec, fa="raw")
+        for name, img in (("00-vda", base), ("01-vda.s1", f"{d}/vda.s1"), ("02-vda.s2", f"{d}/vda.s2"),
+                          ("02-vda.b", branch)):
+            view = f"{root}/layers/{name}.raw"
+            assert maps(view) == expected_allocation_map(json_layer(img), img != base)
+        for n in os.listdir(f"{root}/chain"):
+            with open(f"{root}/chain/{n}", "rb") as f:
+                while f.read(4 * MiB):
+                    pass
+        m.close()
+        # An image other chains use is never written.
+        assert before == {p: os.stat(p).st_mtime_ns for p in before}
+
+
+def libvirt_inactive():
+    import libvirt
+    return libvirt.VIR_DOMAIN_XML_INACTIVE
+
+
+# -- disks snapfs does not serve ---------------------------------------------------------
+
+
+def test_cdrom_network_and_empty_disks_are_listed(conn, d, mount):
+    disks = [DiskSpec("vda", f"{d}/vda.qcow2", size=16 * MiB),
+             DiskSpec("hdc", None, device="cdrom"),
+             DiskSpec("hdd", create(f"{d}/cd.raw", 1 * MiB, fmt="raw"), fmt="raw", device="cdrom"),
+             NetworkDiskSpec("vdz", "export")]
+    with TestDomain.define(conn, "odd", disks) as dom:
+        m = lv_mount(mount, dom)
+        status = m.status()
+        assert f"{dom.name}/hdc: a cdrom device, not a disk" in status
+        assert f"{dom.name}/hdd: a cdrom device, not a disk" in status
+        assert f"{dom.name}/vdz: a network disk" in status
+        assert sorted(os.listdir(m / dom.name)) == ["vda"]
+        assert sorted(os.listdir(m / f"{dom.name}/vda/chain")) == ["current.map.json", "current.raw"]
+        m.close()
+
+
+# -- the backup job's life ------------------------------------------------------------------
+
+
+def test_refresh_and_a_job_left_by_a_crash(conn, d, mount, tmp_path):
+    with TestDomain.define(conn, "job", [DiskSpec("vda", f"{d}/vda.qcow2", size=16 * MiB)]) as dom:
+        dom.start()
+        dom.write("vda", 0, 1 * MiB, 0x71)
+        m = lv_mount(mount, dom, "--checkpoint", "ck1", name="m1")
+        view = m / f"{dom.name}/vda/chain/current.raw"
+        rec = dom.record("vda", str(tmp_path / "a.raw"))
+        identical(view, rec, fa="raw")
+
+        # The job holds its point in time while the guest writes on.
+        dom.write("vda", 2 * MiB, 1 * MiB, 0x72)
+        identical(view, rec, fa="raw")
+        rec2 = dom.record("vda", str(tmp_path / "b.raw"))
+        with open(view, "rb") as busy:
+            r = run(*SNAPFS, "refresh", m.path, dom.name, check=False, cwd=REPO)
+            assert r.returncode != 0 and "open" in r.stderr
+            busy.read(1)
+        r = run(*SNAPFS, "refresh", m.path, dom.name, check=False, cwd=REPO)
+        assert "new point in time" in r.stdout, r.stderr
+        identical(view, rec2, fa="raw")
+        dirty = m / f"{dom.name}/vda/dirty/ck1.raw"
+        assert maps(dirty) == job_dirty_map(dom, "vda", "backup-vda")
+        assert any(e["dirty"] and e["start"] <= 2 * MiB < e["start"] + e["length"] for e in maps(dirty))
+
+        # A snapfs killed with SIGKILL leaves its job; the next mount aborts it.
+        os.kill(m.pid, signal.SIGKILL)
+        run("fusermount3", "-uz", m.path, check=False)
+        deadline = time.monotonic() + 10
+        while os.path.ismount(m.path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert job_socket(dom)  # the job is still there
+        m2 = lv_mount(mount, dom, name="m2")
+        assert "aborting a backup job left by a snapfs that is gone" in m2.log
+        identical(m2 / f"{dom.name}/vda/chain/current.raw", rec2, fa="raw")
+        m2.close()
+        # Unmounting ended the job.
+        with pytest.raises(Exception):
+            job_socket(dom)
+
+        # A job snapfs did not start is left alone, and said so.
+        jobdir = new_image_dir("foreign", qemu_owned=True)
+        dom.dom.backupBegin(
+            f"<domainbackup mode='pull'><server transport='unix' socket='{jobdir}/s'/><disks>"
+            f"<disk name='vda' backup='yes' type='file'><scratch file='{jobdir}/x'/></disk>"
+            "</disks></domainbackup>", None, 0)
+        m3 = lv_mount(mount, dom, name="m3")
+        assert "already has a backup job that snapfs did not start" in m3.status()
+        assert not os.path.exists(m3 / f"{dom.name}/vda/chain/current.raw")
+        m3.close()
+        assert job_socket(dom) == f"{jobdir}/s"
+        dom.abort_job()
+
+
+def test_clear_errors(conn, d, tmp_path):
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    with TestDomain.define(conn, "err", [DiskSpec("vda", f"{d}/vda.qcow2", size=16 * MiB)]) as dom:
+        dom.start()
+        cases = [
+            (["--connect", URI, "--domain", "no-such-domain"], "no domain 'no-such-domain'"),
+            (["--connect", "qemu:///nonsense"], "cannot connect to qemu:///nonsense"),
+            (["--connect", URI, "--domain", dom.name, "--since", "nope"],
+             f"domain {dom.name} has no checkpoint 'nope' (it has: none)"),
+            (["--images", str(d), "--since", "x"], "--domain, --since and --checkpoint go with --connect"),
+        ]
+        for args, msg in cases:
+            r = run(*SNAPFS, "mount", *args, mp, check=False, cwd=REPO)
+            assert r.returncode != 0
+            assert msg in r.stderr, r.stderr
+            assert "Traceback" not in r.stderr
+            assert not os.path.ismount(mp)
+        # A failed mount leaves no backup job behind.
+        with pytest.raises(Exception):
+            job_socket(dom)
