@@ -24,6 +24,7 @@ import fcntl
 import logging
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 
@@ -132,6 +133,14 @@ def locked_for_write(path: str) -> bool:
         os.close(fd)
 
 
+def _device_size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
 def read_layer(path: str, fmt: str) -> Layer:
     """Read one image's metadata; problems are recorded, never raised."""
     layer = Layer(path=path, format=fmt)
@@ -144,7 +153,14 @@ def read_layer(path: str, fmt: str) -> Layer:
     if fmt == "raw":
         # qemu serves a raw file in whole sectors: a partial last sector
         # reads as zeros up to the next multiple of 512.
-        layer.size = (st.st_size + 511) // 512 * 512
+        size = st.st_size
+        if stat.S_ISBLK(st.st_mode):
+            try:
+                size = _device_size(path)
+            except OSError as e:
+                layer.problem = f"cannot open: {e.strerror}"
+                return layer
+        layer.size = (size + 511) // 512 * 512
     else:
         try:
             hdr = qcow2.read_header(path)

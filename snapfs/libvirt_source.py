@@ -198,6 +198,31 @@ def bitmap_verdict(chain: list[Layer], bitmap: str, active_then: str | None) -> 
     return holding, None
 
 
+def backing_verdict(chain: list[Layer], bitmap: str, active_then: str | None) -> str | None:
+    """For a running domain, what can be checked before libvirt checks the rest.
+
+    The active layer's header is stale while qemu runs, and libvirt checks
+    it when the job starts. The backing layers are closed images: when the
+    checkpoint was made while one of them was active, it and every layer
+    above it must still hold the bitmap. Returns why not, or None.
+    """
+    if active_then is None:
+        return None
+    paths = [os.path.realpath(lay.path) for lay in chain]
+    real = os.path.realpath(active_then)
+    if real not in paths:
+        return (f"the image that was active when the checkpoint was made ({active_then}) "
+                "is no longer in the disk's chain")
+    for layer in chain[paths.index(real):-1]:
+        bm = next((b for b in layer.bitmaps if b.name == bitmap), None)
+        if bm is None:
+            return (f"bitmap {bitmap!r} is missing from {layer.path}, which was active after the "
+                    "checkpoint was made: changes made there would be missed")
+        if bm.in_use:
+            return f"bitmap {bitmap!r} in {layer.path} is marked in use (inconsistent)"
+    return None
+
+
 # -- one domain ------------------------------------------------------------------------
 
 
@@ -300,7 +325,9 @@ class DomainReader:
                 modes[d.target] = ("full", f"checkpoint {since.name!r} does not track disk {d.target} "
                                            "(checkpoint='no')")
             else:
-                modes[d.target] = ("incremental", None)
+                chain, _ = self.chains.chain(self.chains.layer(d.source, d.format))
+                why = backing_verdict(chain, since.disks[d.target], since.sources.get(d.target))
+                modes[d.target] = ("full", why) if why else ("incremental", None)
         try:
             job = backup.BackupJob.start(self.dom, xml, self.rundir, served, modes,
                                          since.name if since else None, self.new_checkpoint)

@@ -7,7 +7,8 @@ one owner of all of them.
 
 The image is always handed to qemu-nbd as a ``json:`` filename that spells
 out every node: the format of each layer (never probed), the file driver
-(so no name is ever parsed as a protocol or option string), and the backing
+(``host_device`` for a block device; no name is ever parsed as a protocol or
+option string), and the backing
 of each qcow2 layer, ``null`` where the view must stop (a single layer, as in
 ovirt-imageio's snapshot transfers). Servers are read-only without
 force-share, so an image a running VM writes cannot be opened ("in use"),
@@ -26,6 +27,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 from dataclasses import dataclass
 
@@ -85,7 +87,7 @@ class ExportSpec:
     def json_filename(self) -> str:
         node = None
         for path, fmt in reversed(self.layers):
-            new = {"driver": fmt, "file": {"driver": "file", "filename": path}}
+            new = {"driver": fmt, "file": {"driver": _protocol_driver(path), "filename": path}}
             if fmt == "qcow2":
                 new["backing"] = node
             elif node is not None:
@@ -98,6 +100,14 @@ class ExportSpec:
         if self.socket is not None:
             what = f"backup export {self.export!r} of {what}"
         return f"{what} (bitmap {self.bitmap})" if self.bitmap else what
+
+
+def _protocol_driver(path: str) -> str:
+    """qemu's driver for a local path: ``host_device`` for block devices."""
+    try:
+        return "host_device" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
+    except OSError:
+        return "file"  # qemu reports the missing file
 
 
 def _reason_from_stderr(text: str) -> ServerError:

@@ -369,19 +369,46 @@ def libvirt_inactive():
 # -- disks snapfs does not serve ---------------------------------------------------------
 
 
-def test_cdrom_network_and_empty_disks_are_listed(conn, d, mount):
+class BlockDisk:
+    """A raw disk on a block device (a loop device here)."""
+
+    def __init__(self, target, dev):
+        self.target, self.dev = target, dev
+
+    def xml(self):
+        return (f"<disk type='block' device='disk'><driver name='qemu' type='raw'/>"
+                f"<source dev='{self.dev}'/><target dev='{self.target}' bus='virtio'/></disk>")
+
+
+@pytest.fixture
+def loop_device(d):
+    img = create(f"{d}/block.raw", 8 * MiB, fmt="raw")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x77 1M 1M", img)
+    dev = run("losetup", "--find", "--show", img).stdout.strip()
+    yield dev, img
+    run("losetup", "-d", dev, check=False)
+
+
+def test_cdrom_network_and_empty_disks_are_listed(conn, d, mount, loop_device):
+    dev, img = loop_device
     disks = [DiskSpec("vda", f"{d}/vda.qcow2", size=16 * MiB),
              DiskSpec("hdc", None, device="cdrom"),
              DiskSpec("hdd", create(f"{d}/cd.raw", 1 * MiB, fmt="raw"), fmt="raw", device="cdrom"),
-             NetworkDiskSpec("vdz", "export")]
+             NetworkDiskSpec("vdz", "export"),
+             BlockDisk("vdb", dev)]
     with TestDomain.define(conn, "odd", disks) as dom:
         m = lv_mount(mount, dom)
         status = m.status()
         assert f"{dom.name}/hdc: a cdrom device, not a disk" in status
         assert f"{dom.name}/hdd: a cdrom device, not a disk" in status
         assert f"{dom.name}/vdz: a network disk" in status
-        assert sorted(os.listdir(m / dom.name)) == ["vda"]
+        assert sorted(os.listdir(m / dom.name)) == ["vda", "vdb"]
         assert sorted(os.listdir(m / f"{dom.name}/vda/chain")) == ["current.map.json", "current.raw"]
+        # A raw disk on a block device is served like a raw file.
+        view = m / f"{dom.name}/vdb/chain/current.raw"
+        assert os.path.getsize(view) == 8 * MiB
+        assert xattr(view, "image") == dev and xattr(view, "format") == "raw"
+        identical(view, img, fa="raw")
         m.close()
 
 
