@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import libvirt
 
 from . import backup
+from .bitmaps import backing_verdict, bitmap_verdict
 from .images import Chains, Disk, Layer
 from .qemu_nbd import ExportSpec
 from .views import (ChainView, DirtyView, FullDirtyView, LayerView, UnionDirtyView, View,
@@ -151,76 +152,6 @@ def _ordered(items, parse):
     """Parsed checkpoints or snapshots, oldest first (libvirt's topological order breaks ties)."""
     parsed = [parse(x.getXMLDesc(0)) for x in items]
     return [p for _, p in sorted(enumerate(parsed), key=lambda ip: (ip[1].created, ip[0]))]
-
-
-# -- which bitmaps can be trusted ---------------------------------------------------
-
-
-def bitmap_verdict(chain: list[Layer], bitmap: str, active_then: str | None) -> tuple[list[Layer], str | None]:
-    """The layers whose copies of ``bitmap`` make up the changes since the checkpoint.
-
-    Returns (layers, None) when the bitmap chain can be trusted, else
-    ([], reason). libvirt's rules (qemuBlockBitmapChainIsValid): the top
-    layer has the bitmap, the copies below it have no gap, none is
-    inconsistent. snapfs adds one: the image that was active when the
-    checkpoint was made (``active_then``) must be in the chain and hold a
-    copy, or changes made there after the checkpoint would be missed.
-    """
-    top_down = list(reversed(chain))
-    holding = []
-    ended = False
-    for layer in top_down:
-        bm = next((b for b in layer.bitmaps if b.name == bitmap), None)
-        if bm is None:
-            if not holding:
-                return [], f"bitmap {bitmap!r} is missing from the top image {layer.path}"
-            ended = True
-            continue
-        if ended:
-            return [], (f"bitmap {bitmap!r} has a gap: {layer.path} has it, but an image above it "
-                        "does not, so changes made there are not recorded")
-        if bm.in_use:
-            return [], (f"bitmap {bitmap!r} in {layer.path} is marked in use (inconsistent): "
-                        "qemu did not close the image cleanly")
-        holding.append(layer)
-    if not next(b for b in holding[0].bitmaps if b.name == bitmap).auto:
-        return [], (f"bitmap {bitmap!r} in the top image {holding[0].path} is disabled: it does not "
-                    "record changes")
-    if active_then is not None:
-        real = os.path.realpath(active_then)
-        paths = [os.path.realpath(lay.path) for lay in top_down]
-        if real not in paths:
-            return [], (f"the image that was active when the checkpoint was made ({active_then}) "
-                        "is no longer in the disk's chain")
-        if real not in [os.path.realpath(lay.path) for lay in holding]:
-            return [], (f"bitmap {bitmap!r} is missing from {active_then}, the image that was active "
-                        "when the checkpoint was made: changes made there would be missed")
-    return holding, None
-
-
-def backing_verdict(chain: list[Layer], bitmap: str, active_then: str | None) -> str | None:
-    """For a running domain, what can be checked before libvirt checks the rest.
-
-    The active layer's header is stale while qemu runs, and libvirt checks
-    it when the job starts. The backing layers are closed images: when the
-    checkpoint was made while one of them was active, it and every layer
-    above it must still hold the bitmap. Returns why not, or None.
-    """
-    if active_then is None:
-        return None
-    paths = [os.path.realpath(lay.path) for lay in chain]
-    real = os.path.realpath(active_then)
-    if real not in paths:
-        return (f"the image that was active when the checkpoint was made ({active_then}) "
-                "is no longer in the disk's chain")
-    for layer in chain[paths.index(real):-1]:
-        bm = next((b for b in layer.bitmaps if b.name == bitmap), None)
-        if bm is None:
-            return (f"bitmap {bitmap!r} is missing from {layer.path}, which was active after the "
-                    "checkpoint was made: changes made there would be missed")
-        if bm.in_use:
-            return f"bitmap {bitmap!r} in {layer.path} is marked in use (inconsistent)"
-    return None
 
 
 # -- one domain ------------------------------------------------------------------------

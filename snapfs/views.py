@@ -16,6 +16,7 @@ import trio
 
 from . import extents as ex
 from . import nbd_client
+from .bitmaps import bitmap_verdict
 from .images import Disk, Layer
 from .qemu_nbd import ExportSpec, ServerError, ServerPool
 
@@ -256,16 +257,23 @@ def disk_views(disk: Disk) -> tuple[list[View], list[tuple[str, str]]]:
     names = set()
     for bm in top.bitmaps:
         fname = f"{disk.relpath}/dirty/{escape_name(bm.name)}.raw"
-        if bm.in_use:
-            missing.append((fname, f"bitmap {bm.name!r} is marked in use: qemu did not close the "
-                            "image cleanly, so the bitmap cannot be trusted"))
-            continue
+        names.add(bm.name)
         if not (disk.complete and all(lay.problem is None for lay in disk.chain)):
             missing.append((fname, "dirty views read the whole chain, which is not available"))
             continue
-        spec = ExportSpec(tuple((lay.path, lay.format) for lay in reversed(disk.chain)), bitmap=bm.name)
-        views.append(DirtyView(disk, escape_name(bm.name), top, spec, top.size))
-        names.add(bm.name)
+        holding, reason = bitmap_verdict(disk.chain, bm.name, require_enabled=False)
+        if reason is not None:
+            missing.append((fname, reason))
+            continue
+        chain_layers = tuple((lay.path, lay.format) for lay in reversed(disk.chain))
+        if len(holding) == 1:
+            spec = ExportSpec(chain_layers, bitmap=bm.name)
+            views.append(DirtyView(disk, escape_name(bm.name), top, spec, top.size))
+        else:
+            # Copies in backing files too (as libvirt makes them): their union.
+            specs = [ExportSpec(((lay.path, lay.format),), bitmap=bm.name) for lay in holding]
+            views.append(UnionDirtyView(disk, escape_name(bm.name), top, ExportSpec(chain_layers),
+                                        top.size, bm.name, specs))
     for layer in disk.chain[:-1]:
         for bm in layer.bitmaps:
             if bm.name not in names:

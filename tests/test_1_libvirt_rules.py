@@ -1,11 +1,12 @@
 """Tier 1: libvirt mode's pure rules: XML parsing, which bitmaps can be trusted, unions."""
 
-from snapfs import extents as ex
-from snapfs.images import Layer
-from snapfs.libvirt_source import (backing_verdict, bitmap_verdict, parse_checkpoint, parse_disks,
-                                   parse_snapshot)
-from snapfs.qcow2 import BITMAP_AUTO, BITMAP_IN_USE, Bitmap
 import xml.etree.ElementTree as ET
+
+from snapfs import extents as ex
+from snapfs.bitmaps import backing_verdict, bitmap_verdict
+from snapfs.images import Layer
+from snapfs.libvirt_source import parse_checkpoint, parse_disks, parse_snapshot
+from snapfs.qcow2 import BITMAP_AUTO, BITMAP_IN_USE, Bitmap
 
 
 def layer(path, *bitmaps):
@@ -36,6 +37,8 @@ def test_bitmap_verdicts_that_force_a_full_copy():
     assert "marked in use" in why([layer("/i/base", ("ck1", BITMAP_AUTO | BITMAP_IN_USE)),
                                    layer("/i/s1", "ck1")])
     assert "disabled" in why([layer("/i/base", ("ck1", 0))])
+    # Image mode serves a bitmap a user disabled as it is.
+    assert bitmap_verdict([layer("/i/base", ("ck1", 0))], "ck1", require_enabled=False)[1] is None
     # The image active at checkpoint time lost its copy: changes made there are lost.
     assert "missing from /i/base, the image that was active" in why(
         [layer("/i/base"), layer("/i/s1", "ck1")])

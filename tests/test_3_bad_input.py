@@ -95,7 +95,7 @@ def test_bad_images_are_reported_and_the_rest_works(bad_dir, mount):
     assert "outside" in status and "--allow-outside-backing" in status
     assert "does not record the format of its backing file" in status
     assert "marked corrupt" in status
-    assert "bitmap 'b0' is marked in use" in status
+    assert any("bitmap 'b0' in " in line and "is marked in use" in line for line in status.splitlines())
 
     run("qemu-img", "compare", "-f", "raw", m / "good.qcow2/chain/00-good.raw",
         bad_dir / "good.qcow2")

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import (
     MiB, Mount, create, data_ranges, expected_allocation_map, expected_dirty_map,
-    json_layer, qemu_img, qemu_io, run, seek_walk,
+    json_layer, merge_dicts, nbdinfo_map, qemu_img, qemu_io, qemu_map, run, seek_walk,
 )
 
 SIZE = 64 * MiB + 1536  # not a multiple of the 64 KiB cluster
@@ -31,9 +31,11 @@ def sample(tmp_path_factory):
     qemu_io(base, "write -P 0xa1 0 4M", "write -z 8M 1M", "write -P 0xa2 12M 2M",
             f"write -P 0xa3 {SIZE - 4096} 4096")
     snap1 = create(vm1 / "snap1.qcow2", backing="base.qcow2")
+    qemu_img("bitmap", "--add", snap1, "since-snap1")
     qemu_io(snap1, "write -P 0xb1 1M 1M", "write -z 2M 1M", "discard 12M 1M", "write -P 0xb2 20M 64k")
     snap2 = create(vm1 / "snap2.qcow2", backing="snap1.qcow2")
     qemu_img("bitmap", "--add", snap2, "since-snap2")
+    qemu_img("bitmap", "--add", snap2, "since-snap1")  # an empty copy, as libvirt makes one
     qemu_io(snap2, "write -P 0xc1 0 512k", "write -z 12M 2M", "write -P 0xc2 30M 3M", "discard 31M 1M")
     branch = create(vm1 / "branch.qcow2", backing="base.qcow2")
     qemu_io(branch, "write -P 0xd1 3M 2M")
@@ -85,7 +87,8 @@ def test_layout(mnt):
     assert sorted(os.listdir(os.path.join(d, "chain"))) == [
         "00-base.map.json", "00-base.raw", "01-snap1.map.json", "01-snap1.raw",
         "02-snap2.map.json", "02-snap2.raw"]
-    assert sorted(os.listdir(os.path.join(d, "dirty"))) == ["since-snap2.map.json", "since-snap2.raw"]
+    assert sorted(os.listdir(os.path.join(d, "dirty"))) == [
+        "since-snap1.map.json", "since-snap1.raw", "since-snap2.map.json", "since-snap2.raw"]
     assert os.listdir(mnt / "vm1/branch.qcow2/dirty") == []
     st = os.stat(os.path.join(d, "chain/02-snap2.raw"))
     assert stat.S_ISREG(st.st_mode) and st.st_mode & 0o777 == 0o444
@@ -157,6 +160,29 @@ def test_dirty_view_matches_bitmap_and_zero_status(sample, mnt, tmp_path):
             assert part == disk[e["start"]:e["start"] + e["length"]], e
         else:
             assert part.count(0) == len(part), e
+
+
+def test_dirty_view_of_bitmap_copies_is_their_union(sample, mnt, tmp_path):
+    """since-snap1 lives in snap1 and (as an empty copy) in snap2: changes in both count."""
+    snap1, snap2 = str(sample / "vm1/snap1.qcow2"), str(sample / "vm1/snap2.qcow2")
+    view = mnt / "vm1/snap2.qcow2/dirty/since-snap1.raw"
+    with open(view[:-4] + ".map.json") as f:
+        got = json.load(f)
+    # Ground truth: each copy's bitmap from nbdinfo, the chain's zero status from qemu-img map.
+    copies = [nbdinfo_map(tmp_path, json_layer(img), "qemu:dirty-bitmap:since-snap1", "-B", "since-snap1")
+              for img in (snap1, snap2)]
+    zero = [(e["start"], e["length"], bool(e["zero"])) for e in qemu_map(snap2)]
+    cuts = sorted({0, SIZE} | {s for r in copies for s, _, _ in r} | {s for s, _, _ in zero})
+    expected = []
+    for a, b in zip(cuts, cuts[1:]):
+        dirty = any(next(t for s, n, t in r if s <= a < s + n) & 1 for r in copies)
+        z = next(t for s, n, t in zero if s <= a < s + n)
+        expected.append({"start": a, "length": b - a, "dirty": dirty, "zero": z})
+    assert got == merge_dicts(expected, ("dirty", "zero"))
+    # Both layers' writes are there: snap1's at 1M, snap2's at 30M.
+    for off in (1 * MiB, 30 * MiB):
+        assert any(e["dirty"] and e["start"] <= off < e["start"] + e["length"] for e in got)
+    assert seek_walk(view) == data_ranges(got, lambda e: e["dirty"])
 
 
 def test_xattrs(sample, mnt):
