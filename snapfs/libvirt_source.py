@@ -194,8 +194,9 @@ class DomainReader:
     """Reads one domain and decides its views (blocking libvirt calls: run in a thread)."""
 
     def __init__(self, dom: libvirt.virDomain, rundir: str, since: str | None = None,
-                 new_checkpoint: str | None = None):
+                 new_checkpoint: str | None = None, strict: bool = False):
         self.dom = dom
+        self.strict = strict  # the user named this domain: options that cannot apply are errors
         self.rundir = rundir
         self.since = since
         self.new_checkpoint = new_checkpoint
@@ -227,6 +228,12 @@ class DomainReader:
             plan.job = self._start_job(xml, served, checkpoints, since, plan)
         else:
             since = None
+            if self.new_checkpoint:
+                msg = (f"domain {name} is shut off: libvirt makes checkpoints only for running "
+                       f"domains, so {self.new_checkpoint!r} was not made")
+                if self.strict:
+                    raise SourceError(msg)
+                plan.notes.append(f"{plan.dirname}: {msg}")
         for d in served:
             self._disk(plan, d, snapshots, checkpoints, since)
         return plan
@@ -470,7 +477,8 @@ class LibvirtSource:
         return list(self.plans.values())
 
     def plan_domain(self, dom) -> DomainPlan:
-        return DomainReader(dom, self.rundir, self.since, self.new_checkpoint).plan()
+        return DomainReader(dom, self.rundir, self.since, self.new_checkpoint,
+                            strict=bool(self.names)).plan()
 
     def refresh(self, name: str, since: str | None, new_checkpoint: str | None) -> DomainPlan:
         """End the domain's backup job (if any) and read the domain again.
@@ -493,7 +501,7 @@ class LibvirtSource:
         if old.job is not None:
             old.job.stop()
             old.job = None
-        plan = DomainReader(dom, self.rundir, since, new_checkpoint).plan()
+        plan = DomainReader(dom, self.rundir, since, new_checkpoint, strict=True).plan()
         self.plans[name] = plan
         return plan
 
