@@ -133,7 +133,8 @@ def parse_checkpoint(xml: str) -> CheckpointDef:
     root = ET.fromstring(xml)
     cp = CheckpointDef(name=root.findtext("name"), created=int(root.findtext("creationTime") or 0))
     for d in root.findall("./disks/disk"):
-        cp.disks[d.get("name")] = d.get("bitmap") or cp.name if d.get("checkpoint", "bitmap") == "bitmap" else None
+        tracked = d.get("checkpoint", "bitmap") == "bitmap"
+        cp.disks[d.get("name")] = (d.get("bitmap") or cp.name) if tracked else None
     cp.sources = {t: s for t, (s, _) in _sources(root).items()}
     return cp
 
@@ -313,6 +314,9 @@ class DomainReader:
             if job is None:
                 missing.append((f"{rel}/chain/{CURRENT}.raw", "the domain runs and no backup job could "
                                 "be started (see the notes above)"))
+            elif d.target not in job.exports:
+                missing.append((f"{rel}/chain/{CURRENT}.raw", "libvirt's backup job does not export "
+                                "this disk"))
             else:
                 exp = job.exports[d.target]
                 spec = _chain_spec(chain, socket=job.socket, export=exp.name)
@@ -414,8 +418,8 @@ class DomainReader:
                                  f"{since.name if since else '(none)'}; to see this one: snapfs refresh "
                                  f"MOUNTPOINT {plan.name} --since {cp.name}"))
             return
-        if job is None:
-            plan.missing.append((path, "no backup job could be started (see the notes above)"))
+        if job is None or d.target not in job.exports:
+            plan.missing.append((path, "no backup job exports this disk (see the notes above)"))
             return
         exp = job.exports[d.target]
         bitmap = cp.disks.get(d.target) or cp.name
@@ -495,7 +499,8 @@ class LibvirtSource:
         except libvirt.libvirtError as e:
             raise SourceError(f"domain {name}: {libvirt_message(e)}") from None
         if since is not None and since not in have:
-            raise SourceError(f"domain {name} has no checkpoint {since!r} (it has: {', '.join(have) or 'none'})")
+            raise SourceError(f"domain {name} has no checkpoint {since!r} "
+                              f"(it has: {', '.join(have) or 'none'})")
         if new_checkpoint is not None and new_checkpoint in have:
             raise SourceError(f"domain {name} already has a checkpoint {new_checkpoint!r}")
         if old.job is not None:

@@ -244,7 +244,10 @@ class Refresher:
                     busy = self.ops.open_files(prefix)
             if busy:
                 raise ControlError(f"{busy} file(s) of domain {domain} are open; close them and retry")
-            await self.pool.discard({s for v in old.views for s in v.specs()})
+            # Exports other domains use too (a shared base image) stay.
+            others = {s for p in self.source.plans.values() if p is not old
+                      for v in p.views for s in v.specs()}
+            await self.pool.discard({s for v in old.views for s in v.specs()} - others)
             try:
                 plan = await trio.to_thread.run_sync(self.source.refresh, domain, since, checkpoint)
             except SourceError as e:

@@ -16,9 +16,21 @@ import signal
 import time
 import xml.etree.ElementTree as ET
 
+import libvirt
 import pytest
-from conftest import (MiB, REPO, SNAPFS, create, expected_allocation_map, expected_dirty_map,
-                      json_layer, merge_dicts, qemu_img, run, seek_walk)
+from conftest import (
+    REPO,
+    SNAPFS,
+    MiB,
+    create,
+    expected_allocation_map,
+    expected_dirty_map,
+    json_layer,
+    merge_dicts,
+    qemu_img,
+    run,
+    seek_walk,
+)
 from libvirt_env import DiskSpec, NetworkDiskSpec, TestDomain, libvirt_conn, new_image_dir
 
 URI = "qemu:///system"
@@ -185,7 +197,8 @@ def test_seed_002_backups_with_a_disk_added_later(conn, d, mount, tmp_path):
         status = m.status()
         assert f"{dom.name}/vdc/dirty/ck1.raw: full: disk vdc was attached after checkpoint 'ck1'" in status
         # The zeroed area is dirty and zero: it moves no data.
-        za = [e for e in maps(m / f"{dom.name}/vda/dirty/ck1.raw") if e["start"] <= 20 * MiB < e["start"] + e["length"]]
+        za = [e for e in maps(m / f"{dom.name}/vda/dirty/ck1.raw")
+              if e["start"] <= 20 * MiB < e["start"] + e["length"]]
         assert za[0]["dirty"] and za[0]["zero"]
         m.close()
 
@@ -330,7 +343,7 @@ def test_snapshot_names_and_a_branch(conn, d, mount, tmp_path):
         # overlay on s2's image; the old branch stays known through s3.
         branch = create(f"{d}/vda.b", backing=f"{d}/vda.s1")
         dom.made.append(branch)
-        xml = dom.dom.XMLDesc(libvirt_inactive())
+        xml = dom.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
         conn.defineXML(xml.replace(f"{d}/vda.s3", branch))
         dom.start()
         dom.write("vda", 12 * MiB, 1 * MiB, 0x64)
@@ -359,11 +372,6 @@ def test_snapshot_names_and_a_branch(conn, d, mount, tmp_path):
         m.close()
         # An image other chains use is never written.
         assert before == {p: os.stat(p).st_mtime_ns for p in before}
-
-
-def libvirt_inactive():
-    import libvirt
-    return libvirt.VIR_DOMAIN_XML_INACTIVE
 
 
 # -- disks snapfs does not serve ---------------------------------------------------------
@@ -451,7 +459,7 @@ def test_refresh_and_a_job_left_by_a_crash(conn, d, mount, tmp_path):
         identical(m2 / f"{dom.name}/vda/chain/current.raw", rec2, fa="raw")
         m2.close()
         # Unmounting ended the job.
-        with pytest.raises(Exception):
+        with pytest.raises(libvirt.libvirtError):
             job_socket(dom)
 
         # A job snapfs did not start is left alone, and said so.
@@ -487,5 +495,46 @@ def test_clear_errors(conn, d, tmp_path):
             assert "Traceback" not in r.stderr
             assert not os.path.ismount(mp)
         # A failed mount leaves no backup job behind.
-        with pytest.raises(Exception):
+        with pytest.raises(libvirt.libvirtError):
             job_socket(dom)
+
+
+def test_refresh_keeps_what_other_domains_share(conn, d, mount, tmp_path):
+    """Two domains on one base image: refreshing one leaves the other's open files alone."""
+    base = create(f"{d}/base.qcow2", 16 * MiB)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x81 0 4M", base)
+    tops = {n: create(f"{d}/{n}.qcow2", backing=base) for n in ("a", "b")}
+    with TestDomain.define(conn, "sha", [DiskSpec("vda", tops["a"])]) as a, \
+            TestDomain.define(conn, "shb", [DiskSpec("vda", tops["b"])]) as b:
+        a.made.append(tops["a"])
+        b.made.append(tops["b"])
+        a.start()
+        m = mount(["--connect", URI, "--domain", a.name, "--domain", b.name])
+        shared = m / f"{b.name}/vda/layers/00-base.raw"
+        with open(shared, "rb") as f:
+            first = f.read(2 * MiB)
+            server = base_servers(base)
+            assert len(server) == 1
+            r = run(*SNAPFS, "refresh", m.path, a.name, check=False, cwd=REPO)
+            assert r.returncode == 0, r.stderr
+            assert base_servers(base) == server  # the same qemu-nbd serves on
+            rest = f.read()
+        truth = tmp_path / "base.raw"
+        qemu_img("convert", "-U", "-O", "raw", base, truth)
+        assert first + rest == truth.read_bytes()
+        m.close()
+
+
+def base_servers(path):
+    """pids of qemu-nbd serving ``path`` alone."""
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if cmd and os.path.basename(cmd[0]) == "qemu-nbd" and any(
+                a.startswith("json:") and path in a and '"backing": null' in a for a in cmd):
+            out.append(int(pid))
+    return sorted(out)

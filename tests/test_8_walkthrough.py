@@ -54,7 +54,8 @@ def test_walkthrough_backups_and_restores(d, tmp_path):
     backup = tmp_path / "backup"
     backup.mkdir()
     conn = libvirt_conn()
-    disks = [DiskSpec("vda", f"{d}/vda.qcow2", size=48 * MiB), DiskSpec("vdb", f"{d}/vdb.qcow2", size=32 * MiB)]
+    disks = [DiskSpec("vda", f"{d}/vda.qcow2", size=48 * MiB),
+             DiskSpec("vdb", f"{d}/vdb.qcow2", size=32 * MiB)]
     with TestDomain.define(conn, "walk", disks) as dom:
         env = dict(os.environ, DOMAIN=dom.name, MNT=str(tmp_path / "mnt"), BACKUP=str(backup),
                    PATH=os.path.join(REPO, ".venv", "bin") + ":" + os.environ["PATH"])
