@@ -258,3 +258,29 @@ def _abort_leftover(dom) -> None:
     except libvirt.libvirtError as e:
         raise BackupError(f"cannot abort the backup job left by an earlier snapfs: {_message(e)}") from None
     shutil.rmtree(os.path.dirname(socket), ignore_errors=True)
+
+
+def abort_jobs_in(uri: str, rundir: str) -> None:
+    """Abort the backup jobs whose sockets are in ``rundir`` (a mount whose snapfs died)."""
+    libvirt.registerErrorHandler(lambda ctx, err: None, None)
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        log.warning("cannot reach %s to end the backup jobs of a dead mount: %s", uri, _message(e))
+        return
+    try:
+        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            try:
+                server = ET.fromstring(dom.backupGetXMLDesc(0)).find("server")
+            except libvirt.libvirtError:
+                continue  # no backup job
+            socket = server.get("socket", "") if server is not None else ""
+            if socket.startswith(rundir.rstrip("/") + "/"):
+                log.warning("domain %s: aborting the backup job of a snapfs that is gone", dom.name())
+                try:
+                    dom.abortJob()
+                    _wait_gone(dom)
+                except libvirt.libvirtError as e:
+                    log.warning("domain %s: cannot abort its backup job: %s", dom.name(), _message(e))
+    finally:
+        conn.close()

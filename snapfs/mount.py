@@ -405,8 +405,16 @@ def umount(mountpoint: str, timeout: float = 10.0) -> None:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    # A snapfs killed before it could clean up may leave servers behind.
-    for name in os.listdir(rundir) if os.path.isdir(rundir) else []:
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    # A snapfs killed before it could clean up may leave servers behind,
+    # and backup jobs (libvirt mode).
+    names = os.listdir(rundir) if os.path.isdir(rundir) else []
+    if info.get("control") and any(n.startswith("backup-") for n in names) and not pid_alive(pid):
+        from .backup import abort_jobs_in
+        abort_jobs_in(info["source"], rundir)
+    for name in names:
         if not name.endswith(".pid"):
             continue
         try:

@@ -462,6 +462,14 @@ def test_refresh_and_a_job_left_by_a_crash(conn, d, mount, tmp_path):
         with pytest.raises(libvirt.libvirtError):
             job_socket(dom)
 
+        # After a SIGKILL, snapfs umount ends the job too.
+        m4 = lv_mount(mount, dom, name="m4")
+        os.kill(m4.pid, signal.SIGKILL)
+        assert job_socket(dom)
+        run(*SNAPFS, "umount", m4.path, cwd=REPO)
+        with pytest.raises(libvirt.libvirtError):
+            job_socket(dom)
+
         # A job snapfs did not start is left alone, and said so.
         jobdir = new_image_dir("foreign", qemu_owned=True)
         dom.dom.backupBegin(
