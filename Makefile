@@ -19,6 +19,7 @@ test: setup
 bench: setup
 	$(PY) tests/bench.py
 	$(PY) tests/bench_nbd.py
+	$(PY) tests/bench_libvirt.py
 
 umount-demo:
 	-$(VENV)/bin/snapfs umount $(DEMO_DIR)/mnt
