@@ -168,7 +168,7 @@ async def serve(args, ready=None) -> None:
             pyfuse3.init(ops, mountpoint, options)
         except RuntimeError as e:
             raise MountError(f"cannot mount {mountpoint}: {e}") from None
-        unmount = True
+        gone = trio.Event()  # the mount left this process's mount table
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(pool.run)
@@ -176,15 +176,16 @@ async def serve(args, ready=None) -> None:
                 if source is not None:
                     refresher = Refresher(source, tree, status, ops, pool)
                     await nursery.start(_control_server, control, refresher)
+                nursery.start_soon(_watch_mount, mountpoint, gone, nursery.cancel_scope)
                 log.info("mounted %s on %s", what, mountpoint)
                 if ready is not None:
                     ready()
                 await pyfuse3.main()
                 # main() returns when the kernel ended the session (fusermount3 -u).
-                unmount = False
+                gone.set()
                 nursery.cancel_scope.cancel()
         finally:
-            pyfuse3.close(unmount=unmount)
+            pyfuse3.close(unmount=not gone.is_set())
             log.info("unmounted %s", mountpoint)
     finally:
         if source is not None:
@@ -337,6 +338,25 @@ def control_request(mountpoint: str, request: dict, timeout: float = 600) -> str
     if not reply.get("ok"):
         raise MountError(reply.get("message", "refresh failed"))
     return reply.get("message", "")
+
+
+async def _watch_mount(mountpoint: str, gone: trio.Event, scope: trio.CancelScope) -> None:
+    """End the session when the mount leaves this mount namespace.
+
+    A process started while the mount is live in a mount namespace of its own
+    gets a copy of the mount (libvirt gives each qemu one; so does a service
+    with a private /tmp). After ``fusermount3 -u`` here, that copy keeps the
+    kernel's FUSE connection open, so the session never ends by itself;
+    ending it here makes the copies fail cleanly.
+    """
+    while True:
+        await trio.sleep(0.25)
+        if mount_device(mountpoint) is None:
+            log.info("%s was unmounted; ending the session (copies of the mount in other "
+                     "mount namespaces, such as a VM started meanwhile, go with it)", mountpoint)
+            gone.set()
+            scope.cancel()
+            return
 
 
 async def _signals(scope: trio.CancelScope) -> None:

@@ -546,3 +546,25 @@ def base_servers(path):
                 a.startswith("json:") and path in a and '"backing": null' in a for a in cmd):
             out.append(int(pid))
     return sorted(out)
+
+
+def test_umount_after_a_domain_started_meanwhile(conn, d, mount):
+    """qemu's mount namespace holds a copy of the mount: unmounting must still end snapfs."""
+    with TestDomain.define(conn, "ns", [DiskSpec("vda", f"{d}/vda.qcow2", size=16 * MiB)]) as dom:
+        m = lv_mount(mount, dom, "--idle-timeout", "0")
+        with open(m / f"{dom.name}/vda/chain/current.raw", "rb") as f:
+            f.read(1)
+        # The domain starts once snapfs's qemu-nbd has let go of the image.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                dom.start()
+                break
+            except libvirt.libvirtError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        pid = m.pid
+        r = run(*SNAPFS, "umount", m.path, cwd=REPO)
+        assert "did not exit" not in r.stderr
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
