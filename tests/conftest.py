@@ -220,6 +220,24 @@ def mount(tmp_path):
         m.close()
 
 
+@pytest.fixture(scope="session")
+def conn():
+    """A libvirt connection to qemu:///system; libvirtd is started if none runs."""
+    from libvirt_env import libvirt_conn
+    c = libvirt_conn()
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def d():
+    """A fresh image directory that libvirt's qemu can reach."""
+    from libvirt_env import new_image_dir
+    path = new_image_dir("t")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """In CI a skipped test is a failure: CI must run every test."""

@@ -9,23 +9,7 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 import pytest
-
-from libvirt_env import (MiB, DiskSpec, HmpError, NetworkDiskSpec, TestDomain, libvirt_conn,
-                         new_image_dir)
-
-
-@pytest.fixture
-def conn():
-    c = libvirt_conn()
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def d():
-    path = new_image_dir("t6")
-    yield path
-    shutil.rmtree(path)
+from libvirt_env import DiskSpec, HmpError, MiB, NetworkDiskSpec, TestDomain, new_image_dir
 
 
 def expected(size, *runs):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import time
 import xml.etree.ElementTree as ET
@@ -31,23 +30,9 @@ from conftest import (
     run,
     seek_walk,
 )
-from libvirt_env import DiskSpec, NetworkDiskSpec, TestDomain, libvirt_conn, new_image_dir
+from libvirt_env import DiskSpec, NetworkDiskSpec, TestDomain, new_image_dir
 
 URI = "qemu:///system"
-
-
-@pytest.fixture(scope="module")
-def conn():
-    c = libvirt_conn(URI)
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def d():
-    path = new_image_dir("t7")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def lv_mount(mount, dom, *extra, name="mnt"):

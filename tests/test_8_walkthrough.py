@@ -12,13 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import xml.etree.ElementTree as ET
 
 import libvirt_qemu
-import pytest
 from conftest import REPO, MiB, json_layer, run
-from libvirt_env import DiskSpec, TestDomain, libvirt_conn, new_image_dir
+from libvirt_env import DiskSpec, TestDomain
 
 DOC = os.path.join(REPO, "docs", "libvirt.md")
 
@@ -31,13 +29,6 @@ def walkthrough_blocks():
     return re.findall(r"```sh\n(.*?)```", section, re.S)
 
 
-@pytest.fixture
-def d():
-    path = new_image_dir("t8")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def remove_bitmap_live(dom, target, bitmap):
     """Drop a bitmap from a running disk through QMP, behind libvirt's back."""
     disk = next(x for x in ET.fromstring(dom.dom.XMLDesc(0)).iterfind("devices/disk")
@@ -48,12 +39,11 @@ def remove_bitmap_live(dom, target, bitmap):
     assert "error" not in out, out
 
 
-def test_walkthrough_backups_and_restores(d, tmp_path):
+def test_walkthrough_backups_and_restores(conn, d, tmp_path):
     helpers, step1, step2, step3, restore_fn, example = walkthrough_blocks()
     assert "restore vda 3" in example
     backup = tmp_path / "backup"
     backup.mkdir()
-    conn = libvirt_conn()
     disks = [DiskSpec("vda", f"{d}/vda.qcow2", size=48 * MiB),
              DiskSpec("vdb", f"{d}/vdb.qcow2", size=32 * MiB)]
     with TestDomain.define(conn, "walk", disks) as dom:
