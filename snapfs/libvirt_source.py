@@ -403,12 +403,12 @@ class DomainReader:
                     continue
             plan.views.append(FullDirtyView(disk, base, top, spec, top.size, bitmap or cp.name, reason))
             plan.notes.append(f"{path}: full: {reason}")
-        if not plan.running:
-            for layer in chain:
-                for bm in layer.bitmaps:
-                    if bm.name not in known:
-                        plan.notes.append(f"{rel}: image {layer.path} holds bitmap {bm.name!r}, which no "
-                                          f"checkpoint of domain {plan.name} knows; it is not used")
+        # A running domain's active image has a stale header: its backing files tell.
+        for layer in chain[:-1] if plan.running else chain:
+            for bm in layer.bitmaps:
+                if bm.name not in known:
+                    plan.notes.append(f"{rel}: image {layer.path} holds bitmap {bm.name!r}, which no "
+                                      f"checkpoint of domain {plan.name} knows; it is not used")
 
     def _running_dirty(self, plan, disk, d, cp, since, base) -> None:
         path = f"{disk.relpath}/dirty/{base}.raw"
