@@ -92,8 +92,22 @@ def _fail(msg: str) -> int:
     return 1
 
 
+def _connect_default(argv: list[str]) -> list[str]:
+    """``--connect MOUNTPOINT``: a libvirt URI always has a scheme (``qemu:///system``),
+    so a following word without ':' is not one; the default URI goes in between."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--":
+            break
+        if a == "--connect" and i + 1 < len(out) and ":" not in out[i + 1] \
+                and not out[i + 1].startswith("-"):
+            out.insert(i + 1, DEFAULT_URI)
+            break
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_connect_default(sys.argv[1:] if argv is None else argv))
     if args.command == "umount":
         return _umount(args)
     if args.command == "refresh":

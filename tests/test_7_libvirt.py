@@ -490,6 +490,12 @@ def test_clear_errors(conn, d, tmp_path):
         # A failed mount leaves no backup job behind.
         with pytest.raises(libvirt.libvirtError):
             job_socket(dom)
+        # --connect without a URI, right before the mount point: qemu:///system.
+        run(*SNAPFS, "mount", "--connect", mp, "--domain", dom.name, cwd=REPO)
+        try:
+            assert sorted(os.listdir(mp / dom.name / "vda" / "chain")) == ["current.map.json", "current.raw"]
+        finally:
+            run(*SNAPFS, "umount", mp, cwd=REPO)
 
 
 def test_refresh_keeps_what_other_domains_share(conn, d, mount, tmp_path):
