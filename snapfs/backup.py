@@ -27,7 +27,7 @@ from xml.sax.saxutils import quoteattr
 
 import libvirt
 
-from .mount import pid_alive, runtime_base
+from .mount import pid_alive, runtime_bases
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,9 @@ def _reachable(path: str, uid: int, gid: int) -> str | None:
 
 def snapfs_job_owner(socket: str) -> tuple[bool, dict | None]:
     """(is it a snapfs job, the mount.json of its mount if that still exists)."""
-    base = runtime_base()
     jobdir = os.path.dirname(socket)
-    if not (socket.startswith(base.rstrip("/") + "/") and os.path.basename(socket) == SOCKET_NAME
-            and os.path.basename(jobdir).startswith("backup-")):
+    if not (any(socket.startswith(base.rstrip("/") + "/") for base in runtime_bases())
+            and os.path.basename(socket) == SOCKET_NAME and os.path.basename(jobdir).startswith("backup-")):
         return False, None
     try:
         with open(os.path.join(os.path.dirname(jobdir), "mount.json")) as f:
@@ -158,7 +157,7 @@ class BackupJob:
         os.chown(self.dir, uid, gid)
         # qemu creates the socket and libvirt the scratch files here: the
         # directories above need search permission, nothing more.
-        for d in (runtime_base(), rundir):
+        for d in (os.path.dirname(rundir), rundir):
             mode = stat.S_IMODE(os.stat(d).st_mode)
             if not mode & stat.S_IXOTH:
                 os.chmod(d, mode | stat.S_IXGRP | stat.S_IXOTH)

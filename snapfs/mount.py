@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -38,9 +39,34 @@ class MountError(Exception):
     """A mount that cannot be made; the message is for the user."""
 
 
-def runtime_base() -> str:
+def runtime_bases() -> list[str]:
+    """Where mounts keep their runtime directories: ``$XDG_RUNTIME_DIR/snapfs``
+    (when set), and ``/tmp/snapfs-UID``."""
     xdg = os.environ.get("XDG_RUNTIME_DIR")
-    base = os.path.join(xdg, "snapfs") if xdg and os.path.isdir(xdg) else f"/tmp/snapfs-{os.getuid()}"
+    bases = [os.path.join(xdg, "snapfs")] if xdg and os.path.isdir(xdg) else []
+    return bases + [f"/tmp/snapfs-{os.getuid()}"]
+
+
+def _searchable_by_others(path: str) -> bool:
+    while True:
+        if not os.stat(path).st_mode & stat.S_IXOTH:
+            return False
+        if path == "/":
+            return True
+        path = os.path.dirname(path)
+
+
+def runtime_base(searchable: bool = False) -> str:
+    """The runtime base, created 0700 if missing.
+
+    searchable: the base must be reachable by other users (a libvirt backup
+    job's socket and scratch files are qemu's, which runs as its own user):
+    ``$XDG_RUNTIME_DIR`` (0700 by design) is skipped for ``/tmp``.
+    """
+    bases = runtime_bases()
+    base = bases[0]
+    if searchable and not _searchable_by_others(os.path.dirname(base)):
+        base = bases[-1]
     try:
         os.mkdir(base, 0o700)
     except FileExistsError:
@@ -138,7 +164,7 @@ async def serve(args, ready=None) -> None:
     if shutil.which("qemu-nbd") is None:
         raise MountError("qemu-nbd not found (install qemu-utils, or run make setup)")
 
-    rundir = tempfile.mkdtemp(prefix="m", dir=runtime_base())
+    rundir = tempfile.mkdtemp(prefix="m", dir=runtime_base(searchable=images is None))
     source = None
     try:
         if images is not None:
@@ -367,10 +393,19 @@ async def _signals(scope: trio.CancelScope) -> None:
             return
 
 
+def _runtime_entries():
+    for base in runtime_bases():
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue
+        for name in names:
+            yield base, name
+
+
 def find_mount(mountpoint: str) -> tuple[str, dict] | None:
     mp = os.path.realpath(mountpoint)
-    base = runtime_base()
-    for name in os.listdir(base):
+    for base, name in _runtime_entries():
         path = os.path.join(base, name, "mount.json")
         try:
             with open(path) as f:

@@ -602,3 +602,20 @@ def test_union_of_bitmap_copies_equals_libvirts_own_backup(conn, d, mount, tmp_p
             part = got[e["start"]:e["start"] + e["length"]]
             assert part == (disk[e["start"]:e["start"] + e["length"]] if e["dirty"] else bytes(e["length"]))
         m.close()
+
+
+def test_running_domain_with_a_private_xdg_runtime_dir(conn, d, mount, tmp_path, monkeypatch):
+    """$XDG_RUNTIME_DIR is 0700: a libvirt mount keeps its runtime files where qemu can reach them."""
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    with TestDomain.define(conn, "xdg", [DiskSpec("vda", f"{d}/vda.qcow2", size=16 * MiB)]) as dom:
+        dom.start()
+        dom.write("vda", 0, 1 * MiB, 0xa5)
+        rec = dom.record("vda", str(tmp_path / "rec.raw"))
+        m = lv_mount(mount, dom)
+        identical(m / f"{dom.name}/vda/chain/current.raw", rec, fa="raw")
+        assert job_socket(dom).startswith(f"/tmp/snapfs-{os.getuid()}/")
+        m.close()
+        with pytest.raises(libvirt.libvirtError):
+            job_socket(dom)
