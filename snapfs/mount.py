@@ -7,7 +7,10 @@ mount live (or reports why it could not be).
 Each mount has a private 0700 runtime directory under the user's runtime base
 (``$XDG_RUNTIME_DIR/snapfs`` or ``/tmp/snapfs-UID``), holding the qemu-nbd
 sockets and pid files and ``mount.json`` (mountpoint, pid, log file), which
-``snapfs umount`` uses to stop the mount and clean up after a crash.
+``snapfs umount`` uses to stop the mount and clean up after a crash. A libvirt
+mount's also holds its control socket (``snapfs refresh``) and its backup
+jobs' directories, which qemu must reach: it is 0711, in a base others can
+search.
 """
 
 from __future__ import annotations
