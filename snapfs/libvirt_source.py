@@ -303,6 +303,10 @@ class DomainReader:
                     why = f"snapshot {snap.name!r}: {scut}"
                 elif bad is not None:
                     why = f"snapshot {snap.name!r}: {bad.path}: {bad.problem}"
+                elif snap.disks[d.target][0] == "internal":
+                    # Inside the image: the chain view only (its layers are the disk's own).
+                    spec = _chain_spec(schain, snapshot=snap.name)
+                    views.append(ChainView(disk, base, layer, spec, layer.size))
                 else:
                     views.append(ChainView(disk, base, layer, _chain_spec(schain), layer.size))
                     branches.append(schain)
@@ -334,12 +338,11 @@ class DomainReader:
         kind, overlay = snap.disks.get(d.target, (None, None))
         if kind is None:
             return None, f"snapshot {snap.name!r} does not include disk {d.target}"
-        if kind == "internal":
-            return None, (f"snapshot {snap.name!r} of {d.target} is internal: snapfs serves "
-                          "external snapshots")
-        if kind != "external":
+        if kind not in ("external", "internal"):
             return None, f"snapshot {snap.name!r} did not snapshot disk {d.target} (snapshot='{kind}')"
         path, fmt = snap.sources.get(d.target, (None, None))
+        if kind == "internal" and fmt != "qcow2":
+            return None, f"snapshot {snap.name!r} of {d.target} is internal to a {fmt} image"
         if path is None and overlay:
             ov = self.chains.layer(overlay, "qcow2")
             path, fmt = ov.backing_path, ov.backing_format

@@ -59,6 +59,8 @@ class ExportSpec:
     layers: ``(path, format)`` from the top layer down; the lowest qcow2 layer
     gets ``"backing": null``, so a one-element spec is a single layer alone.
     bitmap: a dirty bitmap to export as ``qemu:dirty-bitmap:NAME``.
+    snapshot: an internal snapshot of the top layer to serve instead of its
+    current state (``--load-snapshot``).
     socket, export: set for an export someone else serves (a libvirt backup
     job's NBD server): no qemu-nbd is started, ``layers`` only names the
     images for messages.
@@ -66,6 +68,7 @@ class ExportSpec:
 
     layers: tuple[tuple[str, str], ...]
     bitmap: str | None = None
+    snapshot: str | None = None
     socket: str | None = None
     export: str = ""
 
@@ -99,6 +102,8 @@ class ExportSpec:
         what = " <- ".join(p for p, _ in self.layers)
         if self.socket is not None:
             what = f"backup export {self.export!r} of {what}"
+        if self.snapshot is not None:
+            what = f"internal snapshot {self.snapshot!r} of {what}"
         return f"{what} (bitmap {self.bitmap})" if self.bitmap else what
 
 
@@ -136,6 +141,9 @@ class QemuNBD:
             cmd.append("--allocation-depth")
         if self.spec.bitmap is not None:
             cmd.append(f"--bitmap={self.spec.bitmap}")
+        if self.spec.snapshot is not None:
+            # An option string: a comma in the name is written twice.
+            cmd.append("--load-snapshot=snapshot.name=" + self.spec.snapshot.replace(",", ",,"))
         cmd.append(self.spec.json_filename())
         return cmd
 

@@ -21,6 +21,7 @@ from conftest import (
     REPO,
     SNAPFS,
     MiB,
+    QemuNBD,
     create,
     expected_allocation_map,
     expected_dirty_map,
@@ -619,3 +620,37 @@ def test_running_domain_with_a_private_xdg_runtime_dir(conn, d, mount, tmp_path,
         m.close()
         with pytest.raises(libvirt.libvirtError):
             job_socket(dom)
+
+
+def test_internal_snapshot(conn, d, mount, tmp_path):
+    """virt-manager's kind: a snapshot inside the qcow2 image, served with --load-snapshot."""
+    img = f"{d}/vda.qcow2"
+    with TestDomain.define(conn, "int", [DiskSpec("vda", img, size=16 * MiB)]) as dom:
+        dom.start()
+        dom.write("vda", 0, 2 * MiB, 0xb1)
+        dom.destroy()
+        then = dom.record("vda", str(tmp_path / "then.raw"))
+        dom.dom.snapshotCreateXML("<domainsnapshot><name>before, upgrade</name></domainsnapshot>", 0)
+        dom.start()
+        dom.write("vda", 1 * MiB, 2 * MiB, 0xb2)
+        dom.destroy()
+        now = dom.record("vda", str(tmp_path / "now.raw"))
+
+        m = lv_mount(mount, dom)
+        chain = m / f"{dom.name}/vda/chain"
+        assert sorted(os.listdir(chain)) == ["00-before, upgrade.map.json", "00-before, upgrade.raw",
+                                             "current.map.json", "current.raw"]
+        view = f"{chain}/00-before, upgrade.raw"
+        identical(view, then, fa="raw")
+        identical(f"{chain}/current.raw", now, fa="raw")
+        # The map is qemu's for the image with the snapshot loaded.
+        srv = QemuNBD(tmp_path, json_layer(img), "--allocation-depth", "-l",
+                      "snapshot.name=before,, upgrade")
+        try:
+            runs = [(e["offset"], e["length"], e["type"]) for e in json.loads(
+                run("nbdinfo", "--json", "--map", srv.uri).stdout)]
+        finally:
+            srv.close()
+        assert maps(view) == merge_dicts([{"start": s, "length": n, "zero": bool(t & 2), "hole": bool(t & 2)}
+                                          for s, n, t in runs], ("zero", "hole"))
+        m.close()
