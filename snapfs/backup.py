@@ -105,8 +105,8 @@ class BackupJob:
 
     @classmethod
     def start(cls, dom, domain_xml: ET.Element, rundir: str, disks, modes: dict[str, tuple[str, str | None]],
-              since: str | None, new_checkpoint: str | None) -> BackupJob:
-        """Begin a pull-mode backup of ``disks`` (DiskDefs).
+              since: str | None, new_checkpoint: str | None, others: list[str] = ()) -> BackupJob:
+        """Begin a pull-mode backup of ``disks`` (DiskDefs); ``others`` (targets) are left out.
 
         modes: target -> ("incremental" | "full", reason for full). Incremental
         disks start from checkpoint ``since``. new_checkpoint: a checkpoint
@@ -121,8 +121,8 @@ class BackupJob:
             modes = dict(modes)
             for _ in range(len(disks) + 1):
                 try:
-                    dom.backupBegin(job._backup_xml(disks, modes, since),
-                                    _checkpoint_xml(new_checkpoint, disks), 0)
+                    dom.backupBegin(job._backup_xml(disks, modes, since, others),
+                                    _checkpoint_xml(new_checkpoint, disks, others), 0)
                     break
                 except libvirt.libvirtError as e:
                     msg = _message(e)
@@ -167,7 +167,7 @@ class BackupJob:
                               "the backup job's socket and scratch files (set XDG_RUNTIME_DIR to a "
                               "directory it can search, or unset it)")
 
-    def _backup_xml(self, disks, modes, since) -> str:
+    def _backup_xml(self, disks, modes, since, others) -> str:
         lines = ["<domainbackup mode='pull'>",
                  f"  <server transport='unix' socket={quoteattr(self.socket)}/>", "  <disks>"]
         for d in disks:
@@ -177,6 +177,7 @@ class BackupJob:
                 attrs += f" incremental={quoteattr(since)}"
             scratch = os.path.join(self.dir, f"{d.target}.scratch")
             lines.append(f"    <disk {attrs}><scratch file={quoteattr(scratch)}/></disk>")
+        lines += [f"    <disk name={quoteattr(t)} backup='no'/>" for t in others]
         lines += ["  </disks>", "</domainbackup>"]
         return "\n".join(lines)
 
@@ -195,13 +196,21 @@ class BackupJob:
                                           bitmap=bitmap, reason=reason)
 
     def stop(self) -> None:
-        """End the job (libvirt drops the scratch files) and remove its directory."""
+        """End the job (libvirt drops the scratch files) and remove its directory.
+
+        Only this job: a backup job with another socket is somebody else's.
+        """
         try:
-            self.dom.abortJob()
-            _wait_gone(self.dom)
-            log.info("domain %s: backup job ended", self.dom.name())
-        except libvirt.libvirtError as e:
-            log.debug("ending the backup job: %s", _message(e))
+            server = ET.fromstring(self.dom.backupGetXMLDesc(0)).find("server")
+        except libvirt.libvirtError:
+            server = None  # no job (it failed to start, or the domain stopped)
+        if server is not None and server.get("socket") == self.socket:
+            try:
+                self.dom.abortJob()
+                _wait_gone(self.dom)
+                log.info("domain %s: backup job ended", self.dom.name())
+            except libvirt.libvirtError as e:
+                log.warning("domain %s: ending the backup job failed: %s", self.dom.name(), _message(e))
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -219,13 +228,15 @@ def _wait_gone(dom, timeout: float = 30.0) -> None:
     log.warning("domain %s: the backup job is still there %.0f s after it was aborted", dom.name(), timeout)
 
 
-def _checkpoint_xml(name: str | None, disks) -> str | None:
+def _checkpoint_xml(name: str | None, disks, others) -> str | None:
+    """A checkpoint with a bitmap in every served qcow2 disk, none elsewhere."""
     if not name:
         return None
     parts = [f"<domaincheckpoint><name>{_text(name)}</name><disks>"]
     for d in disks:
         how = "bitmap" if d.format == "qcow2" else "no"
         parts.append(f"<disk name={quoteattr(d.target)} checkpoint='{how}'/>")
+    parts += [f"<disk name={quoteattr(t)} checkpoint='no'/>" for t in others]
     parts.append("</disks></domaincheckpoint>")
     return "".join(parts)
 

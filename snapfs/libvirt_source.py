@@ -226,7 +226,8 @@ class DomainReader:
                 served.append(d)
         if running:
             since = self._since(checkpoints, plan)
-            plan.job = self._start_job(xml, served, checkpoints, since, plan)
+            others = [d.target for d in disks if d not in served]
+            plan.job = self._start_job(xml, served, others, checkpoints, since, plan)
         else:
             since = None
             if self.new_checkpoint:
@@ -250,7 +251,7 @@ class DomainReader:
             return found[0]
         return checkpoints[-1] if checkpoints else None
 
-    def _start_job(self, xml, served, checkpoints, since, plan) -> backup.BackupJob | None:
+    def _start_job(self, xml, served, others, checkpoints, since, plan) -> backup.BackupJob | None:
         if self.new_checkpoint and any(c.name == self.new_checkpoint for c in checkpoints):
             raise SourceError(f"domain {plan.name} already has a checkpoint {self.new_checkpoint!r}")
         modes: dict[str, tuple[str, str | None]] = {}
@@ -269,7 +270,7 @@ class DomainReader:
                 modes[d.target] = ("full", why) if why else ("incremental", None)
         try:
             job = backup.BackupJob.start(self.dom, xml, self.rundir, served, modes,
-                                         since.name if since else None, self.new_checkpoint)
+                                         since.name if since else None, self.new_checkpoint, others)
         except backup.BackupError as e:
             plan.notes.append(f"{plan.dirname}: {e}")
             log.warning("domain %s: %s", plan.name, e)

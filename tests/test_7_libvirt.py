@@ -654,3 +654,32 @@ def test_internal_snapshot(conn, d, mount, tmp_path):
         assert maps(view) == merge_dicts([{"start": s, "length": n, "zero": bool(t & 2), "hole": bool(t & 2)}
                                           for s, n, t in runs], ("zero", "hole"))
         m.close()
+
+
+def test_running_domain_with_a_cdrom(conn, d, mount, tmp_path):
+    """Disks snapfs does not serve stay out of the job and out of new checkpoints."""
+    disks = [DiskSpec("vda", f"{d}/vda.qcow2", size=16 * MiB),
+             DiskSpec("vdb", create(f"{d}/vdb.raw", 8 * MiB, fmt="raw"), fmt="raw"),
+             DiskSpec("hdc", create(f"{d}/cd.raw", 1 * MiB, fmt="raw"), fmt="raw", device="cdrom")]
+    with TestDomain.define(conn, "cd", disks) as dom:
+        dom.start()
+        dom.write("vdb", 0, 1 * MiB, 0xc1)
+        rec = dom.record("vdb", str(tmp_path / "vdb.raw"))
+        m = lv_mount(mount, dom, "--checkpoint", "ck1")
+        assert sorted(os.listdir(m / dom.name)) == ["vda", "vdb"]
+        identical(m / f"{dom.name}/vdb/chain/current.raw", rec, fa="raw")
+        exported = {x.get("name"): x.get("backup") for x in
+                    ET.fromstring(dom.dom.backupGetXMLDesc(0)).iterfind("disks/disk")}
+        assert exported.get("hdc") in (None, "no") and exported["vda"] == exported["vdb"] == "yes"
+        m.close()
+        cp = ET.fromstring(dom.dom.checkpointLookupByName("ck1").getXMLDesc(0))
+        how = {x.get("name"): x.get("checkpoint") for x in cp.iterfind("disks/disk")}
+        assert how == {"vda": "bitmap", "vdb": "no", "hdc": "no"}
+
+        # The raw disk has no bitmap: its dirty view since ck1 is full, and says why.
+        m = lv_mount(mount, dom, name="m2")
+        vdb = m / f"{dom.name}/vdb/dirty/ck1.raw"
+        assert xattr(vdb, "backupmode") == "full"
+        assert "checkpoint 'ck1' does not track disk vdb (checkpoint='no')" in m.status()
+        assert xattr(m / f"{dom.name}/vda/dirty/ck1.raw", "backupmode") == "incremental"
+        m.close()
