@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import pwd
 import re
 import secrets
 import shutil
@@ -36,7 +37,16 @@ import libvirt
 import libvirt_qemu
 
 MiB = 1 << 20
-QEMU_UID = QEMU_GID = 64055  # libvirt-qemu on Debian
+def _qemu_user() -> tuple[int, int]:
+    """uid/gid qemu runs as under qemu:///system (Debian's libvirt-qemu)."""
+    try:
+        pw = pwd.getpwnam("libvirt-qemu")
+        return pw.pw_uid, pw.pw_gid
+    except KeyError:
+        return 64055, 64055
+
+
+QEMU_UID, QEMU_GID = _qemu_user()
 NAME_PREFIX = "snapfs-test-"
 
 # libvirt's default error handler prints every error to stderr, even the ones
