@@ -5,13 +5,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo
 
-.PHONY: setup demo test bench clean umount-demo
+.PHONY: setup demo demo-libvirt test bench clean umount-demo
 
 setup:
 	mount-helpers/setup
 
 demo: setup
 	mount-helpers/demo $(DEMO_DIR)
+
+demo-libvirt: setup
+	mount-helpers/demo-libvirt $(DEMO_DIR)
 
 test: setup
 	mount-helpers/run-tests
@@ -22,7 +25,9 @@ bench: setup
 	$(PY) tests/bench_libvirt.py
 
 umount-demo:
-	-$(VENV)/bin/snapfs umount $(DEMO_DIR)/mnt
+	@if [ -d $(DEMO_DIR)/mnt ] && findmnt -rn --mountpoint "$$(cd $(DEMO_DIR)/mnt && pwd)" >/dev/null; then \
+		$(VENV)/bin/snapfs umount $(DEMO_DIR)/mnt; fi
+	@mount-helpers/demo-libvirt --remove $(DEMO_DIR)
 
 clean: umount-demo
 	rm -rf $(DEMO_DIR) build
