@@ -25,8 +25,8 @@ def alive(pids):
             with open(f"/proc/{p}/stat") as f:
                 if f.read().rsplit(")", 1)[1].split()[0] != "Z":
                     out.add(p)
-        except FileNotFoundError:
-            pass
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # gone, or reaped between open and read
     return out
 
 
