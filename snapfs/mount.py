@@ -225,7 +225,11 @@ async def serve(args, ready=None) -> None:
 
 
 async def _libvirt_tree(args, rundir: str):
-    from .libvirt_source import LibvirtSource, SourceError
+    try:
+        from .libvirt_source import LibvirtSource, SourceError
+    except ImportError as e:
+        raise MountError(f"libvirt's Python module is missing ({e}): install python3-libvirt, "
+                         "or run make setup") from None
     source = LibvirtSource(args.connect, args.domain, rundir, since=args.since,
                            new_checkpoint=args.checkpoint)
     try:
