@@ -195,15 +195,22 @@ class BackupJob:
             self.exports[target] = Export(name=d.get("exportname") or target, size=size,
                                           bitmap=bitmap, reason=reason)
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
         """End the job (libvirt drops the scratch files) and remove its directory.
 
         Only this job: a backup job with another socket is somebody else's.
+        False if libvirt could not be asked (the connection is gone).
         """
+        ok = True
         try:
             server = ET.fromstring(self.dom.backupGetXMLDesc(0)).find("server")
-        except libvirt.libvirtError:
+        except libvirt.libvirtError as e:
             server = None  # no job (it failed to start, or the domain stopped)
+            if e.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN_BACKUP, libvirt.VIR_ERR_OPERATION_INVALID,
+                                          libvirt.VIR_ERR_NO_DOMAIN):
+                log.warning("domain %s: cannot ask libvirt about the backup job: %s", self.dom.name(),
+                            _message(e))
+                ok = False
         if server is not None and server.get("socket") == self.socket:
             try:
                 self.dom.abortJob()
@@ -211,7 +218,10 @@ class BackupJob:
                 log.info("domain %s: backup job ended", self.dom.name())
             except libvirt.libvirtError as e:
                 log.warning("domain %s: ending the backup job failed: %s", self.dom.name(), _message(e))
-        shutil.rmtree(self.dir, ignore_errors=True)
+                ok = False
+        if ok:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        return ok
 
 
 def _wait_gone(dom, timeout: float = 30.0) -> None:
@@ -286,7 +296,7 @@ def abort_jobs_in(uri: str, rundir: str) -> None:
                 continue  # no backup job
             socket = server.get("socket", "") if server is not None else ""
             if socket.startswith(rundir.rstrip("/") + "/"):
-                log.warning("domain %s: aborting the backup job of a snapfs that is gone", dom.name())
+                log.warning("domain %s: ending the backup job of the mount in %s", dom.name(), rundir)
                 try:
                     dom.abortJob()
                     _wait_gone(dom)

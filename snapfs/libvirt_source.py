@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
@@ -441,6 +442,26 @@ class DomainReader:
 
 # -- the source -------------------------------------------------------------------------
 
+KEEPALIVE_INTERVAL = 5  # seconds between keepalive probes
+KEEPALIVE_COUNT = 3  # probes unanswered before the connection is closed
+LEFTOVER_TIMEOUT = 30  # seconds to end jobs through a new connection at unmount
+
+_event_loop: threading.Thread | None = None
+
+
+def _start_event_loop() -> None:
+    """libvirt's keepalive needs its event loop running: one thread per process."""
+    global _event_loop
+    if _event_loop is None:
+        libvirt.virEventRegisterDefaultImpl()
+
+        def loop():
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        _event_loop = threading.Thread(target=loop, name="libvirt-events", daemon=True)
+        _event_loop.start()
+
 
 class LibvirtSource:
     """Every selected domain of one libvirt connection."""
@@ -457,8 +478,12 @@ class LibvirtSource:
 
     def open(self) -> None:
         libvirt.registerErrorHandler(lambda ctx, err: None, None)  # no stderr noise
+        _start_event_loop()
         try:
             self.conn = libvirt.open(self.uri)
+            # A libvirtd that stops answering closes the connection (its
+            # calls then fail) instead of hanging them.
+            self.conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
         except libvirt.libvirtError as e:
             raise SourceError(f"cannot connect to {self.uri}: {libvirt_message(e)}") from None
 
@@ -515,10 +540,19 @@ class LibvirtSource:
         return plan
 
     def close(self) -> None:
+        """End every job; through a new connection if this one died (keepalive)."""
+        left = False
         for plan in self.plans.values():
             if plan.job is not None:
-                plan.job.stop()
+                left |= not plan.job.stop()
                 plan.job = None
+        if left:
+            done = threading.Thread(target=backup.abort_jobs_in, args=(self.uri, self.rundir), daemon=True)
+            done.start()
+            done.join(LEFTOVER_TIMEOUT)
+            if done.is_alive():
+                log.warning("libvirt does not answer: the backup jobs of this mount stay until the "
+                            "next mount of their domains aborts them")
         if self.conn is not None:
             try:
                 self.conn.close()

@@ -38,6 +38,9 @@ from .views import disk_views
 log = logging.getLogger(__name__)
 
 
+LIBVIRT_OPEN_TIMEOUT = 30  # seconds for libvirt to accept a connection
+
+
 class MountError(Exception):
     """A mount that cannot be made; the message is for the user."""
 
@@ -233,7 +236,12 @@ async def _libvirt_tree(args, rundir: str):
     source = LibvirtSource(args.connect, args.domain, rundir, since=args.since,
                            new_checkpoint=args.checkpoint)
     try:
-        await trio.to_thread.run_sync(source.open)
+        try:
+            with trio.fail_after(LIBVIRT_OPEN_TIMEOUT):
+                await trio.to_thread.run_sync(source.open, abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise SourceError(f"libvirt at {args.connect} did not answer within "
+                              f"{LIBVIRT_OPEN_TIMEOUT} s") from None
         plans = await trio.to_thread.run_sync(source.plan_all)
     except SourceError as e:
         await trio.to_thread.run_sync(source.close)

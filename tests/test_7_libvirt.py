@@ -33,7 +33,7 @@ from conftest import (
 )
 from libvirt_env import DiskSpec, NetworkDiskSpec, TestDomain, new_image_dir
 
-from snapfs.mount import pid_alive
+from snapfs.mount import find_mount, pid_alive
 
 URI = "qemu:///system"
 
@@ -685,3 +685,23 @@ def test_running_domain_with_a_cdrom(conn, d, mount, tmp_path):
         assert "checkpoint 'ck1' does not track disk vdb (checkpoint='no')" in m.status()
         assert xattr(m / f"{dom.name}/vda/dirty/ck1.raw", "backupmode") == "incremental"
         m.close()
+
+
+def test_libvirtd_that_stops_answering(conn, d, mount):
+    """No hang: keepalive closes the connection; unmount still ends the job."""
+    with TestDomain.define(conn, "hang", [DiskSpec("vda", f"{d}/vda.qcow2", size=16 * MiB)]) as dom:
+        dom.start()
+        m = lv_mount(mount, dom)
+        run("pkill", "-STOP", "-x", "libvirtd")
+        try:
+            r = run(*SNAPFS, "refresh", m.path, dom.name, check=False, cwd=REPO, timeout=120)
+        finally:
+            run("pkill", "-CONT", "-x", "libvirtd")
+        assert r.returncode == 1 and "keepalive" in r.stderr, r.stderr
+        assert job_socket(dom)
+        logfile = find_mount(m.path)[1]["log"]
+        m.close()
+        with pytest.raises(libvirt.libvirtError):
+            job_socket(dom)
+        with open(logfile) as f:
+            assert "ending the backup job of the mount in" in f.read()
