@@ -23,6 +23,7 @@ from conftest import (
     MiB,
     QemuNBD,
     create,
+    data_ranges,
     expected_allocation_map,
     expected_dirty_map,
     json_layer,
@@ -122,14 +123,7 @@ def identical(a, b, fa="qcow2", fb="raw"):
 def check_running_view_against_job(dom, view, export):
     """A running domain's current view: map = the job's export, SEEK agrees."""
     assert maps(view) == job_chain_map(dom, export)
-    data = [(e["start"], e["length"]) for e in maps(view) if not e["zero"]]
-    merged = []
-    for s, n in data:
-        if merged and sum(merged[-1]) == s:
-            merged[-1] = (merged[-1][0], merged[-1][1] + n)
-        else:
-            merged.append((s, n))
-    assert seek_walk(view) == merged
+    assert seek_walk(view) == data_ranges(maps(view), lambda e: not e["zero"])
 
 
 # -- seed 002: full, new disk, incrementals, every point rebuilt ------------------------
