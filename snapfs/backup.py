@@ -27,7 +27,7 @@ from xml.sax.saxutils import quoteattr
 
 import libvirt
 
-from .mount import pid_alive, runtime_bases
+from .mount import pid_alive, runtime_bases, unsearchable_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +65,13 @@ def _qemu_ids(domain: ET.Element) -> tuple[int, int] | None:
     return None
 
 
-def _reachable(path: str, uid: int, gid: int) -> str | None:
-    """The first directory above path that uid:gid cannot search, or None."""
-    p = os.path.dirname(path)
-    while True:
-        st = os.stat(p)
-        bit = stat.S_IXOTH
-        if st.st_uid == uid:
-            bit = stat.S_IXUSR
-        elif st.st_gid == gid:
-            bit = stat.S_IXGRP
-        if not st.st_mode & bit:
-            return p
-        if p == "/":
-            return None
-        p = os.path.dirname(p)
+def job_socket(dom) -> str:
+    """The UNIX socket of the domain's backup job ("" if it has none).
+
+    Raises libvirtError, VIR_ERR_NO_DOMAIN_BACKUP when there is no job.
+    """
+    server = ET.fromstring(dom.backupGetXMLDesc(0)).find("server")
+    return server.get("socket", "") if server is not None else ""
 
 
 def snapfs_job_owner(socket: str) -> tuple[bool, dict | None]:
@@ -161,7 +153,7 @@ class BackupJob:
             mode = stat.S_IMODE(os.stat(d).st_mode)
             if not mode & stat.S_IXOTH:
                 os.chmod(d, mode | stat.S_IXGRP | stat.S_IXOTH)
-        blocked = _reachable(self.socket, uid, gid)
+        blocked = unsearchable_dir(self.dir, uid, gid)
         if blocked is not None:
             raise BackupError(f"qemu runs as uid {uid} and cannot reach {blocked}, where snapfs keeps "
                               "the backup job's socket and scratch files (set XDG_RUNTIME_DIR to a "
@@ -203,15 +195,15 @@ class BackupJob:
         """
         ok = True
         try:
-            server = ET.fromstring(self.dom.backupGetXMLDesc(0)).find("server")
+            socket = job_socket(self.dom)
         except libvirt.libvirtError as e:
-            server = None  # no job (it failed to start, or the domain stopped)
+            socket = None  # no job (it failed to start, or the domain stopped)
             if e.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN_BACKUP, libvirt.VIR_ERR_OPERATION_INVALID,
                                           libvirt.VIR_ERR_NO_DOMAIN):
                 log.warning("domain %s: cannot ask libvirt about the backup job: %s", self.dom.name(),
                             _message(e))
                 ok = False
-        if server is not None and server.get("socket") == self.socket:
+        if socket == self.socket:
             try:
                 self.dom.abortJob()
                 _wait_gone(self.dom)
@@ -258,11 +250,9 @@ def _text(s: str) -> str:
 def _abort_leftover(dom) -> None:
     """Abort a backup job a crashed snapfs left; refuse to touch anyone else's."""
     try:
-        xml = dom.backupGetXMLDesc(0)
+        socket = job_socket(dom)
     except libvirt.libvirtError:
         return  # no backup job
-    server = ET.fromstring(xml).find("server")
-    socket = server.get("socket", "") if server is not None else ""
     ours, info = snapfs_job_owner(socket)
     if not ours:
         raise BackupError("the domain already has a backup job that snapfs did not start "
@@ -291,10 +281,9 @@ def abort_jobs_in(uri: str, rundir: str) -> None:
     try:
         for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
             try:
-                server = ET.fromstring(dom.backupGetXMLDesc(0)).find("server")
+                socket = job_socket(dom)
             except libvirt.libvirtError:
                 continue  # no backup job
-            socket = server.get("socket", "") if server is not None else ""
             if socket.startswith(rundir.rstrip("/") + "/"):
                 log.warning("domain %s: ending the backup job of the mount in %s", dom.name(), rundir)
                 try:

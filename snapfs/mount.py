@@ -53,13 +53,18 @@ def runtime_bases() -> list[str]:
     return bases + [f"/tmp/snapfs-{os.getuid()}"]
 
 
-def _searchable_by_others(path: str) -> bool:
+def unsearchable_dir(directory: str, uid: int = -1, gid: int = -1) -> str | None:
+    """The first of ``directory`` and its parents that uid:gid cannot search,
+    or None. The default -1:-1 is any other user (the "other" bits)."""
+    p = directory
     while True:
-        if not os.stat(path).st_mode & stat.S_IXOTH:
-            return False
-        if path == "/":
-            return True
-        path = os.path.dirname(path)
+        st = os.stat(p)
+        bit = stat.S_IXUSR if st.st_uid == uid else stat.S_IXGRP if st.st_gid == gid else stat.S_IXOTH
+        if not st.st_mode & bit:
+            return p
+        if p == "/":
+            return None
+        p = os.path.dirname(p)
 
 
 def runtime_base(searchable: bool = False) -> str:
@@ -71,7 +76,7 @@ def runtime_base(searchable: bool = False) -> str:
     """
     bases = runtime_bases()
     base = bases[0]
-    if searchable and not _searchable_by_others(os.path.dirname(base)):
+    if searchable and unsearchable_dir(os.path.dirname(base)) is not None:
         base = bases[-1]
     try:
         os.mkdir(base, 0o700)
