@@ -1,4 +1,4 @@
-"""Command line: ``snapfs mount`` and ``snapfs umount``."""
+"""Command line: ``snapfs mount``, ``snapfs umount`` and ``snapfs refresh``."""
 
 from __future__ import annotations
 
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _umount(args) -> int:
-    from .mount import MountError, umount
+    from .errors import MountError
+    from .fs.mount import umount
     _setup_logging(False)
     try:
         umount(args.mountpoint)
@@ -132,7 +133,8 @@ def _umount(args) -> int:
 
 
 def _refresh(args) -> int:
-    from .mount import MountError, control_request
+    from .errors import MountError
+    from .fs.control import control_request
     try:
         msg = control_request(args.mountpoint, {"command": "refresh", "domain": args.domain,
                                                 "since": args.since, "checkpoint": args.checkpoint})
@@ -145,8 +147,9 @@ def _refresh(args) -> int:
 def _foreground(args) -> int:
     import trio
 
-    from .mount import MountError, serve
-    from .reader import tune_malloc
+    from .errors import MountError
+    from .fs.mount import serve
+    from .nbd.chunks import tune_malloc
     _setup_logging(args.debug)
     tune_malloc()
     ready_fd = args.ready_fd
@@ -169,7 +172,8 @@ def _foreground(args) -> int:
 
 def _detach(args) -> int:
     """Start the foreground process detached; return when it says the mount is live."""
-    from .mount import MountError, runtime_base
+    from .errors import MountError
+    from .runtime import runtime_base
     try:
         base = runtime_base()
     except MountError as e:

@@ -29,8 +29,11 @@ from __future__ import annotations
 import bisect
 import errno
 import json
+import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
+
+from .errors import Refused
 
 # NBD "base:allocation" flags (NBD protocol, "Metadata contexts").
 STATE_HOLE = 1
@@ -181,12 +184,11 @@ def full_dirty_extents(size: int, allocation: Sequence[Run]) -> list[DirtyExtent
     return merge(out)
 
 
-class SeekError(Exception):
+class SeekError(Refused):
     """An lseek(2) result that is an error: ENXIO past the end or when no data follows."""
 
     def __init__(self, err: int):
-        super().__init__(err)
-        self.errno = err
+        super().__init__(os.strerror(err), err)
 
 
 class ExtentMap:

@@ -24,7 +24,7 @@ import nbd
 import trio
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from snapfs.reader import tune_malloc  # noqa: E402
+from snapfs.nbd.chunks import tune_malloc  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20

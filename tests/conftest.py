@@ -182,14 +182,14 @@ class Mount:
 
     @property
     def log(self):
-        from snapfs.mount import find_mount
+        from snapfs.runtime import find_mount
         found = find_mount(self.path)
         with open(found[1]["log"]) as f:
             return f.read()
 
     @property
     def pid(self):
-        from snapfs.mount import find_mount
+        from snapfs.runtime import find_mount
         found = find_mount(self.path)
         return found[1]["pid"] if found else None
 

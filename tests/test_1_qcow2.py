@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from conftest import MiB, create, qemu_img
-from snapfs import qcow2
+from snapfs.formats import qcow2
 
 
 def info(path):

@@ -34,7 +34,7 @@ from conftest import (
 )
 from libvirt_env import DiskSpec, NetworkDiskSpec, TestDomain, new_image_dir
 
-from snapfs.mount import find_mount, pid_alive
+from snapfs.runtime import find_mount, pid_alive
 
 URI = "qemu:///system"
 

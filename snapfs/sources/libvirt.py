@@ -31,123 +31,25 @@ from dataclasses import dataclass, field
 
 import libvirt
 
+from ..errors import BackupError, SourceError
+from ..formats import FORMATS
+from ..formats.chain import Chains, Disk, Layer
+from ..nbd.spec import ExportSpec
+from ..views import View, escape_name, view_basename
+from ..views.chain import BackupChainView, ChainView
+from ..views.dirty import DirtyView, FullDirtyView, UnionDirtyView
+from ..views.layer import LayerView
 from . import backup
 from .bitmaps import backing_verdict, bitmap_verdict
-from .images import Chains, Disk, Layer
-from .qemu_nbd import ExportSpec
-from .views import (ChainView, DirtyView, FullDirtyView, LayerView, UnionDirtyView, View,
-                    escape_name, view_basename)
+from .libvirt_xml import CheckpointDef, DiskDef, SnapshotDef, parse_checkpoint, parse_disks, parse_snapshot
 
 log = logging.getLogger(__name__)
 
 CURRENT = "current"
 
 
-class SourceError(Exception):
-    """A libvirt source that cannot be mounted; the message is for users."""
-
-
 def libvirt_message(e: libvirt.libvirtError) -> str:
     return (e.get_error_message() or str(e)).strip()
-
-
-# -- what libvirt's XML says ----------------------------------------------------
-
-
-@dataclass
-class DiskDef:
-    """One ``<disk>`` of a domain definition."""
-
-    target: str
-    device: str = "disk"
-    type: str = "file"
-    format: str | None = None
-    source: str | None = None
-
-    def unsupported(self) -> str | None:
-        """Why snapfs does not serve this disk, or None."""
-        if self.device != "disk":
-            return f"a {self.device} device, not a disk"
-        if self.type not in ("file", "block"):
-            return f"a {self.type} disk: snapfs serves disks backed by a file or block device"
-        if not self.source:
-            return "the disk has no source (empty)"
-        if self.format not in ("qcow2", "raw"):
-            return f"format {self.format or 'not given'}: snapfs serves qcow2 and raw disks"
-        return None
-
-
-def parse_disks(domain: ET.Element) -> list[DiskDef]:
-    disks = []
-    for d in domain.findall("./devices/disk"):
-        target = d.find("target")
-        if target is None or not target.get("dev"):
-            continue
-        driver = d.find("driver")
-        source = d.find("source")
-        dtype = d.get("type", "file")
-        src = None
-        if source is not None:
-            src = source.get("file") if dtype == "file" else source.get("dev") if dtype == "block" else None
-        disks.append(DiskDef(target=target.get("dev"), device=d.get("device", "disk"), type=dtype,
-                             format=driver.get("type") if driver is not None else None, source=src))
-    return disks
-
-
-@dataclass
-class CheckpointDef:
-    """A libvirt checkpoint.
-
-    disks: target -> bitmap name, or None for ``checkpoint='no'``; a disk
-    the checkpoint does not list was attached after it.
-    sources: target -> the image that was active when it was made.
-    """
-
-    name: str
-    created: int = 0
-    disks: dict[str, str | None] = field(default_factory=dict)
-    sources: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class SnapshotDef:
-    """A libvirt snapshot.
-
-    disks: target -> (``external``/``internal``/``no``, the overlay made).
-    sources: target -> (image active when it was taken, its format).
-    """
-
-    name: str
-    created: int = 0
-    disks: dict[str, tuple[str, str | None]] = field(default_factory=dict)
-    sources: dict[str, tuple[str, str | None]] = field(default_factory=dict)
-
-
-def _sources(root: ET.Element) -> dict[str, tuple[str, str | None]]:
-    dom = root.find("domain")
-    if dom is None:
-        return {}
-    return {d.target: (d.source, d.format) for d in parse_disks(dom) if d.source}
-
-
-def parse_checkpoint(xml: str) -> CheckpointDef:
-    root = ET.fromstring(xml)
-    cp = CheckpointDef(name=root.findtext("name"), created=int(root.findtext("creationTime") or 0))
-    for d in root.findall("./disks/disk"):
-        tracked = d.get("checkpoint", "bitmap") == "bitmap"
-        cp.disks[d.get("name")] = (d.get("bitmap") or cp.name) if tracked else None
-    cp.sources = {t: s for t, (s, _) in _sources(root).items()}
-    return cp
-
-
-def parse_snapshot(xml: str) -> SnapshotDef:
-    root = ET.fromstring(xml)
-    snap = SnapshotDef(name=root.findtext("name"), created=int(root.findtext("creationTime") or 0))
-    for d in root.findall("./disks/disk"):
-        src = d.find("source")
-        snap.disks[d.get("name")] = (d.get("snapshot", "no"), src.get("file") if src is not None else None)
-    snap.sources = _sources(root)
-    return snap
 
 
 def _ordered(items, parse):
@@ -161,21 +63,6 @@ def _ordered(items, parse):
 
 def _chain_spec(chain: list[Layer], **kw) -> ExportSpec:
     return ExportSpec(tuple((lay.path, lay.format) for lay in reversed(chain)), **kw)
-
-
-class BackupChainView(ChainView):
-    """``current`` of a running domain, read from its backup job's export.
-
-    The export has no qemu:allocation-depth; its base:allocation hole flag
-    already means "allocated in no layer" (qemu reports block status of the
-    whole chain).
-    """
-
-    def build_map(self, runs):
-        from . import extents as ex
-        from . import nbd_client
-        ext = ex.status_extents(self.size, runs[nbd_client.BASE_ALLOCATION])
-        return ex.ExtentMap(self.size, ext, is_data=lambda e: not e.zero, reads_zero=lambda e: e.zero)
 
 
 @dataclass
@@ -272,7 +159,7 @@ class DomainReader:
         try:
             job = backup.BackupJob.start(self.dom, xml, self.rundir, served, modes,
                                          since.name if since else None, self.new_checkpoint, others)
-        except backup.BackupError as e:
+        except BackupError as e:
             plan.notes.append(f"{plan.dirname}: {e}")
             log.warning("domain %s: %s", plan.name, e)
             return None
@@ -348,7 +235,7 @@ class DomainReader:
         if path is None and overlay:
             ov = self.chains.layer(overlay, "qcow2")
             path, fmt = ov.backing_path, ov.backing_format
-        if not path or fmt not in ("qcow2", "raw"):
+        if not path or fmt not in FORMATS:
             return None, f"snapshot {snap.name!r} does not say which image of {d.target} it kept"
         return self.chains.layer(path, fmt), None
 

@@ -26,7 +26,7 @@ from collections import OrderedDict
 
 import trio
 
-from .extents import ExtentMap
+from ..extents import ExtentMap
 
 log = logging.getLogger(__name__)
 

@@ -27,15 +27,12 @@ from xml.sax.saxutils import quoteattr
 
 import libvirt
 
-from .mount import pid_alive, runtime_bases, unsearchable_dir
+from ..errors import BackupError
+from ..runtime import pid_alive, runtime_bases, unsearchable_dir
 
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "nbd.sock"
-
-
-class BackupError(Exception):
-    """No backup job could be started; the message is for users."""
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """The FUSE request handlers: thin, over the tree, the views and the server pool.
 
-Every handler goes through ``_boundary``: a ``ServerError`` or ``NBDError``
-becomes its errno (libnbd's errno passes through), anything unexpected is
-logged once with its traceback and becomes EIO, so one bad image never takes
-the mount down.
+Every handler goes through ``_boundary``, the one place where errors become
+errnos (``errors.fuse_errno``): snapfs's own errors carry theirs (libnbd's
+passes through), anything unexpected is logged once with its traceback and
+becomes EIO, so one bad image never takes the mount down. Attributes
+(owner, group, mode, sizes) come from ``attrs.py``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import os
 import pyfuse3
 import trio
 
-from . import nbd_client
-from .extents import SeekError
-from .qemu_nbd import Server, ServerError, ServerPool
+from ..errors import Unavailable, fuse_errno
+from ..nbd.pool import Server, ServerPool
+from .attrs import entry
 from .tree import Directory, MapFile, Node, Status, StatusFile, Tree, ViewFile
 
 log = logging.getLogger(__name__)
@@ -42,12 +43,8 @@ def _boundary(fn):
             return await fn(self, *args)
         except pyfuse3.FUSEError:
             raise
-        except (ServerError, nbd_client.NBDError) as e:
-            log.debug("%s%r: %s", fn.__name__, args[:2], e)
-            raise pyfuse3.FUSEError(e.errno) from None
-        except Exception:
-            log.exception("unexpected error in %s%r", fn.__name__, args[:2])
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as e:
+            raise pyfuse3.FUSEError(fuse_errno(e, f"{fn.__name__}{args[:2]!r}")) from None
     return wrapper
 
 
@@ -90,7 +87,7 @@ class Operations(pyfuse3.Operations):
         return node
 
     def _content_attrs(self, node: Node, data: bytes, mtime_ns=None, timeout=300):
-        return self.tree.attributes(node, size=len(data), blocks=(len(data) + 511) // 512,
+        return entry(self.tree, node, size=len(data), blocks=(len(data) + 511) // 512,
                                     mtime_ns=mtime_ns, timeout=timeout)
 
     def _known_attrs(self, node: Node) -> pyfuse3.EntryAttributes | None:
@@ -99,7 +96,7 @@ class Operations(pyfuse3.Operations):
             view = node.view
             if view.map is None:
                 return None
-            return self.tree.attributes(node, size=view.size, blocks=view.data_blocks,
+            return entry(self.tree, node, size=view.size, blocks=view.data_blocks,
                                         mtime_ns=view.layer_mtime_ns)
         if isinstance(node, MapFile):
             data = self._map_json.get(node.inode)
@@ -107,7 +104,7 @@ class Operations(pyfuse3.Operations):
         if isinstance(node, StatusFile):
             # Its content changes when views fail: never cache its attributes.
             return self._content_attrs(node, self.status.render(), timeout=0)
-        return self.tree.attributes(node)
+        return entry(self.tree, node)
 
     async def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         attrs = self._known_attrs(node)
@@ -129,7 +126,7 @@ class Operations(pyfuse3.Operations):
         attrs = self._known_attrs(node)
         if attrs is None:
             size = node.view.size if isinstance(node, ViewFile) else 0
-            attrs = self.tree.attributes(node, size=size, mtime_ns=node.view.layer_mtime_ns,
+            attrs = entry(self.tree, node, size=size, mtime_ns=node.view.layer_mtime_ns,
                                          timeout=0)
         return attrs
 
@@ -137,7 +134,7 @@ class Operations(pyfuse3.Operations):
         """The view's map; a view that cannot be served is gone (ENOENT)."""
         try:
             return await view.load_map(self.pool)
-        except ServerError:
+        except Unavailable:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
     async def _map_content(self, node: MapFile) -> bytes:
@@ -199,7 +196,7 @@ class Operations(pyfuse3.Operations):
         async with self._map_limiter:
             try:
                 await view.load_map(self.pool)
-            except ServerError:
+            except Unavailable:
                 pass  # the view is hidden now, with its reason in the status file
             except Exception:
                 log.exception("reading the map of %s failed", view.filename)
@@ -266,10 +263,7 @@ class Operations(pyfuse3.Operations):
             if off < 0 or off >= len(h.data):
                 raise pyfuse3.FUSEError(errno.ENXIO)
             return off if want_data else len(h.data)
-        try:
-            return h.node.view.map.seek(off, want_data)
-        except SeekError as e:
-            raise pyfuse3.FUSEError(e.errno) from None
+        return h.node.view.map.seek(off, want_data)  # SeekError: ENXIO
 
     @_boundary
     async def fallocate(self, fh, mode, off, length):

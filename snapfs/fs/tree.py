@@ -3,31 +3,37 @@
 The tree is built once at mount time from the disks found and never changes
 shape, except that a view found unservable later is hidden (its node stays,
 so inode numbers stay stable). Inodes are never freed: the kernel's lookup
-counts (``forget``) need no bookkeeping here.
+counts (``forget``) need no bookkeeping here. Pure: the FUSE side
+(``operations.py``) turns nodes into attributes.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import stat
 import time
 
-import pyfuse3
-
-from .views import View
+from ..views import View
 
 STATUS_NAME = ".snapfs-status"
+ROOT_INODE = 1  # FUSE_ROOT_ID
 
 
 class Node:
-    """inode: the inode number; parent: the Directory holding it."""
+    """inode: the inode number; parent: the Directory holding it.
+
+    paths: the files whose owner and permissions the node takes (``attrs.py``);
+    None for the mount's own (the status file, directories of libvirt domains).
+    access: ``(uid, gid, bits)`` once worked out.
+    """
 
     def __init__(self, inode: int, name: str, parent: Directory | None):
         self.inode = inode
         self.name = name
         self.parent = parent
         self.removed = False  # replaced by a refresh; its inode answers ENOENT
+        self.paths: tuple[str, ...] | None = None
+        self.access: tuple[int, int, int] | None = None
 
     @property
     def hidden(self) -> bool:
@@ -97,10 +103,10 @@ class Status:
 
 
 class Tree:
-    """Every node by inode; ``root`` is pyfuse3.ROOT_INODE."""
+    """Every node by inode; ``root`` is ROOT_INODE."""
 
     def __init__(self):
-        self._ids = itertools.count(pyfuse3.ROOT_INODE)
+        self._ids = itertools.count(ROOT_INODE)
         self.nodes: dict[int, Node] = {}
         self.root = self._add(Directory, "", None)
         self.uid = os.getuid()
@@ -149,25 +155,3 @@ class Tree:
         folder = self.directory(f"{view.disk.relpath}/{view.folder}")
         self._add(ViewFile, view.filename, folder, view)
         self._add(MapFile, view.map_filename, folder, view)
-
-    def attributes(self, node: Node, size: int = 0, blocks: int = 0,
-                   mtime_ns: int | None = None, timeout: float = 300) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = node.inode
-        a.generation = 0
-        a.entry_timeout = timeout
-        a.attr_timeout = timeout
-        if isinstance(node, Directory):
-            a.st_mode = stat.S_IFDIR | 0o555
-            a.st_nlink = 2 + sum(isinstance(c, Directory) for c in node.children.values())
-        else:
-            a.st_mode = stat.S_IFREG | 0o444
-            a.st_nlink = 1
-        a.st_size = size
-        a.st_blocks = blocks
-        a.st_blksize = 4 << 20  # cp, cat, tar read this much at a time
-        a.st_uid = self.uid
-        a.st_gid = self.gid
-        t = mtime_ns if mtime_ns is not None else self.mtime_ns
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = t
-        return a

@@ -1,215 +1,46 @@
-"""qemu-nbd servers: what to export, how to start it, who stops it.
+"""The server pool: every export of a mount, started when needed, stopped when idle.
 
-Each distinct export (an ``ExportSpec``) gets at most one qemu-nbd, shared by
+Each distinct export (an ``ExportSpec``) gets at most one qemu-nbd (``qemu.py``),
+or a connection to somebody else's NBD server (a libvirt backup job), shared by
 every open of every view that needs it, started when first needed and stopped
 when idle, on unmount, or restarted when it died. The ``ServerPool`` is the
 one owner of all of them.
-
-The image is always handed to qemu-nbd as a ``json:`` filename that spells
-out every node: the format of each layer (never probed), the file driver
-(``host_device`` for a block device; no name is ever parsed as a protocol or
-option string), and the backing
-of each qcow2 layer, ``null`` where the view must stop (a single layer, as in
-ovirt-imageio's snapshot transfers). Servers are read-only without
-force-share, so an image a running VM writes cannot be opened ("in use"),
-while the backing layers of a running VM open fine.
-
-qemu-nbd runs without ``--persistent``: it exits by itself once its last
-client disconnects, so even a snapfs killed with SIGKILL leaves no server
-behind once the kernel has closed its sockets.
 """
 
 from __future__ import annotations
 
 import errno
 import itertools
-import json
 import logging
-import os
-import signal
-import stat
-import subprocess
-from dataclasses import dataclass
 
 import trio
 
-from . import nbd_client
-from .extents import Run
-from .reader import ChunkCache
+from typing import TYPE_CHECKING
+
+from ..errors import TransportError, Unavailable
+from ..extents import Run
+from .chunks import ChunkCache
+from .qemu import START_TIMEOUT, QemuNBD
+from .spec import ExportSpec
+
+if TYPE_CHECKING:
+    from .client import Connection
 
 log = logging.getLogger(__name__)
 
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 1.0
 
+class QemuBackend:
+    """How the pool starts servers and connects: qemu-nbd and libnbd.
 
-class ServerError(Exception):
-    """qemu-nbd could not serve an export; the message says why, for users."""
-
-    def __init__(self, reason: str, err: int | None = errno.EIO):
-        super().__init__(reason)
-        self.reason = reason
-        self.errno = err or errno.EIO
-
-
-@dataclass(frozen=True)
-class ExportSpec:
-    """What one qemu-nbd exports.
-
-    layers: ``(path, format)`` from the top layer down; the lowest qcow2 layer
-    gets ``"backing": null``, so a one-element spec is a single layer alone.
-    bitmap: a dirty bitmap to export as ``qemu:dirty-bitmap:NAME``.
-    snapshot: an internal snapshot of the top layer to serve instead of its
-    current state (``--load-snapshot``).
-    socket, export: set for an export someone else serves (a libvirt backup
-    job's NBD server): no qemu-nbd is started, ``layers`` only names the
-    images for messages.
+    In-process tests hand the pool a fake with the same two methods.
     """
 
-    layers: tuple[tuple[str, str], ...]
-    bitmap: str | None = None
-    snapshot: str | None = None
-    socket: str | None = None
-    export: str = ""
+    def process(self, spec: ExportSpec, rundir: str, ident: int, connections: int) -> QemuNBD:
+        return QemuNBD(spec, rundir, ident, connections)
 
-    @property
-    def allocation_depth(self) -> bool:
-        # Valid for qcow2 only (ovirt-imageio does the same); raw has no
-        # backing. A backup job's export does not offer it.
-        return self.socket is None and self.layers[0][1] == "qcow2"
-
-    @property
-    def contexts(self) -> tuple[str, ...]:
-        ctx = [nbd_client.BASE_ALLOCATION]
-        if self.allocation_depth:
-            ctx.append(nbd_client.ALLOCATION_DEPTH)
-        if self.bitmap is not None:
-            ctx.append(nbd_client.dirty_context(self.bitmap))
-        return tuple(ctx)
-
-    def json_filename(self) -> str:
-        node = None
-        for path, fmt in reversed(self.layers):
-            new = {"driver": fmt, "file": {"driver": _protocol_driver(path), "filename": path}}
-            if fmt == "qcow2":
-                new["backing"] = node
-            elif node is not None:
-                raise ValueError(f"raw image {path} cannot have a backing file")
-            node = new
-        return "json:" + json.dumps(node, ensure_ascii=False)
-
-    def describe(self) -> str:
-        what = " <- ".join(p for p, _ in self.layers)
-        if self.socket is not None:
-            what = f"backup export {self.export!r} of {what}"
-        if self.snapshot is not None:
-            what = f"internal snapshot {self.snapshot!r} of {what}"
-        return f"{what} (bitmap {self.bitmap})" if self.bitmap else what
-
-
-def _protocol_driver(path: str) -> str:
-    """qemu's driver for a local path: ``host_device`` for block devices."""
-    try:
-        return "host_device" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
-    except OSError:
-        return "file"  # qemu reports the missing file
-
-
-def _reason_from_stderr(text: str) -> ServerError:
-    msg = " ".join(line.strip() for line in text.strip().splitlines()[-3:]) or "qemu-nbd failed"
-    msg = msg.removeprefix("qemu-nbd: ")
-    if "lock" in msg.lower():
-        return ServerError(f"in use: {msg}", errno.EBUSY)
-    return ServerError(msg)
-
-
-class QemuNBD:
-    """One qemu-nbd process serving one export over a UNIX socket."""
-
-    def __init__(self, spec: ExportSpec, rundir: str, ident: int, connections: int):
-        self.spec = spec
-        self.socket = os.path.join(rundir, f"{ident}.sock")
-        self.pidfile = os.path.join(rundir, f"{ident}.pid")
-        self.errfile = os.path.join(rundir, f"{ident}.err")
-        self.connections = connections
-        self.proc: trio.Process | None = None
-
-    def command(self) -> list[str]:
-        cmd = ["qemu-nbd", "--read-only", f"--shared={self.connections + 1}",
-               f"--socket={self.socket}", f"--pid-file={self.pidfile}", "--cache=writeback"]
-        if self.spec.allocation_depth:
-            cmd.append("--allocation-depth")
-        if self.spec.bitmap is not None:
-            cmd.append(f"--bitmap={self.spec.bitmap}")
-        if self.spec.snapshot is not None:
-            # An option string: a comma in the name is written twice.
-            cmd.append("--load-snapshot=snapshot.name=" + self.spec.snapshot.replace(",", ",,"))
-        cmd.append(self.spec.json_filename())
-        return cmd
-
-    async def start(self) -> None:
-        for p in (self.socket, self.pidfile):
-            if os.path.exists(p):
-                os.unlink(p)
-        cmd = self.command()
-        log.debug("starting %s", cmd)
-        with open(self.errfile, "wb") as err:
-            self.proc = await trio.lowlevel.open_process(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-        # qemu-nbd writes its pid file once it listens; the socket file
-        # appears earlier, at bind().
-        delay = 0.001
-        with trio.move_on_after(START_TIMEOUT) as timeout:
-            while not os.path.exists(self.pidfile):
-                if self.proc.poll() is not None:
-                    raise self.failure()
-                await trio.sleep(delay)
-                delay = min(delay * 2, 0.05)
-        if timeout.cancelled_caught:
-            await self.stop()
-            raise ServerError(f"qemu-nbd did not start within {START_TIMEOUT:.0f} s")
-        log.debug("qemu-nbd pid %d serves %s", self.proc.pid, self.spec.describe())
-
-    def failure(self) -> ServerError:
-        try:
-            with open(self.errfile, errors="replace") as f:
-                text = f.read()
-        except OSError:
-            text = ""
-        return _reason_from_stderr(text)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    async def stop(self) -> None:
-        """Wait, terminate, kill; log what the server said if it failed.
-
-        Callers close their connections first, and a non-persistent qemu-nbd
-        then exits by itself. SIGTERM comes second: qemu-nbd loses one that
-        arrives while it is still starting.
-        """
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        with trio.CancelScope(shield=True):
-            for sig in (None, signal.SIGTERM, signal.SIGKILL):
-                if proc.poll() is not None:
-                    break
-                if sig == signal.SIGKILL:
-                    log.warning("qemu-nbd pid %d ignored SIGTERM, killing it", proc.pid)
-                if sig is not None:
-                    proc.send_signal(sig)
-                with trio.move_on_after(STOP_TIMEOUT):
-                    await proc.wait()
-            if proc.returncode not in (0, -signal.SIGTERM):
-                log.warning("qemu-nbd for %s exited with %s: %s", self.spec.describe(),
-                            proc.returncode, self.failure().reason)
-        for p in (self.socket, self.pidfile, self.errfile):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
+    def connect(self, socket: str, contexts: tuple[str, ...], export: str) -> Connection:
+        from .client import Connection  # the one importer of libnbd
+        return Connection(socket, contexts, export)
 
 
 class Server:
@@ -225,8 +56,8 @@ class Server:
         self.process: QemuNBD | None = None
         self.users = 0
         self.lock = trio.Lock()
-        self._free: list[nbd_client.Connection] = []
-        self._all: list[nbd_client.Connection] = []
+        self._free: list[Connection] = []
+        self._all: list[Connection] = []
         self._limiter = trio.CapacityLimiter(pool.connections)
         self._idle_scope: trio.CancelScope | None = None
         self._cache: ChunkCache | None = None
@@ -252,13 +83,14 @@ class Server:
             if self.process is not None:
                 log.warning("qemu-nbd for %s died; restarting it", self.spec.describe())
                 await self._shutdown()
-            self.process = QemuNBD(self.spec, self.pool.rundir, next(self.pool.ids), self.pool.connections)
+            self.process = self.pool.backend.process(self.spec, self.pool.rundir, next(self.pool.ids),
+                                                     self.pool.connections)
             try:
                 await self.process.start()
                 conn = await self._first_connection()
-            except nbd_client.NBDError as e:
+            except TransportError as e:
                 await self._shutdown()
-                raise ServerError(str(e), e.errno) from None
+                raise Unavailable(str(e), e.errno) from None
             except BaseException:
                 await self._shutdown()
                 raise
@@ -272,19 +104,19 @@ class Server:
                 return
             try:
                 conn = await self._connect()
-            except nbd_client.NBDError as e:
-                raise ServerError(f"the backup job's NBD server does not answer: {e}", e.errno) from None
+            except TransportError as e:
+                raise Unavailable(f"the backup job's NBD server does not answer: {e}", e.errno) from None
             self._all.append(conn)
             self._free.append(conn)
 
     def _socket(self) -> str:
         return self.spec.socket if self.spec.socket is not None else self.process.socket
 
-    async def _connect(self) -> nbd_client.Connection:
+    async def _connect(self) -> Connection:
         return await trio.to_thread.run_sync(
-            nbd_client.Connection, self._socket(), self.spec.contexts, self.spec.export)
+            self.pool.backend.connect, self._socket(), self.spec.contexts, self.spec.export)
 
-    async def _first_connection(self) -> nbd_client.Connection:
+    async def _first_connection(self) -> Connection:
         """Connect as soon as the server listens.
 
         The socket file appears at bind(), before listen(): until then a
@@ -296,7 +128,7 @@ class Server:
         while True:
             try:
                 return await self._connect()
-            except nbd_client.NBDError as e:
+            except TransportError as e:
                 if (e.errno not in (errno.ECONNREFUSED, errno.ENOENT) or not self.process.alive
                         or trio.current_time() > deadline):
                     if not self.process.alive:
@@ -305,7 +137,7 @@ class Server:
             await trio.sleep(delay)
             delay = min(delay * 2, 0.05)
 
-    async def _connection(self) -> nbd_client.Connection:
+    async def _connection(self) -> Connection:
         if self._free:
             return self._free.pop()
         conn = await self._connect()
@@ -319,11 +151,11 @@ class Server:
             async with self._limiter:
                 try:
                     conn = await self._connection()
-                except nbd_client.NBDError as e:
-                    raise ServerError(str(e), e.errno) from None
+                except TransportError as e:
+                    raise Unavailable(str(e), e.errno) from None
                 try:
                     result = await trio.to_thread.run_sync(getattr(conn, fn_name), *args)
-                except nbd_client.NBDError as e:
+                except TransportError as e:
                     self._drop(conn)
                     if attempt == 1 and e.disconnected:
                         continue  # ensure_running restarts a dead server
@@ -331,7 +163,7 @@ class Server:
                 self._free.append(conn)
                 return result
 
-    def _drop(self, conn: nbd_client.Connection) -> None:
+    def _drop(self, conn: Connection) -> None:
         if conn in self._all:
             self._all.remove(conn)
         conn.close()
@@ -366,8 +198,9 @@ class ServerPool:
     idle servers.
     """
 
-    def __init__(self, rundir: str, connections: int = 4, idle_timeout: float = 2.0):
+    def __init__(self, rundir: str, connections: int = 4, idle_timeout: float = 2.0, backend=None):
         self.rundir = rundir
+        self.backend = backend or QemuBackend()
         self.connections = connections
         self.idle_timeout = idle_timeout
         self.ids = itertools.count(1)

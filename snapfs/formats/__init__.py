@@ -1,0 +1,185 @@
+"""Image formats: which file is which format, what backs it, how qemu opens it.
+
+Everything snapfs knows about image formats is here (``qcow2.py`` reads the
+qcow2 header). What can be trusted is decided before qemu sees any file (see
+"Safety" in docs/views.md):
+
+- the format of a file found in a directory comes from its name and header:
+  ``.raw`` is raw; a qcow2 header makes qcow2; ``.img`` without one is raw.
+  Anything else is not an image (``format_by_name`` returns None).
+- the format of a backing file comes only from the image that names it
+  (the backing format header extension); ``chain.py`` follows backing files.
+- protocol names (``nbd:``, ``json:``...) and external data files are refused.
+- qemu opens every image through a ``json:`` filename that spells out each
+  node (``json_node``): the format (never probed), the protocol driver
+  (``host_device`` for block devices; no name is ever parsed as an option
+  string), and ``"backing": null`` where a view must stop.
+
+Pure: no pyfuse3, no libnbd.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import stat
+import struct
+from dataclasses import dataclass, field
+
+from . import qcow2
+
+FORMATS = ("qcow2", "raw")
+RAW_SUFFIXES = (".raw", ".img")
+QCOW2_SUFFIXES = (".qcow2", ".qcow")
+IMAGE_SUFFIXES = QCOW2_SUFFIXES + RAW_SUFFIXES
+
+# Prefixes qemu would take as a protocol rather than a file name.
+_PROTOCOL = re.compile(r"^(json|nbd|nbds|http|https|ftp|ftps|ssh|iscsi|rbd|gluster|nfs|"
+                       r"null-co|null-aio|blkdebug|blkverify|host_device|host_cdrom|vvfat|"
+                       r"file)[+:]", re.IGNORECASE)
+
+# qemu's image locking (block/file-posix.c): a process holding permission N
+# has a shared lock on byte 100 + N. Permission 1 is BLK_PERM_WRITE.
+_LOCK_BYTE_WRITE = 101
+
+
+@dataclass
+class Layer:
+    """One image file of a chain.
+
+    path: absolute path (as found, not resolved: the path users know).
+    format: "qcow2" or "raw".
+    size: virtual size in bytes.
+    backing_path: absolute path of the backing file, None for a base.
+    bitmaps: persistent dirty bitmaps stored in this image.
+    problem: why this layer cannot be served (None when it can).
+    """
+
+    path: str
+    format: str
+    size: int = 0
+    backing_path: str | None = None
+    backing_format: str | None = None
+    bitmaps: list[qcow2.Bitmap] = field(default_factory=list)
+    problem: str | None = None
+    mtime_ns: int = 0
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+def format_by_name(path: str) -> str | None:
+    """The format of a file found in the directory, or None if it is no image."""
+    lower = path.lower()
+    if lower.endswith(".raw"):
+        return "raw"
+    if qcow2.is_qcow2(path):
+        return "qcow2"
+    if lower.endswith(".img"):
+        return "raw"
+    if lower.endswith(QCOW2_SUFFIXES):
+        return "qcow2"  # read_layer reports the missing header
+    return None
+
+
+def locked_for_write(path: str) -> bool:
+    """True if a qemu process holds the image open for writing (a running VM)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        # struct flock on Linux x86_64/aarch64: short, short, off_t, off_t, pid_t.
+        req = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _LOCK_BYTE_WRITE, 1, 0)
+        res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, req)
+        return struct.unpack("hhqqi4x", res)[0] != fcntl.F_UNLCK
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _device_size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def read_layer(path: str, fmt: str) -> Layer:
+    """Read one image's metadata; problems are recorded, never raised."""
+    layer = Layer(path=path, format=fmt)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        layer.problem = f"cannot open: {e.strerror}"
+        return layer
+    layer.mtime_ns = st.st_mtime_ns
+    if fmt == "raw":
+        # qemu serves a raw file in whole sectors: a partial last sector
+        # reads as zeros up to the next multiple of 512.
+        size = st.st_size
+        if stat.S_ISBLK(st.st_mode):
+            try:
+                size = _device_size(path)
+            except OSError as e:
+                layer.problem = f"cannot open: {e.strerror}"
+                return layer
+        layer.size = (size + 511) // 512 * 512
+    else:
+        try:
+            hdr = qcow2.read_header(path)
+        except qcow2.Qcow2Error as e:
+            layer.problem = f"not a usable qcow2 image: {e}"
+            return layer
+        layer.size = hdr.size
+        layer.bitmaps = hdr.bitmaps
+        if hdr.marked_corrupt:
+            layer.problem = "qcow2 image is marked corrupt (run qemu-img check -r all)"
+            return layer
+        if hdr.external_data_file:
+            layer.problem = "qcow2 images with an external data file are not supported"
+            return layer
+        if hdr.backing_file:
+            layer.backing_path = os.path.normpath(os.path.join(os.path.dirname(path), hdr.backing_file))
+            layer.backing_format = hdr.backing_format
+            if _PROTOCOL.match(hdr.backing_file):
+                layer.problem = f"backing file {hdr.backing_file!r} is not a plain file name"
+    if locked_for_write(path):
+        layer.problem = "in use: a running VM (or another qemu) has it open for writing"
+    return layer
+
+
+def has_allocation_depth(fmt: str) -> bool:
+    """qemu-nbd's ``qemu:allocation-depth`` is valid for qcow2 only (as in
+    ovirt-imageio): a raw image has no backing file to tell apart."""
+    return fmt == "qcow2"
+
+
+def protocol_driver(path: str) -> str:
+    """qemu's driver for a local path: ``host_device`` for block devices."""
+    try:
+        return "host_device" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
+    except OSError:
+        return "file"  # qemu reports the missing file
+
+
+def json_node(layers) -> str:
+    """The ``json:`` filename of ``layers`` (``(path, format)``, top first).
+
+    The lowest qcow2 layer gets ``"backing": null``, so one layer alone is
+    read without anything beneath it.
+    """
+    node = None
+    for path, fmt in reversed(layers):
+        new = {"driver": fmt, "file": {"driver": protocol_driver(path), "filename": path}}
+        if fmt == "qcow2":
+            new["backing"] = node
+        elif node is not None:
+            raise ValueError(f"raw image {path} cannot have a backing file")
+        node = new
+    return "json:" + json.dumps(node, ensure_ascii=False)

@@ -1,0 +1,66 @@
+"""Laying a source's disks out in the mount's tree and status file.
+
+Pure: a source hands in disks and views, this decides where they go.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ..sources.imagedir import ImageDirectory, disk_views
+from .tree import Status, Tree
+
+log = logging.getLogger(__name__)
+
+
+def build_tree(images: str, allow_outside: bool) -> tuple[Tree, Status]:
+    """Scan the image directory and lay out the mount."""
+    scan = ImageDirectory(images, allow_outside=allow_outside).scan()
+    tree = Tree()
+    status = Status(scan.root)
+    status.problems += [(p.path, p.reason) for p in scan.problems]
+    tree.add_status()
+    tree.root.paths = (scan.root,)
+    for disk in scan.disks:
+        views, missing = disk_views(disk)
+        status.problems += missing
+        # Directories mirror the image directory's: they take its permissions.
+        parts = disk.relpath.split("/")[:-1]
+        for i in range(len(parts)):
+            rel = "/".join(parts[: i + 1])
+            tree.directory(rel).paths = (os.path.join(scan.root, rel),)
+        _disk_dirs(tree, disk)
+        for view in views:
+            tree.add_view(view)
+        status.views += views
+    for path, reason in status.problems:
+        log.warning("not available: %s: %s", path, reason)
+    log.info("%d disk(s), %d view(s) from %s", len(scan.disks), len(status.views), scan.root)
+    return tree, status
+
+
+def layout(tree: Tree, status: Status, plan) -> None:
+    """Put one libvirt domain's plan into the tree and the status file."""
+    tree.directory(plan.dirname)
+    for rel in plan.disk_dirs:
+        for folder in ("chain", "layers", "dirty"):
+            tree.directory(f"{rel}/{folder}")
+    for disk in {id(v.disk): v.disk for v in plan.views}.values():
+        _disk_dirs(tree, disk)
+    for view in plan.views:
+        tree.add_view(view)
+    status.replace(plan.dirname, plan.missing, plan.notes, plan.views)
+    for path, reason in plan.missing:
+        log.warning("not available: %s: %s", path, reason)
+    for note in plan.notes:
+        log.warning("%s", note)
+    log.info("domain %s: %d disk(s), %d view(s)%s", plan.name, len(plan.disk_dirs), len(plan.views),
+             " (running: read through a backup job)" if plan.running else "")
+
+
+def _disk_dirs(tree: Tree, disk) -> None:
+    """A disk's directory and folders: they show the leaf's names, and take its permissions."""
+    tree.directory(disk.relpath).paths = (disk.top.path,)
+    for folder in ("chain", "layers", "dirty"):
+        tree.directory(f"{disk.relpath}/{folder}").paths = (disk.top.path,)

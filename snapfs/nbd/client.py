@@ -1,0 +1,83 @@
+"""The only module that imports libnbd: connections to one NBD export.
+
+Callers get runs per metadata context and bytes; they never see libnbd
+handles or meta-context strings other than the ones named here.
+
+libnbd handles are blocking here and are driven from trio worker threads
+(`trio.to_thread.run_sync`): libnbd releases the GIL while it waits for the
+server, so several requests are in flight at once, one per connection. That
+was measured against libnbd's ``aio_*`` calls driven from the trio loop by
+``tests/bench.py --nbd-client``; see docs/design.md for the figures.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import nbd  # libnbd's Python bindings (Debian's python3-libnbd)
+
+from ..errors import TransportError as NBDError
+from ..extents import Run
+from .contexts import read_block_status
+
+log = logging.getLogger(__name__)
+
+
+class Connection:
+    """One blocking libnbd connection to an export on a UNIX socket."""
+
+    def __init__(self, socket_path: str, contexts: tuple[str, ...] = (), export: str = ""):
+        self.contexts = contexts
+        self._h = nbd.NBD()
+        try:
+            for ctx in contexts:
+                self._h.add_meta_context(ctx)
+            self._h.set_export_name(export)
+            self._h.connect_unix(socket_path)
+            self.size = self._h.get_size()
+            for ctx in contexts:
+                if not self._h.can_meta_context(ctx):
+                    raise NBDError(f"server does not offer {ctx}")
+        except nbd.Error as e:
+            self.close()
+            raise NBDError(f"cannot connect to {socket_path}: {e.string}", e.errno) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        h, self._h = self._h, None
+        if h is not None:
+            try:
+                h.shutdown()
+            except nbd.Error:
+                pass
+            # libnbd closes the handle when the last reference goes.
+            del h
+
+    def pread(self, length: int, offset: int) -> bytes:
+        try:
+            return self._h.pread(length, offset)
+        except nbd.Error as e:
+            raise NBDError(f"read of {length} bytes at {offset} failed: {e.string}", e.errno) from None
+
+    def block_status(self, size: int) -> dict[str, list[Run]]:
+        """Runs of every context this connection asked for, over ``[0, size)``.
+
+        ``size`` is what the caller expects the export to be; a server that
+        reports another size (the image changed since it was scanned) fails.
+
+        How replies become runs: ``contexts.read_block_status``.
+        """
+        if size != self.size:
+            raise NBDError(f"image size changed: expected {size} bytes, server has {self.size}",
+                           errno.ESTALE)
+
+        def request(length, offset, callback):
+            try:
+                self._h.block_status(length, offset, callback)
+            except nbd.Error as e:
+                raise NBDError(f"block status at {offset} failed: {e.string}", e.errno) from None
+
+        return read_block_status(size, self.contexts, request)

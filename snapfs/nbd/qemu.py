@@ -1,0 +1,126 @@
+"""One qemu-nbd process serving one export over a UNIX socket.
+
+The image is always handed to qemu-nbd as a ``json:`` filename that spells
+out every node (``formats.json_node``). Servers are read-only without
+force-share, so an image a running VM writes cannot be opened ("in use"),
+while the backing layers of a running VM open fine.
+
+qemu-nbd runs without ``--persistent``: it exits by itself once its last
+client disconnects, so even a snapfs killed with SIGKILL leaves no server
+behind once the kernel has closed its sockets.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+
+import trio
+
+from ..errors import Unavailable
+from .spec import ExportSpec
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 1.0
+
+
+def _reason_from_stderr(text: str) -> Unavailable:
+    msg = " ".join(line.strip() for line in text.strip().splitlines()[-3:]) or "qemu-nbd failed"
+    msg = msg.removeprefix("qemu-nbd: ")
+    if "lock" in msg.lower():
+        return Unavailable(f"in use: {msg}", errno.EBUSY)
+    return Unavailable(msg)
+
+
+class QemuNBD:
+    """One qemu-nbd process serving one export over a UNIX socket."""
+
+    def __init__(self, spec: ExportSpec, rundir: str, ident: int, connections: int):
+        self.spec = spec
+        self.socket = os.path.join(rundir, f"{ident}.sock")
+        self.pidfile = os.path.join(rundir, f"{ident}.pid")
+        self.errfile = os.path.join(rundir, f"{ident}.err")
+        self.connections = connections
+        self.proc: trio.Process | None = None
+
+    def command(self) -> list[str]:
+        cmd = ["qemu-nbd", "--read-only", f"--shared={self.connections + 1}",
+               f"--socket={self.socket}", f"--pid-file={self.pidfile}", "--cache=writeback"]
+        if self.spec.allocation_depth:
+            cmd.append("--allocation-depth")
+        if self.spec.bitmap is not None:
+            cmd.append(f"--bitmap={self.spec.bitmap}")
+        if self.spec.snapshot is not None:
+            # An option string: a comma in the name is written twice.
+            cmd.append("--load-snapshot=snapshot.name=" + self.spec.snapshot.replace(",", ",,"))
+        cmd.append(self.spec.json_filename())
+        return cmd
+
+    async def start(self) -> None:
+        for p in (self.socket, self.pidfile):
+            if os.path.exists(p):
+                os.unlink(p)
+        cmd = self.command()
+        log.debug("starting %s", cmd)
+        with open(self.errfile, "wb") as err:
+            self.proc = await trio.lowlevel.open_process(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        # qemu-nbd writes its pid file once it listens; the socket file
+        # appears earlier, at bind().
+        delay = 0.001
+        with trio.move_on_after(START_TIMEOUT) as timeout:
+            while not os.path.exists(self.pidfile):
+                if self.proc.poll() is not None:
+                    raise self.failure()
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        if timeout.cancelled_caught:
+            await self.stop()
+            raise Unavailable(f"qemu-nbd did not start within {START_TIMEOUT:.0f} s")
+        log.debug("qemu-nbd pid %d serves %s", self.proc.pid, self.spec.describe())
+
+    def failure(self) -> Unavailable:
+        try:
+            with open(self.errfile, errors="replace") as f:
+                text = f.read()
+        except OSError:
+            text = ""
+        return _reason_from_stderr(text)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    async def stop(self) -> None:
+        """Wait, terminate, kill; log what the server said if it failed.
+
+        Callers close their connections first, and a non-persistent qemu-nbd
+        then exits by itself. SIGTERM comes second: qemu-nbd loses one that
+        arrives while it is still starting.
+        """
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with trio.CancelScope(shield=True):
+            for sig in (None, signal.SIGTERM, signal.SIGKILL):
+                if proc.poll() is not None:
+                    break
+                if sig == signal.SIGKILL:
+                    log.warning("qemu-nbd pid %d ignored SIGTERM, killing it", proc.pid)
+                if sig is not None:
+                    proc.send_signal(sig)
+                with trio.move_on_after(STOP_TIMEOUT):
+                    await proc.wait()
+            if proc.returncode not in (0, -signal.SIGTERM):
+                log.warning("qemu-nbd for %s exited with %s: %s", self.spec.describe(),
+                            proc.returncode, self.failure().reason)
+        for p in (self.socket, self.pidfile, self.errfile):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,58 @@
+"""What one NBD export serves: its layers, bitmap, snapshot, or foreign socket.
+
+Pure: specs are built by the sources and views, and turned into qemu-nbd
+processes and connections by the pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..formats import has_allocation_depth, json_node
+from .contexts import ALLOCATION_DEPTH, BASE_ALLOCATION, dirty_context
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What one qemu-nbd exports.
+
+    layers: ``(path, format)`` from the top layer down; the lowest qcow2 layer
+    gets ``"backing": null``, so a one-element spec is a single layer alone.
+    bitmap: a dirty bitmap to export as ``qemu:dirty-bitmap:NAME``.
+    snapshot: an internal snapshot of the top layer to serve instead of its
+    current state (``--load-snapshot``).
+    socket, export: set for an export someone else serves (a libvirt backup
+    job's NBD server): no qemu-nbd is started, ``layers`` only names the
+    images for messages.
+    """
+
+    layers: tuple[tuple[str, str], ...]
+    bitmap: str | None = None
+    snapshot: str | None = None
+    socket: str | None = None
+    export: str = ""
+
+    @property
+    def allocation_depth(self) -> bool:
+        # A backup job's export does not offer it.
+        return self.socket is None and has_allocation_depth(self.layers[0][1])
+
+    @property
+    def contexts(self) -> tuple[str, ...]:
+        ctx = [BASE_ALLOCATION]
+        if self.allocation_depth:
+            ctx.append(ALLOCATION_DEPTH)
+        if self.bitmap is not None:
+            ctx.append(dirty_context(self.bitmap))
+        return tuple(ctx)
+
+    def json_filename(self) -> str:
+        return json_node(self.layers)
+
+    def describe(self) -> str:
+        what = " <- ".join(p for p, _ in self.layers)
+        if self.socket is not None:
+            what = f"backup export {self.export!r} of {what}"
+        if self.snapshot is not None:
+            what = f"internal snapshot {self.snapshot!r} of {what}"
+        return f"{what} (bitmap {self.bitmap})" if self.bitmap else what
