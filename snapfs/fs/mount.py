@@ -67,9 +67,12 @@ async def serve(args, ready=None) -> None:
             status.notes.append(msg)
         pool = ServerPool(rundir, connections=args.connections, idle_timeout=args.idle_timeout)
         ops = Operations(tree, pool, status)
-        options = {"fsname=snapfs", "subtype=snapfs", "ro"}
+        # The kernel checks every access against the owner, group and mode
+        # each node takes from its images (fs/attrs.py), for the mounting
+        # user too: a mount never widens access.
+        options = {"fsname=snapfs", "subtype=snapfs", "ro", "default_permissions"}
         if args.allow_other:
-            options |= {"allow_other", "default_permissions"}
+            options.add("allow_other")
         if args.debug_fuse:
             options.add("debug")
         control = os.path.join(rundir, "control.sock")
