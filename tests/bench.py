@@ -396,7 +396,7 @@ class Bench:
         run([SNAPFS, "mount", "--images", images, "--log", self.snapfs_log, mnt])
         try:
             pid = find_snapfs_pid(mnt)
-            with Sampler(lambda: rss_mb(pid)) as rss:
+            with Sampler(lambda pid=pid: rss_mb(pid)) as rss:
                 yield pid
             if rss_key is not None and rss.max is not None:
                 self.rss[rss_key] = max(self.rss.get(rss_key, 0.0), rss.max)
@@ -518,8 +518,8 @@ class Bench:
             ready.times.append(time.perf_counter() - t0)
             try:
                 pid = find_snapfs_pid(mnt)
-                with Sampler(lambda: rss_mb(pid)) as rss, \
-                        Sampler(lambda: qemu_nbd_children(pid), 0.02) as servers:
+                with Sampler(lambda pid=pid: rss_mb(pid)) as rss, \
+                        Sampler(lambda pid=pid: qemu_nbd_children(pid), 0.02) as servers:
                     t0 = time.perf_counter()
                     r = subprocess.run(["ls", "-lR", mnt], stdout=subprocess.DEVNULL,
                                        stderr=subprocess.PIPE, text=True)

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from itertools import pairwise
 
 import pytest
 
@@ -121,7 +122,7 @@ def expected_dirty_map(tmp_path, image, bitmap):
     cuts = sorted({0} | {s for s, _, _ in dirty} | {s for s, _, _ in zero}
                   | {s + n for s, n, _ in dirty} | {s + n for s, n, _ in zero})
     out = []
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in pairwise(cuts):
         d = next(t for s, n, t in dirty if s <= a < s + n)
         z = next(t for s, n, t in zero if s <= a < s + n)
         out.append({"start": a, "length": b - a, "dirty": bool(d & 1), "zero": z})

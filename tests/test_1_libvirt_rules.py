@@ -3,10 +3,10 @@
 import xml.etree.ElementTree as ET
 
 from snapfs import extents as ex
-from snapfs.sources.bitmaps import backing_verdict, bitmap_verdict
 from snapfs.formats import Layer
-from snapfs.sources.libvirt_xml import parse_checkpoint, parse_disks, parse_snapshot
 from snapfs.formats.qcow2 import BITMAP_AUTO, BITMAP_IN_USE, Bitmap
+from snapfs.sources.bitmaps import backing_verdict, bitmap_verdict
+from snapfs.sources.libvirt_xml import parse_checkpoint, parse_disks, parse_snapshot
 
 
 def layer(path, *bitmaps):

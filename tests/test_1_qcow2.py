@@ -4,8 +4,8 @@ import json
 import struct
 
 import pytest
-
 from conftest import MiB, create, qemu_img
+
 from snapfs.formats import qcow2
 
 

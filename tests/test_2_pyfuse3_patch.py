@@ -9,7 +9,6 @@ import time
 
 import pyfuse3
 import pytest
-
 from conftest import REPO, MiB, create, qemu_io, run
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -8,7 +8,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import MiB, create, json_layer, qemu_img, qemu_io, run, seek_walk
 
 

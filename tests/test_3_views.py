@@ -9,12 +9,24 @@ dirty bitmap with changed and trimmed areas.
 import json
 import os
 import stat
+from itertools import pairwise
 
 import pytest
-
 from conftest import (
-    MiB, Mount, create, data_ranges, expected_allocation_map, expected_dirty_map,
-    json_layer, merge_dicts, nbdinfo_map, qemu_img, qemu_io, qemu_map, run, seek_walk,
+    MiB,
+    Mount,
+    create,
+    data_ranges,
+    expected_allocation_map,
+    expected_dirty_map,
+    json_layer,
+    merge_dicts,
+    nbdinfo_map,
+    qemu_img,
+    qemu_io,
+    qemu_map,
+    run,
+    seek_walk,
 )
 
 SIZE = 64 * MiB + 1536  # not a multiple of the 64 KiB cluster
@@ -174,7 +186,7 @@ def test_dirty_view_of_bitmap_copies_is_their_union(sample, mnt, tmp_path):
     zero = [(e["start"], e["length"], bool(e["zero"])) for e in qemu_map(snap2)]
     cuts = sorted({0, SIZE} | {s for r in copies for s, _, _ in r} | {s for s, _, _ in zero})
     expected = []
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in pairwise(cuts):
         dirty = any(next(t for s, n, t in r if s <= a < s + n) & 1 for r in copies)
         z = next(t for s, n, t in zero if s <= a < s + n)
         expected.append({"start": a, "length": b - a, "dirty": dirty, "zero": z})

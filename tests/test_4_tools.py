@@ -6,7 +6,6 @@ import shutil
 import tarfile
 
 import pytest
-
 from conftest import MiB, Mount, create, json_layer, qemu_img, qemu_io, run, seek_walk
 
 SIZE = 256 * MiB

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 import xml.etree.ElementTree as ET
+from itertools import pairwise
 
 import libvirt
 import pytest
@@ -67,7 +68,7 @@ def zip_maps(a, b):
     """Pairs of flags over the union of both run lists' boundaries."""
     cuts = sorted({s for s, _, _ in a} | {s + n for s, n, _ in a} | {s for s, _, _ in b}
                   | {s + n for s, n, _ in b})
-    for lo, hi in zip(cuts, cuts[1:]):
+    for lo, hi in pairwise(cuts):
         fa = next(t for s, n, t in a if s <= lo < s + n)
         fb = next(t for s, n, t in b if s <= lo < s + n)
         yield lo, hi - lo, fa, fb

@@ -12,10 +12,9 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+from typing import TYPE_CHECKING
 
 import trio
-
-from typing import TYPE_CHECKING
 
 from ..errors import TransportError, Unavailable
 from ..extents import Run
