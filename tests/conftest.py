@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -170,13 +171,48 @@ class Mount:
     (``["--connect", URI, "--domain", NAME]``).
     """
 
+    made: list[Mount] = []  # every mount of the session, for the log check
+
     def __init__(self, images, mountpoint, *extra):
         source = [str(a) for a in images] if isinstance(images, list) else ["--images", str(images)]
         self.path = str(mountpoint)
         os.makedirs(self.path, exist_ok=True)
+        self.logfile = self.path + ".log"
+        self.log_checked = 0
+        if "--log" not in extra:
+            extra = (*extra, "--log", self.logfile)
+        else:
+            self.logfile = extra[extra.index("--log") + 1]
+        Mount.made.append(self)
         self.result = run(*SNAPFS, "mount", *source, *extra, self.path, check=False, cwd=REPO)
         if self.result.returncode != 0:
             raise RuntimeError(f"snapfs mount failed: {self.result.stderr}")
+
+    def log_problems(self, allowed) -> list[str]:
+        """Tracebacks, errors and unexpected warnings logged since the last call.
+
+        Warnings of ``snapfs.report`` are the status file's content (views
+        not offered, notes) and always expected; any other warning must
+        match a pattern of the test's ``log_allows`` marker.
+        """
+        try:
+            with open(self.logfile, errors="replace") as f:
+                f.seek(self.log_checked)
+                text = f.read()
+                self.log_checked = f.tell()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in text.splitlines():
+            m = LOG_RECORD.match(line)
+            if "Traceback" in line:
+                out.append(line)
+            elif m and m["level"] in ("ERROR", "CRITICAL"):
+                out.append(line)
+            elif m and m["level"] == "WARNING" and m["logger"] != "snapfs.report" \
+                    and not any(re.search(p, m["message"]) for p in allowed):
+                out.append(line)
+        return [f"{self.logfile}: {line}" for line in out]
 
     def __truediv__(self, rel):
         return os.path.join(self.path, rel)
@@ -219,6 +255,23 @@ def mount(tmp_path):
     yield _mount
     for m in mounts:
         m.close()
+
+
+LOG_RECORD = re.compile(r"^\S+ \S+ (?P<level>[A-Z]+) (?P<logger>[\w.]+): (?P<message>.*)$")
+
+
+@pytest.fixture(autouse=True)
+def _mount_logs(request):
+    """Fail a test whose mounts logged a traceback, an error or an unexpected warning.
+
+    A test that provokes a warning on purpose says which:
+    ``@pytest.mark.log_allows(r"died; restarting it")``.
+    """
+    yield
+    allowed = [p for m in request.node.iter_markers("log_allows") for p in m.args]
+    problems = [p for m in Mount.made for p in m.log_problems(allowed)]
+    if problems:
+        pytest.fail("the mount log has unexpected entries:\n" + "\n".join(problems), pytrace=False)
 
 
 @pytest.fixture(scope="session")

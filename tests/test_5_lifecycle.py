@@ -126,6 +126,7 @@ def test_killed_snapfs_leaves_no_server(images, mount, unmount):
     assert wait_gone(servers) == set()
 
 
+@pytest.mark.log_allows(r"died; restarting it", r"exited with -9")
 def test_server_killed_behind_snapfs_is_restarted(images, mount):
     m = mount(images, "--idle-timeout", "60")
     with open(m / "top.qcow2/chain/01-top.raw", "rb") as f:

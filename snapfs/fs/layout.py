@@ -12,6 +12,8 @@ from ..sources.imagedir import ImageDirectory, disk_views
 from .tree import Status, Tree
 
 log = logging.getLogger(__name__)
+# What the status file says (views not offered, notes), logged as it is found.
+report = logging.getLogger("snapfs.report")
 
 
 def build_tree(images: str, allow_outside: bool) -> tuple[Tree, Status]:
@@ -35,7 +37,7 @@ def build_tree(images: str, allow_outside: bool) -> tuple[Tree, Status]:
             tree.add_view(view)
         status.views += views
     for path, reason in status.problems:
-        log.warning("not available: %s: %s", path, reason)
+        report.warning("not available: %s: %s", path, reason)
     log.info("%d disk(s), %d view(s) from %s", len(scan.disks), len(status.views), scan.root)
     return tree, status
 
@@ -52,9 +54,9 @@ def layout(tree: Tree, status: Status, plan) -> None:
         tree.add_view(view)
     status.replace(plan.dirname, plan.missing, plan.notes, plan.views)
     for path, reason in plan.missing:
-        log.warning("not available: %s: %s", path, reason)
+        report.warning("not available: %s: %s", path, reason)
     for note in plan.notes:
-        log.warning("%s", note)
+        report.warning("%s", note)
     log.info("domain %s: %d disk(s), %d view(s)%s", plan.name, len(plan.disk_dirs), len(plan.views),
              " (running: read through a backup job)" if plan.running else "")
 

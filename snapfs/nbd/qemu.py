@@ -47,6 +47,7 @@ class QemuNBD:
         self.errfile = os.path.join(rundir, f"{ident}.err")
         self.connections = connections
         self.proc: trio.Process | None = None
+        self.serving = False  # it listened: a failure from now on is news
 
     def command(self) -> list[str]:
         cmd = ["qemu-nbd", "--read-only", f"--shared={self.connections + 1}",
@@ -82,6 +83,7 @@ class QemuNBD:
         if timeout.cancelled_caught:
             await self.stop()
             raise Unavailable(f"qemu-nbd did not start within {START_TIMEOUT:.0f} s")
+        self.serving = True
         log.debug("qemu-nbd pid %d serves %s", self.proc.pid, self.spec.describe())
 
     def failure(self) -> Unavailable:
@@ -116,7 +118,9 @@ class QemuNBD:
                     proc.send_signal(sig)
                 with trio.move_on_after(STOP_TIMEOUT):
                     await proc.wait()
-            if proc.returncode not in (0, -signal.SIGTERM):
+            # A server that never listened failed with the error its start
+            # raised (the view's reason): logged there, not twice.
+            if proc.returncode not in (0, -signal.SIGTERM) and self.serving:
                 log.warning("qemu-nbd for %s exited with %s: %s", self.spec.describe(),
                             proc.returncode, self.failure().reason)
         for p in (self.socket, self.pidfile, self.errfile):

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from ..nbd.pool import ServerPool
 
 log = logging.getLogger(__name__)
+# What the status file says (views not offered, notes), logged as it is found.
+report = logging.getLogger("snapfs.report")
 
 def view_basename(index: int, width: int, layer: Layer) -> str:
     """``NN-name``: chain order first (base is 00), then the file name less its suffix."""
@@ -113,7 +115,7 @@ class View:
                     self.map = self.build_map(await self.read_runs(pool))
                 except SnapfsError as e:
                     self.problem = e.reason
-                    log.warning("%s/%s/%s is not available: %s", self.disk.relpath,
+                    report.warning("%s/%s/%s is not available: %s", self.disk.relpath,
                                 self.folder, self.filename, self.problem)
                     raise Unavailable(self.problem, e.errno) from None
         return self.map
