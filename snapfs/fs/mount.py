@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -83,7 +84,7 @@ async def serve(args, ready=None) -> None:
         try:
             pyfuse3.init(ops, mountpoint, options)
         except RuntimeError as e:
-            raise MountError(f"cannot mount {mountpoint}: {e}") from None
+            raise MountError(f"cannot mount {mountpoint}: {e}{_fuse_hint()}") from None
         gone = trio.Event()  # the mount left this process's mount table
         try:
             async with trio.open_nursery() as nursery:
@@ -109,6 +110,18 @@ async def serve(args, ready=None) -> None:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(source.close)
         shutil.rmtree(rundir, ignore_errors=True)
+
+
+def _fuse_hint() -> str:
+    """Why FUSE may have refused, when it can be told: /dev/fuse out of reach."""
+    if os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return ""
+    try:
+        st = os.stat("/dev/fuse")
+    except OSError:
+        return " (/dev/fuse is missing: load the fuse module)"
+    return (f" (/dev/fuse is mode {stat.filemode(st.st_mode)}, owner {st.st_uid}:{st.st_gid}; "
+            "where no udev gives it mode 0666, make setup run as root does)")
 
 
 async def _libvirt_tree(args, rundir: str):

@@ -1,0 +1,197 @@
+"""No mount widens access (docs/views.md, "Who may read what").
+
+An ordinary user (``nobody``) mounts their own image directory and reads it
+through unprivileged FUSE; a root mount with ``--allow-other`` lets that user
+read the views of a ``0644`` image and answers EACCES for a ``0600`` one (and
+for a chain whose base only root may read); a leaf symlink that resolves
+outside the image directory is refused with its reason, like a backing file
+outside it. Ground truth for content is ``qemu-img convert`` of the image.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import stat
+import sys
+import tempfile
+
+import pytest
+from conftest import REPO, SNAPFS, MiB, create, json_layer, qemu_img, qemu_io, run
+
+SIZE = 8 * MiB
+
+# Run as the other user: open, read everything, report the digest or the errno.
+READER = """
+import hashlib, json, os, sys
+out = {}
+for path in sys.argv[1:]:
+    try:
+        with open(path, "rb") as f:
+            h = hashlib.sha256()
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        out[path] = h.hexdigest()
+    except OSError as e:
+        out[path] = e.errno
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def user():
+    if os.getuid() != 0:
+        pytest.skip("needs root, to act as another user")
+    pw = pwd.getpwnam("nobody")
+    for path in (sys.executable, os.path.join(REPO, "snapfs", "__init__.py")):
+        r = run("setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
+                "test", "-r", path, check=False)
+        if r.returncode != 0:
+            pytest.fail(f"user nobody cannot read {path}: the checkout must be readable by others")
+    return pw
+
+
+def as_user(pw, *cmd, check=True, env=None):
+    return run("setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
+               "env", "-u", "XDG_RUNTIME_DIR", f"HOME={env or '/'}", *cmd, check=check, cwd=REPO)
+
+
+def read_as(pw, *paths) -> dict:
+    return json.loads(as_user(pw, sys.executable, "-c", READER, *paths).stdout)
+
+
+def sha_of_raw(image, tmp) -> str:
+    out = os.path.join(tmp, "expected.raw")
+    qemu_img("convert", "-O", "raw", image, out)
+    with open(out, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    os.unlink(out)
+    return digest
+
+
+@pytest.fixture
+def shared_tmp():
+    """A directory every user can reach (pytest's tmp_path is root's alone)."""
+    path = tempfile.mkdtemp(prefix="snapfs-access-", dir="/tmp")
+    os.chmod(path, 0o755)
+    yield path
+    for mp in ("mnt", "umnt"):
+        p = os.path.join(path, mp)
+        if os.path.ismount(p):
+            run("fusermount3", "-uz", p, check=False)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def image(path, mode, owner=None):
+    create(path, SIZE)
+    qemu_io(path, "write -P 0x5a 1M 2M", "write -z 4M 1M")
+    if owner is not None:
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+    os.chmod(path, mode)
+    return path
+
+
+def test_ordinary_user_mounts_own_image_directory(user, shared_tmp):
+    images = os.path.join(shared_tmp, "images")
+    mnt = os.path.join(shared_tmp, "umnt")
+    for d in (images, mnt):
+        os.mkdir(d, 0o700)
+        os.chown(d, user.pw_uid, user.pw_gid)
+    img = image(os.path.join(images, "vda.qcow2"), 0o600, owner=user)
+    expected = sha_of_raw(img, shared_tmp)
+
+    r = as_user(user, *SNAPFS, "mount", "--images", images, mnt, check=False, env=shared_tmp)
+    assert r.returncode == 0, r.stderr
+    try:
+        view = os.path.join(mnt, "vda.qcow2", "chain", "00-vda.raw")
+        got = read_as(user, view, os.path.join(mnt, "vda.qcow2", "layers", "00-vda.raw"))
+        assert got == {view: expected, os.path.join(mnt, "vda.qcow2", "layers", "00-vda.raw"): expected}
+        st = json.loads(as_user(user, sys.executable, "-c",
+                                "import json, os, sys; s = os.stat(sys.argv[1]); "
+                                "print(json.dumps([s.st_uid, s.st_gid, s.st_mode]))", view).stdout)
+        assert st[:2] == [user.pw_uid, user.pw_gid]
+        assert stat.S_IMODE(st[2]) == 0o400  # the image's 0600, read-only
+        # Without --allow-other, nobody else gets in, root included.
+        with pytest.raises(PermissionError):
+            os.stat(view)
+    finally:
+        r = as_user(user, *SNAPFS, "umount", mnt, check=False, env=shared_tmp)
+    assert r.returncode == 0, r.stderr
+    assert not os.path.ismount(mnt)
+
+
+def test_allow_other_mount_keeps_image_permissions(user, shared_tmp, mount):
+    images = os.path.join(shared_tmp, "images")
+    os.mkdir(images, 0o755)
+    image(os.path.join(images, "private.qcow2"), 0o600)
+    public = image(os.path.join(images, "public.qcow2"), 0o644)
+    # A readable top over a base only root may read: its layer alone is
+    # readable, the chain (which shows the base's data) is not.
+    os.mkdir(os.path.join(images, "branch"), 0o755)
+    base = image(os.path.join(images, "branch", "base.qcow2"), 0o600)
+    top = create(os.path.join(images, "branch", "top.qcow2"), backing=base)
+    qemu_io(top, "write -P 0x33 6M 1M")
+    os.chmod(top, 0o644)
+    expected_public = sha_of_raw(public, shared_tmp)
+    expected_top_layer = sha_of_raw(json_layer(top), shared_tmp)
+
+    m = mount(images, "--allow-other", name=os.path.join(shared_tmp, "mnt"))
+    views = {
+        "private chain": m / "private.qcow2/chain/00-private.raw",
+        "private layer": m / "private.qcow2/layers/00-private.raw",
+        "private map": m / "private.qcow2/chain/00-private.map.json",
+        "public chain": m / "public.qcow2/chain/00-public.raw",
+        "public layer": m / "public.qcow2/layers/00-public.raw",
+        "top chain": m / "branch/top.qcow2/chain/01-top.raw",
+        "top layer": m / "branch/top.qcow2/layers/01-top.raw",
+        "base layer": m / "branch/top.qcow2/layers/00-base.raw",
+    }
+    got = read_as(user, *views.values())
+    by_name = {name: got[path] for name, path in views.items()}
+    assert by_name == {
+        "private chain": errno.EACCES,
+        "private layer": errno.EACCES,
+        "private map": errno.EACCES,
+        "public chain": expected_public,
+        "public layer": expected_public,
+        "top chain": errno.EACCES,
+        "top layer": expected_top_layer,
+        "base layer": errno.EACCES,
+    }
+    # Root reads everything; modes show what the images grant, write bits cleared.
+    assert stat.S_IMODE(os.stat(views["private chain"]).st_mode) == 0o400
+    assert stat.S_IMODE(os.stat(views["public chain"]).st_mode) == 0o444
+    assert stat.S_IMODE(os.stat(views["top chain"]).st_mode) == 0o400
+    assert stat.S_IMODE(os.stat(views["top layer"]).st_mode) == 0o444
+    assert stat.S_IMODE(os.stat(m / "private.qcow2").st_mode) == 0o500
+    with open(views["private chain"], "rb") as f:
+        assert len(f.read()) == SIZE
+
+
+def test_leaf_symlink_outside_the_directory_is_refused(tmp_path, mount):
+    images = tmp_path / "images"
+    (images / "vm").mkdir(parents=True)
+    os.symlink("/etc/shadow", images / "vm" / "evil.img")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    elsewhere = image(str(outside / "disk.qcow2"), 0o644)
+    os.symlink(elsewhere, images / "vm" / "linked.qcow2")
+    image(str(images / "vm" / "good.qcow2"), 0o644)
+
+    m = mount(images)
+    assert sorted(os.listdir(m / "vm")) == ["good.qcow2"]
+    status = m.status()
+    assert f"vm/evil.img: image {images}/vm/evil.img resolves to /etc/shadow, outside {images} " \
+           "(mount with --allow-outside-backing to follow it)" in status
+    assert f"vm/linked.qcow2: image {images}/vm/linked.qcow2 resolves to {elsewhere}, outside" in status
+
+    # The user may allow it explicitly, as for backing files.
+    m2 = mount(images, "--allow-outside-backing", name="mnt2")
+    assert sorted(os.listdir(m2 / "vm")) == ["evil.img", "good.qcow2", "linked.qcow2"]
+    with open(m2 / "vm/linked.qcow2/chain/00-linked.raw", "rb") as f:
+        got = hashlib.sha256(f.read()).hexdigest()
+    assert got == sha_of_raw(elsewhere, str(tmp_path))
