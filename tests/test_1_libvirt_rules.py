@@ -6,7 +6,14 @@ from snapfs import extents as ex
 from snapfs.formats import Layer
 from snapfs.formats.qcow2 import BITMAP_AUTO, BITMAP_IN_USE, Bitmap
 from snapfs.sources.bitmaps import backing_verdict, bitmap_verdict
-from snapfs.sources.libvirt_xml import parse_checkpoint, parse_disks, parse_snapshot
+from snapfs.sources.libvirt_xml import (
+    DiskDef,
+    backup_xml,
+    checkpoint_xml,
+    parse_checkpoint,
+    parse_disks,
+    parse_snapshot,
+)
 
 
 def layer(path, *bitmaps):
@@ -97,3 +104,28 @@ def test_parse_libvirt_xml():
     assert why["vdz"].startswith("a network disk")
     assert why["vdy"].startswith("format vmdk")
     assert why["vdx"] == "the disk has no source (empty)"
+
+
+def test_backup_and_checkpoint_xml_carry_any_name():
+    odd = "ck <1> & 'two' \"three\" é"
+    disks = [DiskDef(target="vda", format="qcow2", source="/i/a b.qcow2"),
+             DiskDef(target="vdb", format="raw", source="/i/b.raw")]
+    modes = {"vda": ("incremental", None), "vdb": ("full", "raw")}
+    root = ET.fromstring(backup_xml("/run/x y/nbd.sock", disks, modes, odd, ["hdc"],
+                                    {"vda": "/s/v&a.scratch", "vdb": "/s/vdb.scratch"}))
+    assert (root.tag, root.get("mode")) == ("domainbackup", "pull")
+    assert root.find("server").attrib == {"transport": "unix", "socket": "/run/x y/nbd.sock"}
+    got = {d.get("name"): d.attrib for d in root.findall("./disks/disk")}
+    assert got == {
+        "vda": {"name": "vda", "backup": "yes", "type": "file", "backupmode": "incremental",
+                "incremental": odd},
+        "vdb": {"name": "vdb", "backup": "yes", "type": "file", "backupmode": "full"},
+        "hdc": {"name": "hdc", "backup": "no"},
+    }
+    assert root.find("./disks/disk[@name='vda']/scratch").get("file") == "/s/v&a.scratch"
+
+    cp = ET.fromstring(checkpoint_xml(odd, disks, ["hdc"]))
+    assert cp.findtext("name") == odd
+    assert {d.get("name"): d.get("checkpoint") for d in cp.findall("./disks/disk")} == {
+        "vda": "bitmap", "vdb": "no", "hdc": "no"}
+    assert checkpoint_xml(None, disks, []) is None

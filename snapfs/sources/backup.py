@@ -23,12 +23,12 @@ import stat
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from xml.sax.saxutils import quoteattr
 
 import libvirt
 
 from ..errors import BackupError
 from ..runtime import pid_alive, runtime_bases, unsearchable_dir
+from .libvirt_xml import backup_xml, checkpoint_xml
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class BackupJob:
             for _ in range(len(disks) + 1):
                 try:
                     dom.backupBegin(job._backup_xml(disks, modes, since, others),
-                                    _checkpoint_xml(new_checkpoint, disks, others), 0)
+                                    checkpoint_xml(new_checkpoint, disks, others), 0)
                     break
                 except libvirt.libvirtError as e:
                     msg = _message(e)
@@ -157,18 +157,8 @@ class BackupJob:
                               "directory it can search, or unset it)")
 
     def _backup_xml(self, disks, modes, since, others) -> str:
-        lines = ["<domainbackup mode='pull'>",
-                 f"  <server transport='unix' socket={quoteattr(self.socket)}/>", "  <disks>"]
-        for d in disks:
-            mode, _ = modes[d.target]
-            attrs = f"name={quoteattr(d.target)} backup='yes' type='file' backupmode='{mode}'"
-            if mode == "incremental":
-                attrs += f" incremental={quoteattr(since)}"
-            scratch = os.path.join(self.dir, f"{d.target}.scratch")
-            lines.append(f"    <disk {attrs}><scratch file={quoteattr(scratch)}/></disk>")
-        lines += [f"    <disk name={quoteattr(t)} backup='no'/>" for t in others]
-        lines += ["  </disks>", "</domainbackup>"]
-        return "\n".join(lines)
+        scratch = {d.target: os.path.join(self.dir, f"{d.target}.scratch") for d in disks}
+        return backup_xml(self.socket, disks, modes, since, others, scratch)
 
     def _read_exports(self, modes) -> None:
         root = ET.fromstring(self.dom.backupGetXMLDesc(0))
@@ -225,23 +215,6 @@ def _wait_gone(dom, timeout: float = 30.0) -> None:
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
     log.warning("domain %s: the backup job is still there %.0f s after it was aborted", dom.name(), timeout)
-
-
-def _checkpoint_xml(name: str | None, disks, others) -> str | None:
-    """A checkpoint with a bitmap in every served qcow2 disk, none elsewhere."""
-    if not name:
-        return None
-    parts = [f"<domaincheckpoint><name>{_text(name)}</name><disks>"]
-    for d in disks:
-        how = "bitmap" if d.format == "qcow2" else "no"
-        parts.append(f"<disk name={quoteattr(d.target)} checkpoint='{how}'/>")
-    parts += [f"<disk name={quoteattr(t)} checkpoint='no'/>" for t in others]
-    parts.append("</disks></domaincheckpoint>")
-    return "".join(parts)
-
-
-def _text(s: str) -> str:
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _abort_leftover(dom) -> None:

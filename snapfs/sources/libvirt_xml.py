@@ -106,3 +106,42 @@ def parse_snapshot(xml: str) -> SnapshotDef:
         snap.disks[d.get("name")] = (d.get("snapshot", "no"), src.get("file") if src is not None else None)
     snap.sources = _sources(root)
     return snap
+
+
+# -- what snapfs asks libvirt for -----------------------------------------------
+
+
+def backup_xml(socket: str, disks, modes: dict[str, tuple[str, str | None]], since: str | None,
+               others, scratch: dict[str, str]) -> str:
+    """A pull-mode ``<domainbackup>`` over a UNIX socket.
+
+    disks: the served DiskDefs, each ``incremental`` from checkpoint
+    ``since`` or ``full`` (``modes``: target -> (mode, reason)), with its
+    scratch file; others: targets left out (``backup='no'``).
+    """
+    root = ET.Element("domainbackup", mode="pull")
+    ET.SubElement(root, "server", transport="unix", socket=socket)
+    elems = ET.SubElement(root, "disks")
+    for d in disks:
+        mode, _ = modes[d.target]
+        disk = ET.SubElement(elems, "disk", name=d.target, backup="yes", type="file", backupmode=mode)
+        if mode == "incremental":
+            disk.set("incremental", since)
+        ET.SubElement(disk, "scratch", file=scratch[d.target])
+    for t in others:
+        ET.SubElement(elems, "disk", name=t, backup="no")
+    return ET.tostring(root, encoding="unicode")
+
+
+def checkpoint_xml(name: str | None, disks, others) -> str | None:
+    """A ``<domaincheckpoint>`` with a bitmap in every served qcow2 disk, none elsewhere."""
+    if not name:
+        return None
+    root = ET.Element("domaincheckpoint")
+    ET.SubElement(root, "name").text = name
+    elems = ET.SubElement(root, "disks")
+    for d in disks:
+        ET.SubElement(elems, "disk", name=d.target, checkpoint="bitmap" if d.format == "qcow2" else "no")
+    for t in others:
+        ET.SubElement(elems, "disk", name=t, checkpoint="no")
+    return ET.tostring(root, encoding="unicode")
