@@ -49,11 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--debug", action="store_true", help="log every step (qemu-nbd commands, servers)")
     m.add_argument("--debug-fuse", action="store_true", help=argparse.SUPPRESS)
     m.add_argument("--allow-other", action="store_true",
-                   help="let other users in (with default_permissions; needs user_allow_other "
-                        "in /etc/fuse.conf unless you are root)")
+                   help="let other users in; the kernel checks the owner and mode each view "
+                        "takes from its images (needs user_allow_other in /etc/fuse.conf unless "
+                        "you are root)")
     m.add_argument("--allow-outside-backing", action="store_true",
-                   help="follow backing files that resolve outside DIR (off: a crafted image "
-                        "must not make the mount read arbitrary host files)")
+                   help="follow backing files and leaf symlinks that resolve outside DIR (off: a "
+                        "crafted image or link must not make the mount read arbitrary host files)")
     m.add_argument("--connections", type=int, default=4, metavar="N",
                    help="NBD connections (requests in flight) per qemu-nbd (default: 4)")
     m.add_argument("--idle-timeout", type=float, default=2.0, metavar="SECONDS",
