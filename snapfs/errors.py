@@ -9,9 +9,10 @@
     │   ├── BackupError            libvirt refused the backup job
     │   └── ControlError           a ``snapfs refresh`` that failed
     ├── Unavailable                this export or view cannot be served: the
-    │                              view disappears, its reason goes to the
-    │                              status file (ENOENT on lookup, the errno
-    │                              on a read of an open file)
+    │   │                          view disappears, its reason goes to the
+    │   │                          status file (the errno on a read of an
+    │   │                          open file)
+    │   └── Gone                   ... and a lookup or open of it: ENOENT
     ├── Refused                    this request is not allowed; nothing else
     │                              is wrong (EROFS, EACCES, EINVAL, ENXIO)
     └── TransportError             an NBD request failed: libnbd's errno;
@@ -67,6 +68,15 @@ class ControlError(UserError):
 
 class Unavailable(SnapfsError):
     """An export or view that cannot be served (qemu-nbd refused the image...)."""
+
+
+class Gone(Unavailable):
+    """A view that turned out unservable, looked up again: it is no longer there."""
+
+    default_errno = errno.ENOENT
+
+    def __init__(self, message: str):
+        super().__init__(message, errno.ENOENT)
 
 
 class Refused(SnapfsError):

@@ -16,11 +16,10 @@ import logging
 import os
 
 import pyfuse3
-import trio
 
-from ..errors import Unavailable, fuse_errno
+from ..errors import fuse_errno
 from ..nbd.pool import Server, ServerPool
-from .attrs import entry
+from .attrs import Attributes
 from .tree import Directory, MapFile, Node, Status, StatusFile, Tree, ViewFile
 
 log = logging.getLogger(__name__)
@@ -67,11 +66,9 @@ class Operations(pyfuse3.Operations):
         self.tree = tree
         self.pool = pool
         self.status = status
+        self.attrs = Attributes(tree, pool, status)
         self._handles: dict[int, Handle] = {}
         self._fh = itertools.count(1)
-        self._map_json: dict[int, bytes] = {}
-        # Servers started ahead for maps, at once: one per core.
-        self._map_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
 
     def open_files(self, prefix: str) -> int:
         """How many views under ``prefix/`` are open."""
@@ -86,64 +83,6 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
 
-    def _content_attrs(self, node: Node, data: bytes, mtime_ns=None, timeout=300):
-        return entry(self.tree, node, size=len(data), blocks=(len(data) + 511) // 512,
-                                    mtime_ns=mtime_ns, timeout=timeout)
-
-    def _known_attrs(self, node: Node) -> pyfuse3.EntryAttributes | None:
-        """Attributes if they need no server, else None."""
-        if isinstance(node, ViewFile):
-            view = node.view
-            if view.map is None:
-                return None
-            return entry(self.tree, node, size=view.size, blocks=view.data_blocks,
-                                        mtime_ns=view.layer_mtime_ns)
-        if isinstance(node, MapFile):
-            data = self._map_json.get(node.inode)
-            return None if data is None else self._content_attrs(node, data, node.view.layer_mtime_ns)
-        if isinstance(node, StatusFile):
-            # Its content changes when views fail: never cache its attributes.
-            return self._content_attrs(node, self.status.render(), timeout=0)
-        return entry(self.tree, node)
-
-    async def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
-        attrs = self._known_attrs(node)
-        if attrs is None:
-            if isinstance(node, MapFile):
-                await self._map_content(node)
-            else:
-                await self._load_map(node.view)
-            attrs = self._known_attrs(node)
-        return attrs
-
-    def _quick_attrs(self, node: Node) -> pyfuse3.EntryAttributes:
-        """Attributes for readdirplus without starting a server.
-
-        A view whose map is not known yet gets a zero timeout: the kernel
-        asks getattr before anyone sees st_blocks, so a plain ``ls`` stays
-        fast and ``ls -ls`` is still right.
-        """
-        attrs = self._known_attrs(node)
-        if attrs is None:
-            size = node.view.size if isinstance(node, ViewFile) else 0
-            attrs = entry(self.tree, node, size=size, mtime_ns=node.view.layer_mtime_ns,
-                                         timeout=0)
-        return attrs
-
-    async def _load_map(self, view):
-        """The view's map; a view that cannot be served is gone (ENOENT)."""
-        try:
-            return await view.load_map(self.pool)
-        except Unavailable:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-
-    async def _map_content(self, node: MapFile) -> bytes:
-        data = self._map_json.get(node.inode)
-        if data is None:
-            m = await self._load_map(node.view)
-            data = self._map_json[node.inode] = m.to_json()
-        return data
-
     @_boundary
     async def lookup(self, parent_inode, name, ctx=None):
         parent = self._node(parent_inode)
@@ -152,11 +91,11 @@ class Operations(pyfuse3.Operations):
         node = parent.children.get(os.fsdecode(name))
         if node is None or node.hidden:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return await self._attrs(node)
+        return await self.attrs.get(node)
 
     @_boundary
     async def getattr(self, inode, ctx=None):
-        return await self._attrs(self._node(inode))
+        return await self.attrs.get(self._node(inode))
 
     async def forget(self, inode_list):
         pass  # inodes live as long as the mount
@@ -173,33 +112,13 @@ class Operations(pyfuse3.Operations):
     async def readdir(self, fh, start_id, token):
         node = self._node(fh)
         if start_id == 0:
-            self._prefetch_maps(node)
+            self.attrs.prefetch_maps(node)
         entries = sorted(node.children.items())
         for i, (name, child) in enumerate(entries[start_id:], start_id):
             if child.hidden:
                 continue
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._quick_attrs(child), i + 1):
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self.attrs.quick(child), i + 1):
                 break
-
-    def _prefetch_maps(self, node: Directory) -> None:
-        """Read the maps of a listed folder's views ahead, a few at a time.
-
-        ``ls -l`` stats every entry next, one after the other; each stat of a
-        view needs its map, so reading them while the kernel is busy saves a
-        server start's latency per view.
-        """
-        for child in node.children.values():
-            if isinstance(child, ViewFile) and child.view.map is None and not child.hidden:
-                self.pool.spawn(self._load_map_quietly, child.view)
-
-    async def _load_map_quietly(self, view) -> None:
-        async with self._map_limiter:
-            try:
-                await view.load_map(self.pool)
-            except Unavailable:
-                pass  # the view is hidden now, with its reason in the status file
-            except Exception:
-                log.exception("reading the map of %s failed", view.filename)
 
     async def releasedir(self, fh):
         pass
@@ -215,13 +134,13 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = next(self._fh)
         if isinstance(node, MapFile):
-            self._handles[fh] = Handle(node, data=await self._map_content(node))
+            self._handles[fh] = Handle(node, data=await self.attrs.map_content(node))
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         if isinstance(node, StatusFile):
             self._handles[fh] = Handle(node, data=self.status.render())
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         view = node.view
-        await self._load_map(view)
+        await self.attrs.load_map(view)
         server = await self.pool.acquire(view.spec)
         self._handles[fh] = Handle(node, server=server)
         # Direct I/O: reads arrive at the size the reader asks for (cp and
