@@ -27,6 +27,7 @@ import trio
 
 from ..errors import MountError, SourceError
 from ..nbd.pool import ServerPool
+from ..nbd.qemu import stop_leftovers
 from ..runtime import find_mount, is_mounted, mount_device, pid_alive, runtime_base
 from .control import Refresher, control_server
 from .layout import build_tree, layout
@@ -180,16 +181,6 @@ async def _signals(scope: trio.CancelScope) -> None:
             return
 
 
-def _is_our_qemu_nbd(pid: int, rundir: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().split(b"\0")
-    except OSError:
-        return False
-    return bool(cmd) and os.path.basename(cmd[0]) == b"qemu-nbd" and any(
-        a.startswith(b"--socket=" + os.fsencode(rundir)) for a in cmd)
-
-
 def umount(mountpoint: str, timeout: float = 10.0) -> None:
     """Unmount, wait for the snapfs process, and stop any qemu-nbd it left."""
     found = find_mount(mountpoint)
@@ -222,17 +213,5 @@ def umount(mountpoint: str, timeout: float = 10.0) -> None:
     if info.get("control") and any(n.startswith("backup-") for n in names) and not pid_alive(pid):
         from ..sources.backup import abort_jobs_in
         abort_jobs_in(info["source"], rundir)
-    for name in names:
-        if not name.endswith(".pid"):
-            continue
-        try:
-            with open(os.path.join(rundir, name)) as f:
-                spid = int(f.read().strip())
-        except (OSError, ValueError):
-            continue
-        if _is_our_qemu_nbd(spid, rundir):
-            try:
-                os.kill(spid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+    stop_leftovers(rundir)
     shutil.rmtree(rundir, ignore_errors=True)

@@ -128,3 +128,38 @@ class QemuNBD:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
+
+
+def _is_our_qemu_nbd(pid: int, rundir: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().split(b"\0")
+    except OSError:
+        return False
+    return bool(cmd) and os.path.basename(cmd[0]) == b"qemu-nbd" and any(
+        a.startswith(b"--socket=" + os.fsencode(rundir)) for a in cmd)
+
+
+def stop_leftovers(rundir: str) -> None:
+    """SIGTERM the qemu-nbd whose pid files a dead mount left in ``rundir``.
+
+    Only processes that really are qemu-nbd serving a socket in ``rundir``:
+    a pid file may be stale, and its pid reused by anything.
+    """
+    try:
+        names = os.listdir(rundir)
+    except OSError:
+        return
+    for name in names:
+        if not name.endswith(".pid"):
+            continue
+        try:
+            with open(os.path.join(rundir, name)) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if _is_our_qemu_nbd(pid, rundir):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
