@@ -248,13 +248,15 @@ class ServerPool:
         if srv.users > 0:
             return
         if linger and self.idle_timeout > 0 and self._nursery is not None:
-            self._nursery.start_soon(self._stop_when_idle, srv)
+            # The timer's scope exists before its task runs: an open right
+            # after this close (cp opens a file twice) must find it to cancel.
+            scope = srv._idle_scope = trio.CancelScope()
+            self._nursery.start_soon(self._stop_when_idle, srv, scope)
         elif self._nursery is not None:
             self._nursery.start_soon(self._stop_if_unused, srv)
 
-    async def _stop_when_idle(self, srv: Server) -> None:
-        with trio.CancelScope() as scope:
-            srv._idle_scope = scope
+    async def _stop_when_idle(self, srv: Server, scope: trio.CancelScope) -> None:
+        with scope:
             await trio.sleep(self.idle_timeout)
             await self._stop_if_unused(srv)
         if srv._idle_scope is scope:

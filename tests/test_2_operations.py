@@ -1,0 +1,524 @@
+"""Tier 2: the FUSE handlers, called directly under trio, over a fake NBD side.
+
+No mount, no qemu. ``Operations`` gets a tree and views built as ``fs.layout``
+builds them (``disk_views`` of a two-layer qcow2 disk whose top holds bitmap
+``b1``; the image files exist in tmp_path, empty, because ``attrs.py`` stats
+them), and the ``ServerPool`` gets ``FakeBackend`` instead of qemu-nbd and
+libnbd. Everything above the backend is production code: the pool's start,
+idle stop and restart, the chunk cache, ``contexts.read_block_status`` (the
+fake's ``block_status`` calls it with a fake ``request``), views, extent maps.
+
+The fake serves every export as an ``Image``: areas ``(length, kind, dirty)``,
+kind ``data`` (random bytes), ``zero`` (allocated, reads as zeros) or ``hole``
+(not allocated in the top layer)::
+
+    content          | random |  0 0 0 0  |  0 0 0 0  | random |
+    base:allocation  |   0    |   ZERO    | ZERO|HOLE |   0    |
+    allocation-depth |   1    |    1      |    0      |   1    |
+    dirty-bitmap:b1  |  the area's dirty flag                  |
+
+Its block status replies can be split the ways servers do (NBD spec,
+"BLOCK_STATUS"): runs cut every ``split`` bytes, at most ``limit[ctx]``
+extents per reply (so contexts answer different lengths, and the next request
+repeats what the longer ones covered), the last run ``past_end`` bytes past
+the end of the export (requests always run to the end, so that is the only
+way past the requested range); from ``stall_at`` on it answers nothing.
+Its "processes" can die: each serves ``die_after`` preads, then resets the
+connection; ``deaths`` times (None: forever). Connection methods are plain
+sync functions: the pool runs them in worker threads.
+"""
+
+import errno
+import json
+import logging
+import os
+import random
+import re
+import threading
+from contextlib import asynccontextmanager
+
+import pyfuse3
+import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
+
+from snapfs.errors import TransportError, Unavailable
+from snapfs.extents import STATE_HOLE, STATE_ZERO
+from snapfs.formats import Layer, qcow2
+from snapfs.formats.chain import Disk
+from snapfs.fs.operations import Operations
+from snapfs.fs.tree import ROOT_INODE, STATUS_NAME, Status, Tree
+from snapfs.nbd import contexts
+from snapfs.nbd.chunks import CHUNK
+from snapfs.nbd.pool import ServerPool
+from snapfs.sources.imagedir import disk_views
+
+KiB, MiB = 1 << 10, 1 << 20
+ALLOC, DEPTH, DIRTY = contexts.BASE_ALLOCATION, contexts.ALLOCATION_DEPTH, contexts.dirty_context("b1")
+# base:allocation and qemu:allocation-depth flags of each kind of area.
+KINDS = {"data": (0, 1), "zero": (STATE_ZERO, 1), "hole": (STATE_ZERO | STATE_HOLE, 0)}
+
+LAYER = "vm/top.qcow2/layers/01-top"  # the top layer alone: ALLOC + DEPTH
+CHAIN = "vm/top.qcow2/chain/01-top"  # the whole chain: ALLOC + DEPTH
+DIRTYV = "vm/top.qcow2/dirty/b1"  # the whole chain with b1: ALLOC + DEPTH + DIRTY
+
+
+class Image:
+    """One export as the fake serves it: content, runs per context, misbehaviour."""
+
+    def __init__(self, areas, limit=None, split=None, past_end=0, stall_at=None, die_after=None, deaths=None):
+        self.size = sum(n for n, _, _ in areas)
+        self.limit = limit or {}
+        self.split = split
+        self.past_end = past_end
+        self.stall_at = stall_at
+        self.die_after = die_after
+        self.deaths = deaths
+        self.lock = threading.Lock()
+        self.preads: list[tuple[int, int]] = []  # (offset, length) of every pread served
+        self.status_requests = 0
+        self.runs = {ALLOC: [], DEPTH: [], DIRTY: []}
+        rnd = random.Random(self.size)
+        content, dirty_content, pos = bytearray(), bytearray(), 0
+        for length, kind, dirty in areas:
+            data = rnd.randbytes(length) if kind == "data" else bytes(length)
+            content += data
+            dirty_content += data if dirty else bytes(length)
+            for ctx, flags in zip((ALLOC, DEPTH, DIRTY), (*KINDS[kind], int(dirty)), strict=True):
+                runs = self.runs[ctx]
+                if runs and runs[-1][2] == flags:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + length, flags)
+                else:
+                    runs.append((pos, length, flags))
+            pos += length
+        self.content = bytes(content)
+        self.dirty_content = bytes(dirty_content)  # a dirty view reads zeros where not dirty
+
+    def _pieces(self, ctx):
+        for start, length, flags in self.runs[ctx]:
+            step = self.split or length
+            for s in range(start, start + length, step):
+                yield s, min(s + step, start + length), flags
+
+    def reply(self, ctx, offset, length):
+        """Entries ``[length, flags, ...]`` of one context for one request."""
+        if self.stall_at is not None and offset >= self.stall_at:
+            return []
+        out = []
+        for start, end, flags in self._pieces(ctx):
+            if end <= offset or start >= offset + length:
+                continue
+            if self.limit.get(ctx) is not None and len(out) == self.limit[ctx]:
+                break
+            out.append((max(start, offset), min(end, offset + length), flags))
+        if out and out[-1][1] == self.size:
+            out[-1] = (out[-1][0], self.size + self.past_end, out[-1][2])
+        return [x for start, end, flags in out for x in (end - start, flags)]
+
+
+class FakeProcess:
+    """Stands for a QemuNBD: start/stop/alive/failure()/socket."""
+
+    def __init__(self, image, spec, socket):
+        self.image, self.spec, self.socket = image, spec, socket
+        self.running = self.dead = False
+        self.preads = 0
+        self.stops: list[float] = []  # trio.current_time() of each stop
+
+    async def start(self):
+        self.running = True
+
+    async def stop(self):
+        self.running = False
+        self.stops.append(trio.current_time())
+
+    @property
+    def alive(self):
+        return self.running and not self.dead
+
+    def failure(self):
+        return Unavailable("fake qemu-nbd died")
+
+
+class FakeConnection:
+    """Stands for nbd.client.Connection: size, pread, block_status, close."""
+
+    def __init__(self, process, ctxs):
+        if not process.alive:
+            raise TransportError("connection refused", errno.ECONNREFUSED)
+        self.process, self.image, self.contexts = process, process.image, ctxs
+        self.size = self.image.size
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+    def pread(self, length, offset):
+        img, proc = self.image, self.process
+        with img.lock:
+            if self.closed or not proc.alive:
+                raise TransportError("not connected", errno.ENOTCONN)
+            if offset < 0 or length <= 0 or offset + length > img.size:
+                raise TransportError(f"bad read of {length} at {offset}", errno.EINVAL)
+            if img.die_after is not None and proc.preads >= img.die_after and img.deaths != 0:
+                proc.dead = True
+                img.deaths = None if img.deaths is None else img.deaths - 1
+                raise TransportError("connection reset by peer", errno.ECONNRESET)
+            proc.preads += 1
+            img.preads.append((offset, length))
+        return img.content[offset:offset + length]
+
+    def block_status(self, size):
+        assert size == self.size
+
+        def request(length, offset, callback):
+            assert 0 <= offset < size and 0 < length <= size - offset
+            with self.image.lock:
+                self.image.status_requests += 1
+                # A client that never stops asking fails the test instead of hanging it.
+                assert self.image.status_requests < 200, "block status requests never end"
+            for ctx in self.contexts:
+                callback(ctx, offset, self.image.reply(ctx, offset, length), 0)
+
+        return contexts.read_block_status(size, self.contexts, request)
+
+
+class FakeBackend:
+    """The pool's ``backend=``: an Image per spec (``images``), ``default`` for the rest."""
+
+    def __init__(self, default):
+        self.default = default
+        self.images = {}
+        self.processes: list[FakeProcess] = []
+
+    def process(self, spec, rundir, ident, connections):
+        p = FakeProcess(self.images.get(spec, self.default), spec, os.path.join(rundir, f"{ident}.sock"))
+        self.processes.append(p)
+        return p
+
+    def connect(self, socket, ctxs, export):
+        return FakeConnection(next(p for p in self.processes if p.socket == socket), ctxs)
+
+    def started(self, spec):
+        return [p for p in self.processes if p.spec == spec]
+
+
+class Mount:
+    """A disk ``vm/top.qcow2`` (base <- top, bitmap b1 in top): its ``disk_views`` put in a
+    tree and a status as ``fs.layout`` does, a pool over ``FakeBackend``, the Operations."""
+
+    def __init__(self, tmp_path, image, idle_timeout=2.0):
+        d = tmp_path / "vm"
+        d.mkdir()
+        base, top = d / "base.qcow2", d / "top.qcow2"
+        base.write_bytes(b"")
+        top.write_bytes(b"")
+        auto = qcow2.Bitmap("b1", qcow2.BITMAP_AUTO, 64 * KiB)
+        layers = [Layer(str(base), "qcow2", size=image.size, mtime_ns=1),
+                  Layer(str(top), "qcow2", size=image.size, backing_path=str(base), backing_format="qcow2",
+                        bitmaps=[auto], mtime_ns=2)]
+        views, missing = disk_views(Disk("vm/top.qcow2", layers, complete=True))
+        assert not missing
+        self.views = {f"{v.disk.relpath}/{v.folder}/{v.basename}": v for v in views}
+        self.tree = Tree()
+        self.tree.add_status()
+        self.status = Status(str(tmp_path))
+        for v in views:
+            self.tree.add_view(v)
+        self.status.views += views
+        self.backend = FakeBackend(image)
+        self.pool = ServerPool(str(tmp_path), connections=2, idle_timeout=idle_timeout, backend=self.backend)
+        self.ops = Operations(self.tree, self.pool, self.status)
+
+    @asynccontextmanager
+    async def running(self):
+        async with trio.open_nursery() as n:
+            await n.start(self.pool.run)
+            yield self.ops
+            n.cancel_scope.cancel()
+        # Unmounted: the pool stopped every server it started.
+        assert [p for p in self.backend.processes if p.running] == []
+
+    def spec(self, name):
+        return self.views[name].spec
+
+    async def lookup(self, path):
+        attrs = None
+        ino = ROOT_INODE
+        for part in path.split("/"):
+            attrs = await self.ops.lookup(ino, part.encode(), None)
+            ino = attrs.st_ino
+        return attrs
+
+    async def open(self, path):
+        attrs = await self.lookup(path)
+        return (await self.ops.open(attrs.st_ino, os.O_RDONLY, None)).fh
+
+    async def read(self, fh, off, size):
+        return bytes(await self.ops.read(fh, off, size))
+
+    async def read_file(self, path):
+        fh = await self.open(path)
+        try:
+            return await self.read(fh, 0, 1 << 20)
+        finally:
+            await self.ops.release(fh)
+
+    async def seek(self, fh, off, whence):
+        try:
+            return await self.ops.lseek(fh, off, whence)
+        except pyfuse3.FUSEError as e:
+            return errno.errorcode[e.errno]
+
+    async def settle(self, name):
+        """Let spawned tasks run, then wait for the chunk loads they started:
+        wait_all_tasks_blocked cannot see worker threads."""
+        await wait_all_tasks_blocked()
+        cache = self.pool.servers[self.spec(name)].chunks(self.views[name].size)
+        for event in list(cache._loading.values()):
+            await event.wait()
+
+
+@pytest.fixture(autouse=True)
+def _logs(request, caplog):
+    """As conftest's ``_mount_logs`` for real mounts: an error fails the test, and so
+    does a warning other than the status file's (``snapfs.report``) that the test's
+    ``log_allows`` marker does not match."""
+    yield
+    allowed = [p for m in request.node.iter_markers("log_allows") for p in m.args]
+    records = caplog.get_records("setup") + caplog.get_records("call")
+    assert [f"{r.levelname} {r.name}: {r.getMessage()}" for r in records
+            if r.levelno >= logging.ERROR or r.levelno == logging.WARNING and r.name != "snapfs.report"
+            and not any(re.search(p, r.getMessage()) for p in allowed)] == []
+
+
+# -- 1. block status replies, however they are split ---------------------------
+
+LAYOUT = [  # (length, kind, dirty): 676 KiB
+    (64 * KiB, "data", True),
+    (64 * KiB, "data", False),
+    (128 * KiB, "zero", True),
+    (64 * KiB, "hole", False),
+    (64 * KiB, "hole", True),
+    (192 * KiB, "data", True),
+    (100 * KiB, "hole", False),
+]
+K = KiB
+LAYER_MAP = [dict(start=s * K, length=n * K, zero=z, hole=h) for s, n, z, h in [
+    (0, 128, False, False), (128, 128, True, False), (256, 128, True, True), (384, 192, False, False),
+    (576, 100, True, True)]]
+DIRTY_MAP = [dict(start=s * K, length=n * K, dirty=d, zero=z) for s, n, d, z in [
+    (0, 64, True, False), (64, 64, False, False), (128, 128, True, True), (256, 64, False, True),
+    (320, 64, True, True), (384, 192, True, False), (576, 100, False, True)]]
+D, H = os.SEEK_DATA, os.SEEK_HOLE
+LAYER_SEEKS = {(0, D): 0, (200 * K, D): 200 * K, (256 * K, D): 384 * K, (600 * K, D): "ENXIO",
+               (0, H): 256 * K, (384 * K, H): 576 * K, (676 * K - 1, H): 676 * K - 1, (676 * K, H): "ENXIO"}
+DIRTY_SEEKS = {(64 * K, D): 128 * K, (256 * K, D): 320 * K, (576 * K, D): "ENXIO",
+               (0, H): 64 * K, (128 * K, H): 256 * K, (320 * K, H): 576 * K}
+
+ALL_ONE = {ALLOC: 1, DEPTH: 1, DIRTY: 1}
+REPLIES = {
+    "whole": {},
+    "one-extent-per-reply": dict(limit=ALL_ONE, split=32 * KiB),
+    "contexts-answer-different-lengths": dict(limit={ALLOC: 1, DEPTH: 2}, split=64 * KiB),
+    "past-the-end-of-the-export": dict(limit={DEPTH: 1}, past_end=MiB),
+}
+
+
+@pytest.mark.parametrize("replies", REPLIES.values(), ids=REPLIES.keys())
+async def test_maps_do_not_depend_on_how_the_server_splits_replies(tmp_path, replies):
+    image = Image(LAYOUT, **replies)
+    mount = Mount(tmp_path, image)
+    async with mount.running() as ops:
+        for name, emap, seeks, content in ((LAYER, LAYER_MAP, LAYER_SEEKS, image.content),
+                                           (DIRTYV, DIRTY_MAP, DIRTY_SEEKS, image.dirty_content)):
+            assert json.loads(await mount.read_file(name + ".map.json")) == emap
+            attrs = await ops.getattr((await mount.lookup(name + ".raw")).st_ino, None)
+            assert (attrs.st_size, attrs.st_blocks) == (676 * K, 448 * K // 512)
+            fh = await mount.open(name + ".raw")
+            assert {k: await mount.seek(fh, *k) for k in seeks} == seeks
+            assert await mount.read(fh, 0, image.size + 4096) == content
+            assert await mount.read(fh, 100 * K + 3, 200 * K) == content[100 * K + 3:300 * K + 3]
+            await ops.release(fh)
+            # The runs behind the map: merged, clipped at the end, nothing twice.
+            view = mount.views[name]
+            runs = await mount.pool.block_status(view.spec, view.size)  # kept from the map
+            assert runs == {ctx: image.runs[ctx] for ctx in view.spec.contexts}
+        assert await ops.getxattr((await mount.lookup(DIRTYV + ".raw")).st_ino, b"user.snapfs.bitmap", None) == b"b1"
+    # One request per export for a server that answers in full; more for the others.
+    assert (image.status_requests == 2) if not replies else (image.status_requests > 2)
+
+
+async def test_server_making_no_progress_hides_the_view_with_its_reason(tmp_path):
+    image = Image(LAYOUT)
+    mount = Mount(tmp_path, image)
+    # One extent per reply, then nothing from 256 KiB on (both contexts reach it at the 2nd request).
+    stuck = mount.backend.images[mount.spec(LAYER)] = Image(LAYOUT, limit=ALL_ONE, stall_at=256 * K)
+    async with mount.running() as ops:
+        with trio.fail_after(5):
+            for name in (LAYER + ".raw", LAYER + ".map.json", LAYER + ".raw"):
+                with pytest.raises(pyfuse3.FUSEError) as e:
+                    await mount.lookup(name)
+                assert e.value.errno == errno.ENOENT
+            assert stuck.status_requests == 3  # the failure is kept, not asked again
+            status = (await mount.read_file(STATUS_NAME)).decode()
+            assert f"{LAYER}.raw: server made no progress in block status at 262144" in status
+            # The rest of the mount works.
+            fh = await mount.open(CHAIN + ".raw")
+            assert await mount.read(fh, 0, image.size) == image.content
+            await ops.release(fh)
+            await wait_all_tasks_blocked()
+            assert [p.running for p in mount.backend.started(mount.spec(LAYER))] == [False]
+
+
+# -- 2. a server that dies ----------------------------------------------------
+
+@pytest.mark.log_allows(r"died; restarting it")
+async def test_server_dying_mid_read_is_restarted_once(tmp_path):
+    image = Image([(4 * CHUNK, "data", True)], die_after=1, deaths=1)
+    mount = Mount(tmp_path, image)
+    spec = mount.spec(LAYER)
+    async with mount.running() as ops:
+        fh = await mount.open(LAYER + ".raw")
+        assert await mount.read(fh, 100, 64 * K) == image.content[100:100 + 64 * K]
+        [first] = [p for p in mount.backend.started(spec) if p.running]
+        # Its second pread resets the connection: the pool starts a new server
+        # and the reader gets the right bytes.
+        off = 3 * CHUNK + 5
+        assert await mount.read(fh, off, 300 * K) == image.content[off:off + 300 * K]
+        [second] = [p for p in mount.backend.started(spec) if p.running]
+        assert second is not first and first.stops and image.deaths == 0
+        # The chunks of the dead server were dropped with it.
+        assert await mount.read(fh, 100, 64 * K) == image.content[100:100 + 64 * K]
+        assert image.preads == [(0, CHUNK), (3 * CHUNK, CHUNK), (0, CHUNK)]
+        assert second.preads == 2
+        await ops.release(fh)
+
+
+@pytest.mark.log_allows(r"died; restarting it")
+async def test_server_that_keeps_dying_fails_the_read_not_the_mount(tmp_path):
+    image = Image(LAYOUT)
+    mount = Mount(tmp_path, image)
+    spec = mount.spec(LAYER)
+    dying = mount.backend.images[spec] = Image(LAYOUT, die_after=0)  # every pread kills it
+    async with mount.running() as ops:
+        fh = await mount.open(LAYER + ".raw")
+        started = len(mount.backend.started(spec))
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await mount.read(fh, 0, 4096)
+        assert e.value.errno == errno.ECONNRESET  # libnbd's errno passes through
+        assert len(mount.backend.started(spec)) == started + 1  # one restart, no loop
+        # Zero areas need no server; other views and the status file are fine.
+        assert await mount.read(fh, 128 * K, 4096) == bytes(4096)
+        fh2 = await mount.open(CHAIN + ".raw")
+        assert await mount.read(fh2, 0, image.size) == image.content
+        assert (await mount.read_file(STATUS_NAME)).endswith(b"every view is available\n")
+        assert image.preads == [(0, image.size)] and dying.preads == []
+        # Once its server behaves, the same open file reads again.
+        dying.deaths = 0
+        assert await mount.read(fh, 0, 4096) == dying.content[:4096]
+        await ops.release(fh)
+        await ops.release(fh2)
+
+
+# -- 3. idle servers ----------------------------------------------------------
+
+async def test_idle_server_stops_after_the_timeout_and_restarts_on_open(tmp_path, autojump_clock):
+    # One chunk (no readahead), size not a multiple of the chunk.
+    image = Image([(MiB, "data", False), (MiB - 512, "hole", False)])
+    mount = Mount(tmp_path, image, idle_timeout=10)
+    spec = mount.spec(LAYER)
+    async with mount.running() as ops:
+        t0 = trio.current_time()
+        await mount.lookup(LAYER + ".raw")  # reads the map
+        await wait_all_tasks_blocked()
+        [status_only] = mount.backend.started(spec)
+        assert status_only.stops == [t0]  # stopped at once, not after idle_timeout
+
+        fh = await mount.open(LAYER + ".raw")
+        [_, server] = mount.backend.started(spec)
+        assert await mount.read(fh, 0, image.size) == image.content
+        await ops.release(fh)
+        await trio.sleep(9)
+        assert server.alive
+
+        fh = await mount.open(LAYER + ".raw")  # within the timeout: the same server
+        assert await mount.read(fh, 4096, 8192) == image.content[4096:12288]
+        await ops.release(fh)
+        closed = trio.current_time()
+        await trio.sleep(9)  # 18 s after the first close: its timer was cancelled
+        assert server.alive and mount.backend.started(spec) == [status_only, server]
+        await trio.sleep(1)
+        await wait_all_tasks_blocked()
+        assert server.stops == [closed + 10]
+
+        fh = await mount.open(LAYER + ".raw")  # after the timeout: a new server
+        assert await mount.read(fh, 0, image.size) == image.content
+        [_, _, third] = mount.backend.started(spec)
+        assert third.alive and image.preads == [(0, image.size)] * 2
+        await ops.release(fh)
+    assert len(third.stops) == 1  # unmount did not wait for the timeout
+
+
+# -- 4. the chunk cache at extent edges -------------------------------------
+
+EDGES = [  # 4 chunks + 12345 bytes: neither whole chunks nor whole sectors
+    (MiB, "data", False),
+    (64 * K, "zero", False),  # chunk 0: data, zero, data
+    (CHUNK + 512 * K - MiB - 64 * K, "data", False),  # across the chunk 0/1 edge
+    (3 * MiB + 512 * K, "hole", False),  # the rest of chunk 1, all of chunk 2
+    (CHUNK + 12345, "data", False),  # chunks 3 and 4, the last one short
+]
+
+
+async def test_close_and_reopen_at_once_then_close_keeps_server_for_the_full_timeout(tmp_path, autojump_clock):
+    # cp's pattern: open, close, open again at once; the last close counts.
+    image = Image([(MiB, "data", False)])
+    mount = Mount(tmp_path, image, idle_timeout=10)
+    spec = mount.spec(LAYER)
+    async with mount.running() as ops:
+        fh = await mount.open(LAYER + ".raw")
+        await ops.release(fh)
+        fh = await mount.open(LAYER + ".raw")  # before the idle task got to run
+        await trio.sleep(5)
+        await ops.release(fh)
+        closed = trio.current_time()
+        server = [p for p in mount.backend.started(spec) if p.running][-1]
+        await trio.sleep(20)
+        assert server.stops == [closed + 10]
+
+
+
+async def test_chunk_cache_at_extent_edges(tmp_path):
+    image = Image(EDGES)
+    size, content = image.size, image.content
+    mount = Mount(tmp_path, image)
+    async with mount.running() as ops:
+        fh = await mount.open(LAYER + ".raw")
+        # Zero and hole areas come from the map: the server sees nothing.
+        for off, n in ((MiB, 64 * K), (CHUNK + 512 * K, 3 * MiB), (2 * CHUNK, CHUNK)):
+            assert await mount.read(fh, off, n) == bytes(n)
+        await mount.settle(LAYER)
+        assert image.preads == []
+
+        # Across a data/zero edge: one chunk; a first read fetches nothing ahead.
+        assert await mount.read(fh, MiB - 4096, 8192) == content[MiB - 4096:MiB + 4096]
+        await mount.settle(LAYER)
+        assert image.preads == [(0, CHUNK)]
+
+        # Across the chunk 0/1 edge, sequential: chunks 3 and 4 are fetched
+        # ahead, chunk 2 (all hole) is not; the last one only up to the end.
+        assert await mount.read(fh, CHUNK - 4096, 8192) == content[CHUNK - 4096:CHUNK + 4096]
+        await mount.settle(LAYER)
+        fetched = [(0, CHUNK), (CHUNK, CHUNK), (3 * CHUNK, CHUNK), (4 * CHUNK, 12345)]
+        assert sorted(image.preads) == fetched
+
+        # Everything else comes from the cache, clipped at the end of the export.
+        assert await mount.read(fh, size - 100, 4096) == content[-100:]
+        assert await mount.read(fh, size, 4096) == b""
+        assert await mount.read(fh, 3 * CHUNK - 10, 20) == bytes(10) + content[3 * CHUNK:3 * CHUNK + 10]
+        assert await mount.read(fh, CHUNK + 512 * K - 7, 14) == content[CHUNK + 512 * K - 7:CHUNK + 512 * K + 7]
+        assert await mount.read(fh, 0, size) == content
+        await mount.settle(LAYER)
+        assert sorted(image.preads) == fetched
+        await ops.release(fh)
