@@ -56,9 +56,17 @@ class Connection:
             # libnbd closes the handle when the last reference goes.
             del h
 
+    def _handle(self):
+        """The libnbd handle; a connection closed under a request (its server
+        was stopped or restarted meanwhile) is a lost connection, retried."""
+        h = self._h
+        if h is None:
+            raise NBDError("connection closed", errno.ENOTCONN)
+        return h
+
     def pread(self, length: int, offset: int) -> bytes:
         try:
-            return self._h.pread(length, offset)
+            return self._handle().pread(length, offset)
         except nbd.Error as e:
             raise NBDError(f"read of {length} bytes at {offset} failed: {e.string}", e.errno) from None
 
@@ -76,7 +84,7 @@ class Connection:
 
         def request(length, offset, callback):
             try:
-                self._h.block_status(length, offset, callback)
+                self._handle().block_status(length, offset, callback)
             except nbd.Error as e:
                 raise NBDError(f"block status at {offset} failed: {e.string}", e.errno) from None
 
