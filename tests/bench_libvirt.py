@@ -32,7 +32,7 @@ import xml.etree.ElementTree as ET
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from libvirt_env import DiskSpec, TestDomain, libvirt_conn, new_image_dir  # noqa: E402
+from libvirt_env import DiskSpec, TestDomain, accelerator, libvirt_conn, new_image_dir  # noqa: E402
 
 SNAPFS = os.path.join(os.path.dirname(HERE), ".venv", "bin", "snapfs")
 MiB, GiB = 1 << 20, 1 << 30
@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3, help="runs per measurement (default: 3)")
     args = p.parse_args(argv)
     conn = libvirt_conn()
+    log(f"domain: {accelerator(conn.getURI())[1]}")
     d = new_image_dir("bench")
     tmp = tempfile.mkdtemp(prefix="snapfs-bench-lv-")
     mnt = os.path.join(tmp, "mnt")
@@ -130,6 +131,7 @@ def main(argv=None) -> int:
         print(f"{name:40} {best:8.3f} {statistics.median(times):9.3f} {mbs:>7} {ratio:>11}")
     print(f"(runs: {args.reps}; MB/s = data moved / best; the dirty view holds 256 MiB of changed "
           "data and 128 MiB of changed zeros, which move no data)")
+    print(f"(VM: {accelerator(conn.getURI())[1]})")
     return 0
 
 

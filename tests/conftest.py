@@ -274,6 +274,15 @@ def _mount_logs(request):
         pytest.fail("the mount log has unexpected entries:\n" + "\n".join(problems), pytrace=False)
 
 
+def pytest_report_header(config):
+    """Whether the libvirt tests' domains get KVM or TCG, and why, at the top of every run."""
+    try:
+        from libvirt_env import accelerator
+    except ImportError as e:  # no python3-libvirt: the libvirt tiers will say so
+        return f"libvirt domains: unknown ({e})"
+    return f"libvirt domains: {accelerator()[1]}"
+
+
 @pytest.fixture(scope="session")
 def conn():
     """A libvirt connection to qemu:///system; libvirtd is started if none runs."""

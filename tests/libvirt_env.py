@@ -20,11 +20,15 @@ Typical use::
 from __future__ import annotations
 
 import atexit
+import functools
+import grp
+import logging
 import os
 import pwd
 import re
 import secrets
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -37,21 +41,147 @@ import libvirt
 import libvirt_qemu
 
 MiB = 1 << 20
-def _qemu_user() -> tuple[int, int]:
-    """uid/gid qemu runs as under qemu:///system (Debian's libvirt-qemu)."""
-    try:
-        pw = pwd.getpwnam("libvirt-qemu")
-        return pw.pw_uid, pw.pw_gid
-    except KeyError:
-        return 64055, 64055
-
-
-QEMU_UID, QEMU_GID = _qemu_user()
 NAME_PREFIX = "snapfs-test-"
+log = logging.getLogger(__name__)
 
 # libvirt's default error handler prints every error to stderr, even the ones
 # that are caught; the exceptions carry the same text.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+# -- qemu's user and its accelerator ------------------------------------------
+
+@dataclass(frozen=True)
+class QemuUser:
+    """Who libvirt runs qemu as: user, group and supplementary groups."""
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+def _qemu_conf(key: str, path: str = "/etc/libvirt/qemu.conf") -> str | None:
+    """The value of an uncommented ``key = "..."`` line of qemu.conf, else None."""
+    try:
+        with open(path) as f:
+            m = re.search(rf'^\s*{key}\s*=\s*"([^"]*)"', f.read(), re.M)
+    except OSError:
+        return None
+    return m.group(1) if m else None
+
+
+def _by_name_or_id(value: str, by_name: Any, by_id: Any) -> Any:
+    """libvirt's reading of qemu.conf's user/group: "+N" is an id, else a name, else an id."""
+    if value.startswith("+"):
+        return by_id(int(value[1:]))
+    try:
+        return by_name(value)
+    except KeyError:
+        return by_id(int(value))
+
+
+def qemu_user(uri: str = "qemu:///system") -> QemuUser:
+    """The user libvirt runs qemu as for ``uri``, found the way libvirt finds it.
+
+    qemu:///session runs qemu as the caller. qemu:///system takes ``user`` and
+    ``group`` from /etc/libvirt/qemu.conf, by default ``libvirt-qemu`` for both
+    (Debian's build), and adds the user's groups (``virGetGroupList``: the
+    primary group from passwd and every group listing the user). On Debian
+    12 that gives uid libvirt-qemu, gid libvirt-qemu, groups kvm and
+    libvirt-qemu, as /proc/PID/status of a running qemu shows.
+    """
+    if uri.rstrip("/").endswith("/session"):
+        return QemuUser(pwd.getpwuid(os.getuid()).pw_name, os.getuid(), os.getgid(),
+                        tuple(os.getgroups()))
+    pw = _by_name_or_id(_qemu_conf("user") or "libvirt-qemu", pwd.getpwnam, pwd.getpwuid)
+    try:
+        gid = _by_name_or_id(_qemu_conf("group") or "libvirt-qemu",
+                             grp.getgrnam, grp.getgrgid).gr_gid
+    except KeyError:
+        gid = pw.pw_gid
+    groups = tuple(sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid)) | {gid}))
+    return QemuUser(pw.pw_name, pw.pw_uid, gid, groups)
+
+
+def _cannot_open_rw(path: str, user: QemuUser) -> str | None:
+    """None if ``user`` can open ``path`` read-write, else the reason.
+
+    A real open(O_RDWR) as that user with its groups (run by subprocess's
+    own fork/exec, safe in a threaded process), so that ACLs and a device
+    cgroup count too, not just the mode bits. Without the right to change
+    user (not root, and not that user), the mode bits decide.
+    """
+    if os.geteuid() == user.uid:
+        try:
+            os.close(os.open(path, os.O_RDWR))
+            return None
+        except OSError as e:
+            return e.strerror
+    try:
+        r = subprocess.run(["/bin/sh", "-c", 'exec 3<>"$1"', "sh", path], user=user.uid,
+                           group=user.gid, extra_groups=list(user.groups),
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    except PermissionError:
+        st = os.stat(path)
+        shift = 6 if st.st_uid == user.uid else 3 if st.st_gid in user.groups else 0
+        return None if (st.st_mode >> shift) & 0o6 == 0o6 else "mode bits deny read-write"
+    return None if r.returncode == 0 else r.stderr.strip().rpartition(": ")[2] or "open failed"
+
+
+def _describe(path: str) -> str:
+    """``crw------- root:root``: the node's mode and owner."""
+    st = os.stat(path)
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"{stat.filemode(st.st_mode)} {owner}:{group}"
+
+
+@functools.cache
+def accelerator(uri: str = "qemu:///system") -> tuple[str, str]:
+    """(domain type, why): ``kvm`` if qemu's user can open /dev/kvm read-write, else ``qemu`` (TCG).
+
+    The existence of /dev/kvm is not enough: on a machine without udev the
+    node is ``crw------- root:root`` and a kvm domain fails to start with
+    "Could not access KVM kernel module: Permission denied". TCG domains do
+    start there, but slowly: libvirt's capability probe keeps
+    CAP_DAC_OVERRIDE and sees KVM, its check as qemu's user does not, so it
+    finds its cached capabilities stale and probes qemu again (about 4 s) on
+    every call that needs them: 36 s per ``defineXML``. ``make setup`` (root)
+    gives the node Debian's udev owner and mode, root:kvm 0660. Checked
+    once per process and logged.
+    """
+    kvm = "/dev/kvm"
+    if not os.path.exists(kvm):
+        kind, why = "qemu", f"TCG: {kvm} does not exist"
+    else:
+        user = qemu_user(uri)
+        denied = _cannot_open_rw(kvm, user)
+        if denied is None:
+            kind, why = "kvm", f"KVM: {user.name} can open {kvm} ({_describe(kvm)})"
+        else:
+            kind, why = "qemu", (f"TCG: {user.name} cannot open {kvm} ({_describe(kvm)}): {denied} "
+                                 "(libvirt then probes qemu anew on every call; make setup as root "
+                                 "gives the node Debian's udev mode)")
+    log.info("libvirt domains of %s: %s", uri, why)
+    return kind, why
+
+
+def _qemu_ids() -> tuple[int, int]:
+    """uid/gid qemu runs as under qemu:///system (Debian: libvirt-qemu for both)."""
+    try:
+        user = qemu_user()
+        return user.uid, user.gid
+    except (KeyError, ValueError):
+        return 64055, 64055
+
+
+QEMU_UID, QEMU_GID = _qemu_ids()
 
 
 # -- the daemon ---------------------------------------------------------------
@@ -224,9 +354,13 @@ class NetworkDiskSpec:
 AnyDisk = DiskSpec | NetworkDiskSpec
 
 
-def domain_xml(name: str, disks: Iterable[AnyDisk], memory_mib: int = 64) -> str:
-    """XML of a guest with no OS: it starts and idles, its disks are live."""
-    kind = "kvm" if os.path.exists("/dev/kvm") else "qemu"
+def domain_xml(name: str, disks: Iterable[AnyDisk], memory_mib: int = 64,
+               uri: str = "qemu:///system") -> str:
+    """XML of a guest with no OS: it starts and idles, its disks are live.
+
+    KVM when qemu's user under ``uri`` can use it, else TCG (``accelerator``).
+    """
+    kind = accelerator(uri)[0]
     return (f"<domain type='{kind}'><name>{name}</name>"
             f"<memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>"
             "<os><type arch='x86_64' machine='pc'>hvm</type></os>"
@@ -282,7 +416,7 @@ class TestDomain:
                 if isinstance(d, DiskSpec) and d.path and d.size is not None \
                         and not os.path.exists(d.path):
                     made.append(create_image(d.path, d.size, d.fmt))
-            dom = conn.defineXML(domain_xml(full, disks, memory_mib))
+            dom = conn.defineXML(domain_xml(full, disks, memory_mib, conn.getURI()))
         except BaseException:
             _remove(made)
             raise
@@ -298,7 +432,12 @@ class TestDomain:
         return bool(self.dom.isActive())
 
     def start(self) -> None:
-        """Start the domain (it stays running with no OS)."""
+        """Start the domain (it stays running with no OS).
+
+        One that cannot start raises libvirtError with libvirt's message, at
+        once: nothing here waits or retries (a slow failure is libvirt's own,
+        see ``accelerator``).
+        """
         self.dom.create()
 
     def destroy(self, timeout: float = 30.0) -> None:
