@@ -23,9 +23,18 @@ from .errors import MountError
 
 def runtime_bases() -> list[str]:
     """Where mounts keep their runtime directories: ``$XDG_RUNTIME_DIR/snapfs``
-    (when set), and ``/tmp/snapfs-UID``."""
+    (when set to a directory of ours: ``su``/``runuser`` may pass another
+    user's on), and ``/tmp/snapfs-UID``."""
     xdg = os.environ.get("XDG_RUNTIME_DIR")
-    bases = [os.path.join(xdg, "snapfs")] if xdg and os.path.isdir(xdg) else []
+    bases = []
+    if xdg:
+        try:
+            st = os.stat(xdg)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() \
+                and os.access(xdg, os.W_OK | os.X_OK):
+            bases.append(os.path.join(xdg, "snapfs"))
     return bases + [f"/tmp/snapfs-{os.getuid()}"]
 
 

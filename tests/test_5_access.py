@@ -55,9 +55,10 @@ def user():
     return pw
 
 
-def as_user(pw, *cmd, check=True, env=None):
+def as_user(pw, *cmd, check=True, env=None, xdg=None):
+    xdg_env = ["-u", "XDG_RUNTIME_DIR"] if xdg is None else [f"XDG_RUNTIME_DIR={xdg}"]
     return run("setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
-               "env", "-u", "XDG_RUNTIME_DIR", f"HOME={env or '/'}", *cmd, check=check, cwd=REPO)
+               "env", *xdg_env, f"HOME={env or '/'}", *cmd, check=check, cwd=REPO)
 
 
 def read_as(pw, *paths) -> dict:
@@ -104,7 +105,10 @@ def test_ordinary_user_mounts_own_image_directory(user, shared_tmp):
     img = image(os.path.join(images, "vda.qcow2"), 0o600, owner=user)
     expected = sha_of_raw(img, shared_tmp)
 
-    r = as_user(user, *SNAPFS, "mount", "--images", images, mnt, check=False, env=shared_tmp)
+    # su and runuser pass root's XDG_RUNTIME_DIR on: not the user's to use.
+    roots = os.path.join(shared_tmp, "run-user-0")
+    os.mkdir(roots, 0o700)
+    r = as_user(user, *SNAPFS, "mount", "--images", images, mnt, check=False, env=shared_tmp, xdg=roots)
     assert r.returncode == 0, r.stderr
     try:
         view = os.path.join(mnt, "vda.qcow2", "chain", "00-vda.raw")
@@ -119,7 +123,7 @@ def test_ordinary_user_mounts_own_image_directory(user, shared_tmp):
         with pytest.raises(PermissionError):
             os.stat(view)
     finally:
-        r = as_user(user, *SNAPFS, "umount", mnt, check=False, env=shared_tmp)
+        r = as_user(user, *SNAPFS, "umount", mnt, check=False, env=shared_tmp, xdg=roots)
     assert r.returncode == 0, r.stderr
     assert not os.path.ismount(mnt)
 
