@@ -35,7 +35,6 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any, Iterable
-from xml.sax.saxutils import quoteattr
 
 import libvirt
 import libvirt_qemu
@@ -299,6 +298,23 @@ def create_image(path: str, size: int, fmt: str = "qcow2") -> str:
     return path
 
 
+# -- libvirt XML ----------------------------------------------------------------
+
+
+def E(tag: str, *children: ET.Element, text: str | None = None, **attrs: str) -> ET.Element:
+    """An element with attributes, children and text: libvirt XML is built, never
+    pasted together from strings, so any name or path is escaped right."""
+    el = ET.Element(tag, attrs)
+    el.extend(children)
+    if text is not None:
+        el.text = text
+    return el
+
+
+def to_xml(el: ET.Element) -> str:
+    return ET.tostring(el, encoding="unicode")
+
+
 # -- disk descriptions --------------------------------------------------------
 
 @dataclass
@@ -317,13 +333,18 @@ class DiskSpec:
     device: str = "disk"
     bus: str | None = None
 
-    def xml(self) -> str:
+    def element(self) -> ET.Element:
         bus = self.bus or ("ide" if self.device == "cdrom" else "virtio")
-        source = f"<source file={quoteattr(self.path)}/>" if self.path else ""
-        ro = "<readonly/>" if self.device == "cdrom" else ""
-        return (f"<disk type='file' device='{self.device}'>"
-                f"<driver name='qemu' type='{self.fmt}'/>{source}"
-                f"<target dev='{self.target}' bus='{bus}'/>{ro}</disk>")
+        disk = E("disk", E("driver", name="qemu", type=self.fmt), type="file", device=self.device)
+        if self.path:
+            disk.append(E("source", file=self.path))
+        disk.append(E("target", dev=self.target, bus=bus))
+        if self.device == "cdrom":
+            disk.append(E("readonly"))
+        return disk
+
+    def xml(self) -> str:
+        return to_xml(self.element())
 
 
 @dataclass
@@ -344,11 +365,15 @@ class NetworkDiskSpec:
     fmt: str = "raw"
     bus: str = "virtio"
 
+    def element(self) -> ET.Element:
+        return E("disk",
+                 E("driver", name="qemu", type=self.fmt),
+                 E("source", E("host", name=self.host, port=str(self.port)), protocol="nbd", name=self.name),
+                 E("target", dev=self.target, bus=self.bus),
+                 type="network", device="disk")
+
     def xml(self) -> str:
-        return (f"<disk type='network' device='disk'><driver name='qemu' type='{self.fmt}'/>"
-                f"<source protocol='nbd' name={quoteattr(self.name)}>"
-                f"<host name={quoteattr(self.host)} port='{self.port}'/></source>"
-                f"<target dev='{self.target}' bus='{self.bus}'/></disk>")
+        return to_xml(self.element())
 
 
 AnyDisk = DiskSpec | NetworkDiskSpec
@@ -361,13 +386,17 @@ def domain_xml(name: str, disks: Iterable[AnyDisk], memory_mib: int = 64,
     KVM when qemu's user under ``uri`` can use it, else TCG (``accelerator``).
     """
     kind = accelerator(uri)[0]
-    return (f"<domain type='{kind}'><name>{name}</name>"
-            f"<memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>"
-            "<os><type arch='x86_64' machine='pc'>hvm</type></os>"
-            "<features><acpi/></features>"  # without ACPI, pci.0 takes no hotplug
-            "<on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>"
-            "<devices>" + "".join(d.xml() for d in disks) +
-            "<memballoon model='none'/></devices></domain>")
+    return to_xml(E(
+        "domain",
+        E("name", text=name),
+        E("memory", text=str(memory_mib), unit="MiB"),
+        E("vcpu", text="1"),
+        E("os", E("type", text="hvm", arch="x86_64", machine="pc")),
+        E("features", E("acpi")),  # without ACPI, pci.0 takes no hotplug
+        E("on_poweroff", text="destroy"),
+        E("on_crash", text="destroy"),
+        E("devices", *(d.element() for d in disks), E("memballoon", model="none")),
+        type=kind))
 
 
 # -- the domain ---------------------------------------------------------------
@@ -599,13 +628,11 @@ class TestDomain:
         running: libvirt 9.0 answers "Operation not supported: cannot create
         checkpoint for inactive domain" otherwise.
         """
-        body = ""
+        cp = E("domaincheckpoint", E("name", text=name))
         if disks is not None:
-            body = "<disks>" + "".join(
-                f"<disk name='{t}' checkpoint='{'bitmap' if disks.get(t) else 'no'}'/>"
-                for t in self._file_disks()) + "</disks>"
-        xml = f"<domaincheckpoint><name>{name}</name>{body}</domaincheckpoint>"
-        return self.dom.checkpointCreateXML(xml, 0)
+            cp.append(E("disks", *(E("disk", name=t, checkpoint="bitmap" if disks.get(t) else "no")
+                                   for t in self._file_disks())))
+        return self.dom.checkpointCreateXML(to_xml(cp), 0)
 
     def snapshot_external(self, name: str, overlay_paths: dict[str, str]
                           ) -> libvirt.virDomainSnapshot:
@@ -618,11 +645,10 @@ class TestDomain:
         unknown = set(overlay_paths) - set(self._file_disks())
         if unknown:
             raise KeyError(f"{self.name} has no disks {sorted(unknown)}")
-        disks = "".join(
-            f"<disk name='{t}' snapshot='external'><source file={quoteattr(overlay_paths[t])}/></disk>"
-            if t in overlay_paths else f"<disk name='{t}' snapshot='no'/>"
-            for t in self._file_disks())
-        xml = f"<domainsnapshot><name>{name}</name><disks>{disks}</disks></domainsnapshot>"
+        xml = to_xml(E("domainsnapshot", E("name", text=name), E("disks", *(
+            E("disk", E("source", file=overlay_paths[t]), name=t, snapshot="external")
+            if t in overlay_paths else E("disk", name=t, snapshot="no")
+            for t in self._file_disks()))))
         flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
         for path in overlay_paths.values():
             if not os.path.exists(path):

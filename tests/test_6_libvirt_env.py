@@ -9,7 +9,17 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 import pytest
-from libvirt_env import DiskSpec, HmpError, MiB, NetworkDiskSpec, TestDomain, accelerator, new_image_dir
+from libvirt_env import (
+    DiskSpec,
+    E,
+    HmpError,
+    MiB,
+    NetworkDiskSpec,
+    TestDomain,
+    accelerator,
+    new_image_dir,
+    to_xml,
+)
 
 
 def expected(size, *runs):
@@ -94,12 +104,14 @@ def test_attach_checkpoint_snapshot_and_backup_while_running(conn, d):
             assert content(f"{d}/base.raw") == expected(64 * MiB, (0, 4 * MiB, 0x11))
 
             # Left running on purpose: cleanup must abort it.
-            dom.dom.backupBegin(
-                f"<domainbackup mode='pull'><server transport='unix' socket='{backup_dir}/nbd.sock'/>"
-                "<disks><disk name='vda' backup='yes' type='file'>"
-                f"<scratch file='{backup_dir}/vda.scratch'/></disk>"
-                "<disk name='vdb' backup='no'/><disk name='vdc' backup='no'/></disks></domainbackup>",
-                None, 0)
+            dom.dom.backupBegin(to_xml(E(
+                "domainbackup",
+                E("server", transport="unix", socket=f"{backup_dir}/nbd.sock"),
+                E("disks",
+                  E("disk", E("scratch", file=f"{backup_dir}/vda.scratch"), name="vda", backup="yes",
+                    type="file"),
+                  E("disk", name="vdb", backup="no"), E("disk", name="vdc", backup="no")),
+                mode="pull")), None, 0)
             assert dom.dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE
             name = dom.name
         assert gone(conn, name)

@@ -33,7 +33,7 @@ from conftest import (
     run,
     seek_walk,
 )
-from libvirt_env import DiskSpec, NetworkDiskSpec, TestDomain, new_image_dir
+from libvirt_env import DiskSpec, E, NetworkDiskSpec, TestDomain, new_image_dir, to_xml
 
 from snapfs.runtime import find_mount, pid_alive
 
@@ -366,9 +366,12 @@ class BlockDisk:
     def __init__(self, target, dev):
         self.target, self.dev = target, dev
 
+    def element(self):
+        return E("disk", E("driver", name="qemu", type="raw"), E("source", dev=self.dev),
+                 E("target", dev=self.target, bus="virtio"), type="block", device="disk")
+
     def xml(self):
-        return (f"<disk type='block' device='disk'><driver name='qemu' type='raw'/>"
-                f"<source dev='{self.dev}'/><target dev='{self.target}' bus='virtio'/></disk>")
+        return to_xml(self.element())
 
 
 @pytest.fixture
@@ -406,6 +409,7 @@ def test_cdrom_network_and_empty_disks_are_listed(conn, d, mount, loop_device):
 # -- the backup job's life ------------------------------------------------------------------
 
 
+@pytest.mark.log_allows(r"aborting a backup job left by a snapfs that is gone")
 def test_refresh_and_a_job_left_by_a_crash(conn, d, mount, tmp_path):
     with TestDomain.define(conn, "job", [DiskSpec("vda", f"{d}/vda.qcow2", size=16 * MiB)]) as dom:
         dom.start()
@@ -455,10 +459,11 @@ def test_refresh_and_a_job_left_by_a_crash(conn, d, mount, tmp_path):
 
         # A job snapfs did not start is left alone, and said so.
         jobdir = new_image_dir("foreign", qemu_owned=True)
-        dom.dom.backupBegin(
-            f"<domainbackup mode='pull'><server transport='unix' socket='{jobdir}/s'/><disks>"
-            f"<disk name='vda' backup='yes' type='file'><scratch file='{jobdir}/x'/></disk>"
-            "</disks></domainbackup>", None, 0)
+        dom.dom.backupBegin(to_xml(E(
+            "domainbackup",
+            E("server", transport="unix", socket=f"{jobdir}/s"),
+            E("disks", E("disk", E("scratch", file=f"{jobdir}/x"), name="vda", backup="yes", type="file")),
+            mode="pull")), None, 0)
         m3 = lv_mount(mount, dom, name="m3")
         assert "already has a backup job that snapfs did not start" in m3.status()
         assert not os.path.exists(m3 / f"{dom.name}/vda/chain/current.raw")
@@ -682,6 +687,8 @@ def test_running_domain_with_a_cdrom(conn, d, mount, tmp_path):
         m.close()
 
 
+@pytest.mark.log_allows(r"cannot ask libvirt about the backup job: .*client socket is closed",
+                        r"ending the backup job of the mount in ")
 def test_libvirtd_that_stops_answering(conn, d, mount):
     """No hang: keepalive closes the connection; unmount still ends the job."""
     with TestDomain.define(conn, "hang", [DiskSpec("vda", f"{d}/vda.qcow2", size=16 * MiB)]) as dom:

@@ -160,8 +160,7 @@ class DomainReader:
             job = backup.BackupJob.start(self.dom, xml, self.rundir, served, modes,
                                          since.name if since else None, self.new_checkpoint, others)
         except BackupError as e:
-            plan.notes.append(f"{plan.dirname}: {e}")
-            log.warning("domain %s: %s", plan.name, e)
+            plan.notes.append(f"{plan.dirname}: {e}")  # logged with the status file's notes
             return None
         for note in job.notes:
             plan.notes.append(f"{plan.dirname}: {note}")
