@@ -14,12 +14,13 @@
     │   │                          open file)
     │   └── Gone                   ... and a lookup or open of it: ENOENT
     ├── Refused                    this request is not allowed; nothing else
-    │                              is wrong (EROFS, EACCES, EINVAL, ENXIO)
+    │                              is wrong (a seek past the data: ENXIO)
     └── TransportError             an NBD request failed: libnbd's errno;
                                    ``disconnected`` ones are retried once on
                                    a new connection (a restarted server)
 
-Anything else reaching the FUSE boundary is a bug: ``fuse_errno`` logs it
+Requests a read-only mount never serves (writes: EROFS) are answered by the
+handlers themselves. Anything else reaching the FUSE boundary is a bug: ``fuse_errno`` logs it
 once with its traceback and answers EIO, so one bad image never takes the
 mount down. This module is pure: it imports neither pyfuse3 nor libnbd.
 """

@@ -179,6 +179,7 @@ class Mount:
         os.makedirs(self.path, exist_ok=True)
         self.logfile = self.path + ".log"
         self.log_checked = 0
+        self.closed = False
         if "--log" not in extra:
             extra = (*extra, "--log", self.logfile)
         else:
@@ -235,6 +236,7 @@ class Mount:
             return f.read()
 
     def close(self):
+        self.closed = True
         if os.path.ismount(self.path):
             r = run(*SNAPFS, "umount", self.path, check=False, cwd=REPO)
             if r.returncode != 0 and os.path.ismount(self.path):
@@ -270,8 +272,17 @@ def _mount_logs(request):
     yield
     allowed = [p for m in request.node.iter_markers("log_allows") for p in m.args]
     problems = [p for m in Mount.made for p in m.log_problems(allowed)]
+    Mount.made = [m for m in Mount.made if not m.closed]
     if problems:
         pytest.fail("the mount log has unexpected entries:\n" + "\n".join(problems), pytrace=False)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Mounts that outlived their last test (module fixtures) are checked at the end."""
+    problems = [p for m in Mount.made for p in m.log_problems([])]
+    if problems:
+        print("\nthe mount log has unexpected entries:\n" + "\n".join(problems))
+        session.exitstatus = 1
 
 
 def pytest_report_header(config):

@@ -199,3 +199,62 @@ def test_leaf_symlink_outside_the_directory_is_refused(tmp_path, mount):
     with open(m2 / "vm/linked.qcow2/chain/00-linked.raw", "rb") as f:
         got = hashlib.sha256(f.read()).hexdigest()
     assert got == sha_of_raw(elsewhere, str(tmp_path))
+
+
+def test_allow_other_mount_keeps_directory_permissions(user, shared_tmp, mount):
+    """Reading a file takes search permission on every directory above it: so do its views."""
+    home = os.path.join(shared_tmp, "home")  # a 0700 home holding a 0755 image directory
+    images = os.path.join(home, "images")
+    os.makedirs(images)
+    os.chmod(home, 0o700)
+    os.chmod(images, 0o755)
+    image(os.path.join(images, "disk.qcow2"), 0o644)
+    m = mount(images, "--allow-other", name=os.path.join(shared_tmp, "mnt"))
+    view = m / "disk.qcow2/chain/00-disk.raw"
+    with open(view, "rb") as f:  # root reads it
+        assert len(f.read()) == SIZE
+    assert read_as(user, view) == {view: errno.EACCES}
+    r = as_user(user, "ls", m.path, check=False)
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+
+
+def test_allow_other_mount_keeps_subdirectory_permissions(user, shared_tmp, mount):
+    images = os.path.join(shared_tmp, "images")
+    os.mkdir(images, 0o755)
+    for sub, mode in (("private", 0o700), ("listable", 0o744), ("templates", 0o700), ("vm", 0o755),
+                      ("secret", 0o700)):
+        os.mkdir(os.path.join(images, sub))
+        os.chmod(os.path.join(images, sub), mode)
+    image(os.path.join(images, "private", "a.qcow2"), 0o644)
+    image(os.path.join(images, "listable", "b.qcow2"), 0o644)  # r-- but no x: not readable
+    # A leaf in a 0755 directory over a base in a 0700 one: its layer is
+    # readable, its chain is not.
+    base = image(os.path.join(images, "templates", "base.qcow2"), 0o644)
+    leaf = create(os.path.join(images, "vm", "leaf.qcow2"), backing=base)
+    qemu_io(leaf, "write -P 0x44 6M 1M")
+    os.chmod(leaf, 0o644)
+    # A link in DIR to an image behind a 0700 directory of DIR.
+    target = image(os.path.join(images, "secret", "c.qcow2"), 0o644)
+    os.symlink(target, os.path.join(images, "link.qcow2"))
+    expected_leaf_layer = sha_of_raw(json_layer(leaf), shared_tmp)
+
+    m = mount(images, "--allow-other", name=os.path.join(shared_tmp, "mnt"))
+    views = {
+        "private": m / "private/a.qcow2/chain/00-a.raw",
+        "listable": m / "listable/b.qcow2/chain/00-b.raw",
+        "leaf chain": m / "vm/leaf.qcow2/chain/01-leaf.raw",
+        "leaf layer": m / "vm/leaf.qcow2/layers/01-leaf.raw",
+        "base layer": m / "vm/leaf.qcow2/layers/00-base.raw",
+        "link": m / "link.qcow2/chain/00-link.raw",
+    }
+    for path in views.values():
+        assert os.path.exists(path)  # root sees every view
+    got = read_as(user, *views.values())
+    assert {name: got[path] for name, path in views.items()} == {
+        "private": errno.EACCES,
+        "listable": errno.EACCES,
+        "leaf chain": errno.EACCES,
+        "leaf layer": expected_leaf_layer,
+        "base layer": errno.EACCES,
+        "link": errno.EACCES,
+    }

@@ -65,18 +65,29 @@ class Layer:
     bitmaps: list[qcow2.Bitmap] = field(default_factory=list)
     problem: str | None = None
     mtime_ns: int = 0
+    real: str = ""  # the file it resolved to when read: what qemu opens
+
+    @property
+    def node(self) -> tuple[str, str]:
+        """``(file, format)`` for an export: the file as resolved at scan time,
+        so a symlink pointed elsewhere later does not change what is read."""
+        return (self.real or self.path, self.format)
 
     @property
     def name(self) -> str:
         return os.path.basename(self.path)
 
 
-def format_by_name(path: str) -> str | None:
-    """The format of a file found in the directory, or None if it is no image."""
+def format_by_name(path: str, by_name_only: bool = False) -> str | None:
+    """The format of a file found in the directory, or None if it is no image.
+
+    by_name_only: never open the file (a name without an image suffix is
+    then no image).
+    """
     lower = path.lower()
     if lower.endswith(".raw"):
         return "raw"
-    if qcow2.is_qcow2(path):
+    if not by_name_only and qcow2.is_qcow2(path):
         return "qcow2"
     if lower.endswith(".img"):
         return "raw"
@@ -112,7 +123,7 @@ def _device_size(path: str) -> int:
 
 def read_layer(path: str, fmt: str) -> Layer:
     """Read one image's metadata; problems are recorded, never raised."""
-    layer = Layer(path=path, format=fmt)
+    layer = Layer(path=path, format=fmt, real=os.path.realpath(path))
     try:
         st = os.stat(path)
     except OSError as e:

@@ -9,6 +9,7 @@ import logging
 import os
 
 from ..sources.imagedir import ImageDirectory, disk_views
+from .access import LIST, READ, SEARCH, parents
 from .tree import Status, Tree
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,11 @@ def build_tree(images: str, allow_outside: bool) -> tuple[Tree, Status]:
     tree = Tree()
     status = Status(scan.root)
     status.problems += [(p.path, p.reason) for p in scan.problems]
-    tree.add_status()
-    tree.root.paths = (scan.root,)
+    status_file = tree.add_status()
+    # The root (and the status file, which names what is in it) needs what
+    # reading the image directory needs.
+    root_needs = ((scan.root, LIST),) + tuple((d, SEARCH) for d in parents(scan.root))
+    tree.root.paths = status_file.paths = root_needs
     for disk in scan.disks:
         views, missing = disk_views(disk)
         status.problems += missing
@@ -31,7 +35,7 @@ def build_tree(images: str, allow_outside: bool) -> tuple[Tree, Status]:
         parts = disk.relpath.split("/")[:-1]
         for i in range(len(parts)):
             rel = "/".join(parts[: i + 1])
-            tree.directory(rel).paths = (os.path.join(scan.root, rel),)
+            tree.directory(rel).paths = ((os.path.join(scan.root, rel), LIST),)
         _disk_dirs(tree, disk)
         for view in views:
             tree.add_view(view)
@@ -63,6 +67,7 @@ def layout(tree: Tree, status: Status, plan) -> None:
 
 def _disk_dirs(tree: Tree, disk) -> None:
     """A disk's directory and folders: they show the leaf's names, and take its permissions."""
-    tree.directory(disk.relpath).paths = (disk.top.path,)
+    needs = ((disk.top.path, READ),) + tuple((d, SEARCH) for d in parents(disk.top.path))
+    tree.directory(disk.relpath).paths = needs
     for folder in ("chain", "layers", "dirty"):
-        tree.directory(f"{disk.relpath}/{folder}").paths = (disk.top.path,)
+        tree.directory(f"{disk.relpath}/{folder}").paths = needs

@@ -70,7 +70,7 @@ async def serve(args, ready=None) -> None:
         pool = ServerPool(rundir, connections=args.connections, idle_timeout=args.idle_timeout)
         ops = Operations(tree, pool, status)
         # The kernel checks every access against the owner, group and mode
-        # each node takes from its images (fs/attrs.py), for the mounting
+        # each node takes from its images (fs/access.py), for the mounting
         # user too: a mount never widens access.
         options = {"fsname=snapfs", "subtype=snapfs", "ro", "default_permissions"}
         if args.allow_other:

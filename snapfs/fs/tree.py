@@ -22,9 +22,9 @@ ROOT_INODE = 1  # FUSE_ROOT_ID
 class Node:
     """inode: the inode number; parent: the Directory holding it.
 
-    paths: the files whose owner and permissions the node takes (``attrs.py``);
-    None for the mount's own (the status file, directories of libvirt domains).
-    access: ``(uid, gid, bits)`` once worked out.
+    paths: what reading the node needs without the mount, ``(path, need)``
+    pairs (``access.py``); None for the mount's own (directories of libvirt
+    domains).
     """
 
     def __init__(self, inode: int, name: str, parent: Directory | None):
@@ -32,8 +32,7 @@ class Node:
         self.name = name
         self.parent = parent
         self.removed = False  # replaced by a refresh; its inode answers ENOENT
-        self.paths: tuple[str, ...] | None = None
-        self.access: tuple[int, int, int] | None = None
+        self.paths: tuple[tuple[str, str], ...] | None = None
 
     @property
     def hidden(self) -> bool:

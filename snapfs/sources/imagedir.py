@@ -57,11 +57,14 @@ class ImageDirectory:
                 path = os.path.join(dirpath, fname)
                 if not os.path.isfile(path):
                     continue
+                # Before anything opens it: a link to a device or a hung
+                # mount must not be read at all.
+                if os.path.islink(path) and (why := self._outside(path, "image")) is not None:
+                    if format_by_name(path, by_name_only=True) is not None:
+                        self.problems.append(Problem(os.path.relpath(path, self.root), why))
+                    continue
                 fmt = format_by_name(path)
                 if fmt is None:
-                    continue
-                if os.path.islink(path) and (why := self._outside(path, "image")) is not None:
-                    self.problems.append(Problem(os.path.relpath(path, self.root), why))
                     continue
                 found[path] = self._chains.layer(path, fmt)
 
@@ -118,9 +121,9 @@ def disk_views(disk: Disk) -> tuple[list[View], list[tuple[str, str]]]:
             chain_ok = False
             missing.append((f"{disk.relpath}/layers/{base}.raw", layer.problem))
             continue
-        views.append(LayerView(disk, base, layer, ExportSpec(((layer.path, layer.format),)), layer.size))
+        views.append(LayerView(disk, base, layer, ExportSpec((layer.node,)), layer.size))
         if chain_ok:
-            spec = ExportSpec(tuple((lay.path, lay.format) for lay in reversed(disk.chain[: i + 1])))
+            spec = ExportSpec(tuple(lay.node for lay in reversed(disk.chain[: i + 1])))
             views.append(ChainView(disk, base, layer, spec, layer.size))
     if not chain_ok:
         missing.append((f"{disk.relpath}/chain/", "chain views need every layer down to the base: "
@@ -138,13 +141,13 @@ def disk_views(disk: Disk) -> tuple[list[View], list[tuple[str, str]]]:
         if reason is not None:
             missing.append((fname, reason))
             continue
-        chain_layers = tuple((lay.path, lay.format) for lay in reversed(disk.chain))
+        chain_layers = tuple(lay.node for lay in reversed(disk.chain))
         if len(holding) == 1:
             spec = ExportSpec(chain_layers, bitmap=bm.name)
             views.append(DirtyView(disk, escape_name(bm.name), top, spec, top.size))
         else:
             # Copies in backing files too (as libvirt makes them): their union.
-            specs = [ExportSpec(((lay.path, lay.format),), bitmap=bm.name) for lay in holding]
+            specs = [ExportSpec((lay.node,), bitmap=bm.name) for lay in holding]
             views.append(UnionDirtyView(disk, escape_name(bm.name), top, ExportSpec(chain_layers),
                                         top.size, bm.name, specs))
     for layer in disk.chain[:-1]:

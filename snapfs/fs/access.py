@@ -1,0 +1,118 @@
+"""Who may read what (docs/views.md, "Who may read what").
+
+A mount never widens access to the disks it shows. Reading a file takes
+read permission on it and search permission on every directory above it, so
+every node takes its owner, group and permission bits from what a reader
+would need without the mount (``node_access``):
+
+- the mount's root: the image directory (read and search) and every
+  directory above it (search); ``.snapfs-status`` the same, as a file;
+- a directory that mirrors one of the image directory's: that directory
+  (read and search);
+- a disk's directory and its ``chain/``, ``layers/``, ``dirty/``: the leaf
+  image (read) and every directory above it, as found and as resolved
+  (search);
+- a view and its map: every image the view reads (read: a layer view its
+  layer, a chain or dirty view every layer of the chain), and the
+  directories above them (search) that the disk's directory does not gate
+  already (a backing file in another directory).
+
+Owner and group are the first file's. The bits are those that *every* file
+grants to whoever holds that class on the node: a directory grants a class
+everything when it gives that class search permission (and read, where the
+node lists it), nothing otherwise. When a file has another owner or group,
+snapfs cannot know who is in which group, so it takes the least that class
+could get there::
+
+    node class   file with the same owner/group   file with another owner/group
+    owner        u                                 g & o       (not the file's owner)
+    group        g  (& u if not the same owner)    g & o (& u)
+    other        o  (& u, & g likewise)            u & g & o
+
+A file with an access ACL grants only its owner class (the ACL may deny a
+named user or group what the mode bits grant).
+
+A mount that is not writable clears the write bits, and execute bits of files
+(disk images are not programs); a directory is searchable by a class exactly
+when it is readable. The kernel checks these (``default_permissions``), so
+with ``--allow-other`` a user who cannot read ``vm1/disk.qcow2`` cannot read
+its views either. A file that cannot be stat'ed grants nothing. Attributes are
+worked out on every getattr (the kernel keeps them for their timeout).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from .tree import Node, ViewNode
+
+# What a reader needs of a path: read a file, search a directory, list one.
+READ, SEARCH, LIST = "read", "search", "list"
+
+
+def parents(path: str) -> list[str]:
+    """Every directory above ``path``, as given and as resolved, nearest first."""
+    out: dict[str, None] = {}
+    for p in (os.path.abspath(path), os.path.realpath(path)):
+        d = os.path.dirname(p)
+        while True:
+            out.setdefault(d)
+            if d == "/":
+                break
+            d = os.path.dirname(d)
+    return list(out)
+
+
+def _has_acl(path: str) -> bool:
+    try:
+        os.getxattr(path, "system.posix_acl_access")
+        return True
+    except OSError:
+        return False
+
+
+def access(needs) -> tuple[int, int, int]:
+    """``(uid, gid, mode bits)`` for a node whose reader needs ``needs``.
+
+    needs: ``(path, READ | SEARCH | LIST)`` pairs; the first decides owner
+    and group.
+    """
+    sts = []
+    for path, need in needs:
+        try:
+            sts.append((os.stat(path), need, path))
+        except OSError:
+            return 0, 0, 0
+    if not sts:
+        return 0, 0, 0
+    uid, gid = sts[0][0].st_uid, sts[0][0].st_gid
+    owner = group = other = 7
+    for st, need, path in sts:
+        m = stat.S_IMODE(st.st_mode)
+        u, g, o = m >> 6 & 7, m >> 3 & 7, m & 7
+        if need == SEARCH:
+            u, g, o = (7 if b & 1 else 0 for b in (u, g, o))
+        elif need == LIST:
+            u, g, o = (7 if b & 5 == 5 else 0 for b in (u, g, o))
+        if _has_acl(path):
+            g = o = 0
+        same_u, same_g = st.st_uid == uid, st.st_gid == gid
+        owner &= u if same_u else g & o
+        group &= g & (7 if same_u else u) & (7 if same_g else o)
+        other &= o & (7 if same_u else u) & (7 if same_g else g)
+    return uid, gid, owner << 6 | group << 3 | other
+
+
+def node_needs(node: Node) -> tuple | None:
+    """What reading ``node`` needs without the mount, or None (the mount's own)."""
+    if isinstance(node, ViewNode):
+        view = node.view
+        gated = set(parents(view.disk.top.path))  # the disk's directory checks these
+        files: dict[str, None] = {}
+        for spec in view.specs():
+            for path, _ in spec.layers:
+                files.setdefault(path)
+        dirs = {d: None for f in files for d in parents(f) if d not in gated}
+        return tuple((f, READ) for f in files) + tuple((d, SEARCH) for d in dirs)
+    return node.paths
