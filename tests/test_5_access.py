@@ -65,6 +65,12 @@ def read_as(pw, *paths) -> dict:
     return json.loads(as_user(pw, sys.executable, "-c", READER, *paths).stdout)
 
 
+def read_named_as(pw, views: dict) -> dict:
+    """{name: digest or errno} of reading each view as ``pw``."""
+    got = read_as(pw, *views.values())
+    return {name: got[path] for name, path in views.items()}
+
+
 def sha_of_raw(image, tmp) -> str:
     out = os.path.join(tmp, "expected.raw")
     qemu_img("convert", "-O", "raw", image, out)
@@ -154,9 +160,7 @@ def test_allow_other_mount_keeps_image_permissions(user, shared_tmp, mount):
         "top layer": m / "branch/top.qcow2/layers/01-top.raw",
         "base layer": m / "branch/top.qcow2/layers/00-base.raw",
     }
-    got = read_as(user, *views.values())
-    by_name = {name: got[path] for name, path in views.items()}
-    assert by_name == {
+    assert read_named_as(user, views) == {
         "private chain": errno.EACCES,
         "private layer": errno.EACCES,
         "private map": errno.EACCES,
@@ -249,8 +253,7 @@ def test_allow_other_mount_keeps_subdirectory_permissions(user, shared_tmp, moun
     }
     for path in views.values():
         assert os.path.exists(path)  # root sees every view
-    got = read_as(user, *views.values())
-    assert {name: got[path] for name, path in views.items()} == {
+    assert read_named_as(user, views) == {
         "private": errno.EACCES,
         "listable": errno.EACCES,
         "leaf chain": errno.EACCES,
