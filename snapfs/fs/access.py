@@ -37,18 +37,61 @@ A mount that is not writable clears the write bits, and execute bits of files
 when it is readable. The kernel checks these (``default_permissions``), so
 with ``--allow-other`` a user who cannot read ``vm1/disk.qcow2`` cannot read
 its views either. A file that cannot be stat'ed grants nothing. Attributes are
-worked out on every getattr (the kernel keeps them for their timeout).
+worked out on every getattr, from file system facts at most a second old
+(the kernel keeps them for their timeout).
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import time
 
 from .tree import Node, ViewNode
 
 # What a reader needs of a path: read a file, search a directory, list one.
 READ, SEARCH, LIST = "read", "search", "list"
+
+
+class Facts:
+    """What the file system says of paths (stat, ACL, resolved parents), kept ``ttl`` seconds.
+
+    An ``ls -lR`` asks about the same directories for every node it lists;
+    a second is long enough to ask the file system once per listing and
+    short enough that a chmod shows at the next lookup the kernel makes.
+    """
+
+    def __init__(self, ttl: float = 1.0, clock=time.monotonic):
+        self.ttl = ttl
+        self.clock = clock
+        self._facts: dict[tuple[str, str], tuple[float, object]] = {}
+
+    def _get(self, kind: str, path: str, fn):
+        now = self.clock()
+        hit = self._facts.get((kind, path))
+        if hit is not None and now - hit[0] < self.ttl:
+            return hit[1]
+        if len(self._facts) > 65536:
+            self._facts.clear()
+        value = fn(path)
+        self._facts[(kind, path)] = (now, value)
+        return value
+
+    def stat(self, path: str) -> os.stat_result | None:
+        return self._get("stat", path, _stat)
+
+    def has_acl(self, path: str) -> bool:
+        return self._get("acl", path, _has_acl)
+
+    def parents(self, path: str) -> list[str]:
+        return self._get("parents", path, parents)
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 def parents(path: str) -> list[str]:
@@ -72,18 +115,19 @@ def _has_acl(path: str) -> bool:
         return False
 
 
-def access(needs) -> tuple[int, int, int]:
+def access(needs, facts: Facts | None = None) -> tuple[int, int, int]:
     """``(uid, gid, mode bits)`` for a node whose reader needs ``needs``.
 
     needs: ``(path, READ | SEARCH | LIST)`` pairs; the first decides owner
     and group.
     """
+    facts = facts or Facts(ttl=0)
     sts = []
     for path, need in needs:
-        try:
-            sts.append((os.stat(path), need, path))
-        except OSError:
+        st = facts.stat(path)
+        if st is None:
             return 0, 0, 0
+        sts.append((st, need, path))
     if not sts:
         return 0, 0, 0
     uid, gid = sts[0][0].st_uid, sts[0][0].st_gid
@@ -95,7 +139,7 @@ def access(needs) -> tuple[int, int, int]:
             u, g, o = (7 if b & 1 else 0 for b in (u, g, o))
         elif need == LIST:
             u, g, o = (7 if b & 5 == 5 else 0 for b in (u, g, o))
-        if _has_acl(path):
+        if facts.has_acl(path):
             g = o = 0
         same_u, same_g = st.st_uid == uid, st.st_gid == gid
         owner &= u if same_u else g & o
@@ -104,15 +148,16 @@ def access(needs) -> tuple[int, int, int]:
     return uid, gid, owner << 6 | group << 3 | other
 
 
-def node_needs(node: Node) -> tuple | None:
+def node_needs(node: Node, facts: Facts | None = None) -> tuple | None:
     """What reading ``node`` needs without the mount, or None (the mount's own)."""
     if isinstance(node, ViewNode):
+        facts = facts or Facts(ttl=0)
         view = node.view
-        gated = set(parents(view.disk.top.path))  # the disk's directory checks these
+        gated = set(facts.parents(view.disk.top.path))  # the disk's directory checks these
         files: dict[str, None] = {}
         for spec in view.specs():
             for path, _ in spec.layers:
                 files.setdefault(path)
-        dirs = {d: None for f in files for d in parents(f) if d not in gated}
+        dirs = {d: None for f in files for d in facts.parents(f) if d not in gated}
         return tuple((f, READ) for f in files) + tuple((d, SEARCH) for d in dirs)
     return node.paths

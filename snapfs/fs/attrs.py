@@ -15,7 +15,7 @@ import pyfuse3
 import trio
 
 from ..errors import Gone, Unavailable
-from .access import access, node_needs
+from .access import Facts, access, node_needs
 from .tree import Directory, MapFile, Node, Status, StatusFile, Tree, ViewFile
 
 if TYPE_CHECKING:
@@ -26,21 +26,22 @@ log = logging.getLogger(__name__)
 FILE_MASK = 0o444  # read-only mounts
 
 
-def _ownership(tree: Tree, node: Node) -> tuple[int, int, int]:
-    needs = node_needs(node)
+def _ownership(tree: Tree, node: Node, facts: Facts | None) -> tuple[int, int, int]:
+    needs = node_needs(node, facts)
     if needs is None:
         return tree.uid, tree.gid, 0o555
-    return access(needs)
+    return access(needs, facts)
 
 
 def entry(tree: Tree, node: Node, size: int = 0, blocks: int = 0,
-          mtime_ns: int | None = None, timeout: float = 300) -> pyfuse3.EntryAttributes:
+          mtime_ns: int | None = None, timeout: float = 300,
+          facts: Facts | None = None) -> pyfuse3.EntryAttributes:
     a = pyfuse3.EntryAttributes()
     a.st_ino = node.inode
     a.generation = 0
     a.entry_timeout = timeout
     a.attr_timeout = timeout
-    uid, gid, bits = _ownership(tree, node)
+    uid, gid, bits = _ownership(tree, node, facts)
     if isinstance(node, Directory):
         readable = bits & 0o444
         a.st_mode = stat.S_IFDIR | readable | readable >> 2
@@ -70,13 +71,14 @@ class Attributes:
         self.tree = tree
         self.pool = pool
         self.status = status
+        self.facts = Facts()
         self._map_json: dict[int, bytes] = {}
         # Servers started ahead for maps, at once: one per core.
         self._map_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
 
     def _content(self, node: Node, data: bytes, mtime_ns=None, timeout=300):
         return entry(self.tree, node, size=len(data), blocks=(len(data) + 511) // 512,
-                     mtime_ns=mtime_ns, timeout=timeout)
+                     mtime_ns=mtime_ns, timeout=timeout, facts=self.facts)
 
     def known(self, node: Node) -> pyfuse3.EntryAttributes | None:
         """Attributes if they need no server, else None."""
@@ -85,14 +87,14 @@ class Attributes:
             if view.map is None:
                 return None
             return entry(self.tree, node, size=view.size, blocks=view.data_blocks,
-                         mtime_ns=view.layer_mtime_ns)
+                         mtime_ns=view.layer_mtime_ns, facts=self.facts)
         if isinstance(node, MapFile):
             data = self._map_json.get(node.inode)
             return None if data is None else self._content(node, data, node.view.layer_mtime_ns)
         if isinstance(node, StatusFile):
             # Its content changes when views fail: never cache its attributes.
             return self._content(node, self.status.render(), timeout=0)
-        return entry(self.tree, node)
+        return entry(self.tree, node, facts=self.facts)
 
     async def get(self, node: Node) -> pyfuse3.EntryAttributes:
         attrs = self.known(node)
@@ -114,7 +116,8 @@ class Attributes:
         attrs = self.known(node)
         if attrs is None:
             size = node.view.size if isinstance(node, ViewFile) else 0
-            attrs = entry(self.tree, node, size=size, mtime_ns=node.view.layer_mtime_ns, timeout=0)
+            attrs = entry(self.tree, node, size=size, mtime_ns=node.view.layer_mtime_ns, timeout=0,
+                          facts=self.facts)
         return attrs
 
     async def load_map(self, view):
