@@ -261,3 +261,34 @@ def test_allow_other_mount_keeps_subdirectory_permissions(user, shared_tmp, moun
         "base layer": errno.EACCES,
         "link": errno.EACCES,
     }
+
+
+def test_image_swapped_for_a_symlink_after_the_mount_is_not_followed(user, shared_tmp, mount):
+    """A user who owns an image cannot turn its views into a reader of files they may not read."""
+    images = os.path.join(shared_tmp, "images")
+    theirs = os.path.join(images, "theirs")
+    os.makedirs(theirs)
+    os.chmod(images, 0o755)
+    os.chown(theirs, user.pw_uid, user.pw_gid)
+    disk = os.path.join(theirs, "disk.raw")
+    with open(disk, "wb") as f:
+        f.write(b"\x11" * MiB)
+    os.chown(disk, user.pw_uid, user.pw_gid)
+    vault = os.path.join(shared_tmp, "vault")
+    os.mkdir(vault, 0o700)
+    secret = os.path.join(vault, "secret.raw")
+    with open(secret, "wb") as f:
+        f.write(b"\x5e" * MiB)
+    os.chmod(secret, 0o644)
+
+    m = mount(images, "--allow-other", "--idle-timeout", "0", name=os.path.join(shared_tmp, "mnt"))
+    view = m / "theirs/disk.raw/chain/00-disk.raw"
+    assert read_as(user, view) == {view: hashlib.sha256(b"\x11" * MiB).hexdigest()}
+    # The owner swaps the image for a link to a file behind root's 0700 directory.
+    as_user(user, "ln", "-sf", secret, disk)
+    got = read_as(user, view)[view]
+    assert got != hashlib.sha256(b"\x5e" * MiB).hexdigest()
+    assert got in (errno.ESTALE, errno.ENOENT, errno.EACCES), got
+    with pytest.raises(OSError):  # root is not shown the other file either
+        with open(view, "rb") as f:
+            f.read()

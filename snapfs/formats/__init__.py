@@ -20,6 +20,7 @@ Pure: no pyfuse3, no libnbd.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -66,6 +67,7 @@ class Layer:
     problem: str | None = None
     mtime_ns: int = 0
     real: str = ""  # the file it resolved to when read: what qemu opens
+    pin: tuple[int, int] | None = None  # (st_dev, st_ino) of that file when read
 
     @property
     def node(self) -> tuple[str, str]:
@@ -130,6 +132,7 @@ def read_layer(path: str, fmt: str) -> Layer:
         layer.problem = f"cannot open: {e.strerror}"
         return layer
     layer.mtime_ns = st.st_mtime_ns
+    layer.pin = (st.st_dev, st.st_ino)
     if fmt == "raw":
         # qemu serves a raw file in whole sectors: a partial last sector
         # reads as zeros up to the next multiple of 512.
@@ -194,3 +197,30 @@ def json_node(layers) -> str:
             raise ValueError(f"raw image {path} cannot have a backing file")
         node = new
     return "json:" + json.dumps(node, ensure_ascii=False)
+
+
+def open_pinned(path: str, pin: tuple[int, int]) -> int:
+    """A read-only fd of ``path``, reached without following any symlink, that
+    is still the file ``pin`` names (as read at scan time); OSError otherwise.
+
+    A file swapped for a symlink (to a file its owner may not read) or for
+    another file since the scan fails here, before qemu opens anything.
+    """
+    if not os.path.isabs(path):
+        raise OSError(errno.EINVAL, "not an absolute path", path)
+    parts = [p for p in path.split("/") if p]
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in parts[:-1]:
+            nfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        # O_NONBLOCK: a FIFO put in its place must not hang the open.
+        ffd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        os.close(fd)
+    st = os.fstat(ffd)
+    if (st.st_dev, st.st_ino) != tuple(pin) or not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        os.close(ffd)
+        raise OSError(errno.ESTALE, "not the file found when the mount was made", path)
+    return ffd

@@ -6,7 +6,8 @@ every node takes its owner, group and permission bits from what a reader
 would need without the mount (``node_access``):
 
 - the mount's root: the image directory (read and search) and every
-  directory above it (search); ``.snapfs-status`` the same, as a file;
+  directory above it (search); ``.snapfs-status`` is the mounting user's
+  alone (it names what is in directories others may not list);
 - a directory that mirrors one of the image directory's: that directory
   (read and search);
 - a disk's directory and its ``chain/``, ``layers/``, ``dirty/``: the leaf
@@ -14,8 +15,9 @@ would need without the mount (``node_access``):
   (search);
 - a view and its map: every image the view reads (read: a layer view its
   layer, a chain or dirty view every layer of the chain), and the
-  directories above them (search) that the disk's directory does not gate
-  already (a backing file in another directory).
+  directories above them (search) that the disk's folder does not gate
+  already, as it was at mount time (a backing file in another directory).
+  What qemu reads is pinned to the files scanned (``formats.open_pinned``).
 
 Owner and group are the first file's. The bits are those that *every* file
 grants to whoever holds that class on the node: a directory grants a class
@@ -153,7 +155,10 @@ def node_needs(node: Node, facts: Facts | None = None) -> tuple | None:
     if isinstance(node, ViewNode):
         facts = facts or Facts(ttl=0)
         view = node.view
-        gated = set(facts.parents(view.disk.top.path))  # the disk's directory checks these
+        # The disk's folder checks these, as they were at mount time (its
+        # own needs); what they are now is no business of the view's.
+        folder = node.parent
+        gated = {p for p, need in (folder.paths or ()) if need == SEARCH} if folder else set()
         files: dict[str, None] = {}
         for spec in view.specs():
             for path, _ in spec.layers:

@@ -27,6 +27,10 @@ FILE_MASK = 0o444  # read-only mounts
 
 
 def _ownership(tree: Tree, node: Node, facts: Facts | None) -> tuple[int, int, int]:
+    if isinstance(node, StatusFile):
+        # It names what is in directories others may not list: the mounting
+        # user's alone.
+        return tree.uid, tree.gid, 0o400
     needs = node_needs(node, facts)
     if needs is None:
         return tree.uid, tree.gid, 0o555

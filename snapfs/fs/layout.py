@@ -23,11 +23,9 @@ def build_tree(images: str, allow_outside: bool) -> tuple[Tree, Status]:
     tree = Tree()
     status = Status(scan.root)
     status.problems += [(p.path, p.reason) for p in scan.problems]
-    status_file = tree.add_status()
-    # The root (and the status file, which names what is in it) needs what
-    # reading the image directory needs.
-    root_needs = ((scan.root, LIST),) + tuple((d, SEARCH) for d in parents(scan.root))
-    tree.root.paths = status_file.paths = root_needs
+    tree.add_status()
+    # The root needs what listing the image directory needs.
+    tree.root.paths = ((scan.root, LIST),) + tuple((d, SEARCH) for d in parents(scan.root))
     for disk in scan.disks:
         views, missing = disk_views(disk)
         status.problems += missing

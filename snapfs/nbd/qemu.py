@@ -21,6 +21,7 @@ import subprocess
 import trio
 
 from ..errors import Unavailable
+from ..formats import open_pinned
 from .spec import ExportSpec
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,42 @@ class QemuNBD:
         cmd.append(self.spec.json_filename())
         return cmd
 
+    def _check_pins(self) -> None:
+        """Every layer is still the file scanned, reached without a symlink."""
+        for (path, _), pin in zip(self.spec.layers, self.spec.pins, strict=True):
+            if pin is None:
+                continue
+            try:
+                os.close(open_pinned(path, pin))
+            except OSError as e:
+                raise Unavailable(f"{path} was replaced since the mount was made (remount to see "
+                                  f"it): {e.strerror}", errno.ESTALE) from None
+
+    def _opened_pins(self) -> set[tuple[int, int]]:
+        """(st_dev, st_ino) of every file the running qemu-nbd holds open."""
+        out = set()
+        fd_dir = f"/proc/{self.proc.pid}/fd"
+        try:
+            names = os.listdir(fd_dir)
+        except OSError:
+            return out
+        for name in names:
+            try:
+                st = os.stat(os.path.join(fd_dir, name))
+            except OSError:
+                continue
+            out.add((st.st_dev, st.st_ino))
+        return out
+
     async def start(self) -> None:
         for p in (self.socket, self.pidfile):
             if os.path.exists(p):
                 os.unlink(p)
+        # What qemu reads must be what was scanned (docs/views.md, "Safety"):
+        # each layer is checked before qemu opens it, and what qemu opened
+        # is checked before any client reads from it (the path could change
+        # in between).
+        self._check_pins()
         cmd = self.command()
         log.debug("starting %s", cmd)
         with open(self.errfile, "wb") as err:
@@ -83,6 +116,11 @@ class QemuNBD:
         if timeout.cancelled_caught:
             await self.stop()
             raise Unavailable(f"qemu-nbd did not start within {START_TIMEOUT:.0f} s")
+        missing = {p for p in self.spec.pins if p is not None} - self._opened_pins()
+        if missing:
+            await self.stop()
+            raise Unavailable("an image was replaced since the mount was made (remount to see it): "
+                              + self.spec.describe(), errno.ESTALE)
         self.serving = True
         log.debug("qemu-nbd pid %d serves %s", self.proc.pid, self.spec.describe())
 

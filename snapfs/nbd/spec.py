@@ -24,6 +24,8 @@ class ExportSpec:
     socket, export: set for an export someone else serves (a libvirt backup
     job's NBD server): no qemu-nbd is started, ``layers`` only names the
     images for messages.
+    pins: ``(st_dev, st_ino)`` of each layer as scanned; qemu-nbd serves
+    exactly those files or none (``qemu.QemuNBD.start``).
     """
 
     layers: tuple[tuple[str, str], ...]
@@ -31,6 +33,13 @@ class ExportSpec:
     snapshot: str | None = None
     socket: str | None = None
     export: str = ""
+    pins: tuple[tuple[int, int] | None, ...] = ()
+
+    @classmethod
+    def of(cls, layers, **kw) -> ExportSpec:
+        """The export of ``layers`` (``formats.Layer``, top first)."""
+        layers = tuple(layers)
+        return cls(tuple(lay.node for lay in layers), pins=tuple(lay.pin for lay in layers), **kw)
 
     @property
     def allocation_depth(self) -> bool:

@@ -121,9 +121,9 @@ def disk_views(disk: Disk) -> tuple[list[View], list[tuple[str, str]]]:
             chain_ok = False
             missing.append((f"{disk.relpath}/layers/{base}.raw", layer.problem))
             continue
-        views.append(LayerView(disk, base, layer, ExportSpec((layer.node,)), layer.size))
+        views.append(LayerView(disk, base, layer, ExportSpec.of([layer]), layer.size))
         if chain_ok:
-            spec = ExportSpec(tuple(lay.node for lay in reversed(disk.chain[: i + 1])))
+            spec = ExportSpec.of(reversed(disk.chain[: i + 1]))
             views.append(ChainView(disk, base, layer, spec, layer.size))
     if not chain_ok:
         missing.append((f"{disk.relpath}/chain/", "chain views need every layer down to the base: "
@@ -141,14 +141,14 @@ def disk_views(disk: Disk) -> tuple[list[View], list[tuple[str, str]]]:
         if reason is not None:
             missing.append((fname, reason))
             continue
-        chain_layers = tuple(lay.node for lay in reversed(disk.chain))
+        chain_layers = list(reversed(disk.chain))
         if len(holding) == 1:
-            spec = ExportSpec(chain_layers, bitmap=bm.name)
+            spec = ExportSpec.of(chain_layers, bitmap=bm.name)
             views.append(DirtyView(disk, escape_name(bm.name), top, spec, top.size))
         else:
             # Copies in backing files too (as libvirt makes them): their union.
-            specs = [ExportSpec((lay.node,), bitmap=bm.name) for lay in holding]
-            views.append(UnionDirtyView(disk, escape_name(bm.name), top, ExportSpec(chain_layers),
+            specs = [ExportSpec.of([lay], bitmap=bm.name) for lay in holding]
+            views.append(UnionDirtyView(disk, escape_name(bm.name), top, ExportSpec.of(chain_layers),
                                         top.size, bm.name, specs))
     for layer in disk.chain[:-1]:
         for bm in layer.bitmaps:

@@ -62,7 +62,7 @@ def _ordered(items, parse):
 
 
 def _chain_spec(chain: list[Layer], **kw) -> ExportSpec:
-    return ExportSpec(tuple(lay.node for lay in reversed(chain)), **kw)
+    return ExportSpec.of(reversed(chain), **kw)
 
 
 @dataclass
@@ -261,7 +261,7 @@ class DomainReader:
                 elif layer.problem is not None:
                     plan.missing.append((f"{rel}/layers/{base}.raw", layer.problem))
                 else:
-                    plan.views.append(LayerView(disk, base, layer, ExportSpec((layer.node,)),
+                    plan.views.append(LayerView(disk, base, layer, ExportSpec.of([layer]),
                                                 layer.size))
 
     def _dirty(self, plan, disk: Disk, d: DiskDef, checkpoints, since, readable: bool) -> None:
@@ -289,7 +289,7 @@ class DomainReader:
             else:
                 holding, reason = bitmap_verdict(chain, bitmap, cp.sources.get(d.target))
                 if reason is None:
-                    specs = [ExportSpec((lay.node,), bitmap=bitmap) for lay in holding]
+                    specs = [ExportSpec.of([lay], bitmap=bitmap) for lay in holding]
                     plan.views.append(UnionDirtyView(disk, base, top, spec, top.size, bitmap, specs))
                     continue
             plan.views.append(FullDirtyView(disk, base, top, spec, top.size, bitmap or cp.name, reason))
