@@ -199,9 +199,9 @@ def json_node(layers) -> str:
     return "json:" + json.dumps(node, ensure_ascii=False)
 
 
-def open_pinned(path: str, pin: tuple[int, int]) -> int:
-    """A read-only fd of ``path``, reached without following any symlink, that
-    is still the file ``pin`` names (as read at scan time); OSError otherwise.
+def check_pinned(path: str, pin: tuple[int, int]) -> None:
+    """OSError unless ``path``, reached without following any symlink, is
+    still the file ``pin`` names (as read at scan time).
 
     A file swapped for a symlink (to a file its owner may not read) or for
     another file since the scan fails here, before qemu opens anything.
@@ -215,12 +215,10 @@ def open_pinned(path: str, pin: tuple[int, int]) -> int:
             nfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             os.close(fd)
             fd = nfd
-        # O_NONBLOCK: a FIFO put in its place must not hang the open.
-        ffd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+        # Looked at, not opened: a FIFO or a device put in its place sees
+        # no open, and a symlink is seen as one.
+        st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
     finally:
         os.close(fd)
-    st = os.fstat(ffd)
     if (st.st_dev, st.st_ino) != tuple(pin) or not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        os.close(ffd)
         raise OSError(errno.ESTALE, "not the file found when the mount was made", path)
-    return ffd

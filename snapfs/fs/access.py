@@ -3,7 +3,7 @@
 A mount never widens access to the disks it shows. Reading a file takes
 read permission on it and search permission on every directory above it, so
 every node takes its owner, group and permission bits from what a reader
-would need without the mount (``node_access``):
+would need without the mount (``node_needs``):
 
 - the mount's root: the image directory (read and search) and every
   directory above it (search); ``.snapfs-status`` is the mounting user's
@@ -17,7 +17,7 @@ would need without the mount (``node_access``):
   layer, a chain or dirty view every layer of the chain), and the
   directories above them (search) that the disk's folder does not gate
   already, as it was at mount time (a backing file in another directory).
-  What qemu reads is pinned to the files scanned (``formats.open_pinned``).
+  What qemu reads is pinned to the files scanned (``nbd.qemu``).
 
 Owner and group are the first file's. The bits are those that *every* file
 grants to whoever holds that class on the node: a directory grants a class

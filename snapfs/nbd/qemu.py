@@ -21,7 +21,7 @@ import subprocess
 import trio
 
 from ..errors import Unavailable
-from ..formats import open_pinned
+from ..formats import check_pinned
 from .spec import ExportSpec
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class QemuNBD:
             if pin is None:
                 continue
             try:
-                os.close(open_pinned(path, pin))
+                check_pinned(path, pin)
             except OSError as e:
                 raise Unavailable(f"{path} was replaced since the mount was made (remount to see "
                                   f"it): {e.strerror}", errno.ESTALE) from None

@@ -28,9 +28,9 @@ from ..nbd.spec import ExportSpec
 if TYPE_CHECKING:
     from ..nbd.pool import ServerPool
 
-log = logging.getLogger(__name__)
 # What the status file says (views not offered, notes), logged as it is found.
 report = logging.getLogger("snapfs.report")
+
 
 def view_basename(index: int, width: int, layer: Layer) -> str:
     """``NN-name``: chain order first (base is 00), then the file name less its suffix."""
