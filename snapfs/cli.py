@@ -18,7 +18,9 @@ snapfs presents a VM's disks as directories of sparse raw files:
 Each view NAME.raw has NAME.map.json beside it (its extent map). Holes show
 through SEEK_HOLE/SEEK_DATA and st_blocks, so cp, tar --sparse, rsync and
 qemu-img convert copy only the data. What could not be offered is listed,
-with the reason, in MOUNTPOINT/.snapfs-status."""
+with the reason, in MOUNTPOINT/.snapfs-status. With --rw, the chain and
+layer views of each disk's top image can be written: restore a disk with cp,
+dd or qemu-img convert -n (docs/restore.md)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("mount", help="mount the disks of an image directory or of libvirt domains",
                        description="Mount every leaf image under DIR (and its backing chain), or "
-                                   "every disk of libvirt domains, read-only at MOUNTPOINT. "
+                                   "every disk of libvirt domains, at MOUNTPOINT: read-only, or "
+                                   "with --rw writable where a disk's top image is. "
                                    "Returns once the mount is live.")
     src = m.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", metavar="DIR",
@@ -45,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--checkpoint", metavar="NAME",
                    help="with --connect, for running domains: create checkpoint NAME with the "
                         "backup job, so the next incremental starts there")
+    m.add_argument("--rw", action="store_true",
+                   help="writable mount: writes to the chain and layer views of each disk's top "
+                        "image go into that image, in its own format (shut-off domains only in "
+                        "libvirt mode); every other file stays read-only")
     m.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
     m.add_argument("--debug", action="store_true", help="log every step (qemu-nbd commands, servers)")
     m.add_argument("--debug-fuse", action="store_true", help=argparse.SUPPRESS)
@@ -191,7 +198,7 @@ def _detach(args) -> int:
     for opt in ("since", "checkpoint"):
         if getattr(args, opt):
             cmd += ["--" + opt, getattr(args, opt)]
-    for flag in ("debug", "allow_other", "allow_outside_backing"):
+    for flag in ("debug", "allow_other", "allow_outside_backing", "rw"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
     cmd += ["--", args.mountpoint]

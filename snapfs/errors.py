@@ -14,13 +14,16 @@
     │   │                          open file)
     │   └── Gone                   ... and a lookup or open of it: ENOENT
     ├── Refused                    this request is not allowed; nothing else
-    │                              is wrong (a seek past the data: ENXIO)
+    │   │                          is wrong (a seek past the data: ENXIO)
+    │   └── Busy                   ... not now: the image is open for writing,
+    │                              or held by another program (EBUSY)
     └── TransportError             an NBD request failed: libnbd's errno;
                                    ``disconnected`` ones are retried once on
                                    a new connection (a restarted server)
 
-Requests a read-only mount never serves (writes: EROFS) are answered by the
-handlers themselves. Anything else reaching the FUSE boundary is a bug: ``fuse_errno`` logs it
+Requests a mount never serves (writes to a read-only mount: EROFS, to a
+view that is not writable: EACCES) are answered by the handlers themselves.
+Anything else reaching the FUSE boundary is a bug: ``fuse_errno`` logs it
 once with its traceback and answers EIO, so one bad image never takes the
 mount down. This module is pure: it imports neither pyfuse3 nor libnbd.
 """
@@ -84,6 +87,12 @@ class Refused(SnapfsError):
     """A request the view does not allow (writes to a read-only mount...)."""
 
     default_errno = errno.EPERM
+
+
+class Busy(Refused):
+    """The image is open for writing through another view, or held by another program."""
+
+    default_errno = errno.EBUSY
 
 
 class TransportError(SnapfsError):

@@ -116,6 +116,39 @@ def union_runs(size: int, *run_lists: Sequence[Run]) -> list[Run]:
     return out
 
 
+def splice_runs(runs: Sequence[Run], start: int, end: int, new: Sequence[Run]) -> list[Run]:
+    """``runs`` with ``[start, end)`` replaced by ``new`` (runs covering exactly that area).
+
+    A writer changed that area; the rest of the disk keeps the runs read
+    before. Runs cut at ``start`` and ``end`` keep their flags, and equal
+    neighbours are merged::
+
+        runs      |  a  |     b     |  c  |
+        new             [  x  | y ]
+        result    |  a  |b| x | y |b|  c  |     (b|x or y|b merged when equal)
+    """
+    out: list[Run] = []
+
+    def add(s: int, n: int, f: int) -> None:
+        if n <= 0:
+            return
+        if out and out[-1][2] == f and out[-1][0] + out[-1][1] == s:
+            out[-1] = (out[-1][0], out[-1][1] + n, f)
+        else:
+            out.append((s, n, f))
+
+    for s, n, f in runs:
+        if s < start:
+            add(s, min(s + n, start) - s, f)
+    for s, n, f in new:
+        add(s, n, f)
+    for s, n, f in runs:
+        if s + n > end:
+            lo = max(s, end)
+            add(lo, s + n - lo, f)
+    return out
+
+
 def merge(extents: Iterable) -> list:
     """Merge neighbours whose flags are equal (extents of one type)."""
     out: list = []

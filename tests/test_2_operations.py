@@ -168,11 +168,12 @@ class FakeConnection:
             img.preads.append((offset, length))
         return img.content[offset:offset + length]
 
-    def block_status(self, size):
+    def block_status(self, size, start=0, end=None):
         assert size == self.size
+        end = size if end is None else end
 
         def request(length, offset, callback):
-            assert 0 <= offset < size and 0 < length <= size - offset
+            assert 0 <= offset < end and 0 < length <= size - offset
             with self.image.lock:
                 self.image.status_requests += 1
                 # A client that never stops asking fails the test instead of hanging it.
@@ -180,7 +181,7 @@ class FakeConnection:
             for ctx in self.contexts:
                 callback(ctx, offset, self.image.reply(ctx, offset, length), 0)
 
-        return contexts.read_block_status(size, self.contexts, request)
+        return contexts.read_block_status(end, self.contexts, request, start)
 
 
 class FakeBackend:

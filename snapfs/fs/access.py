@@ -34,9 +34,11 @@ could get there::
 A file with an access ACL grants only its owner class (the ACL may deny a
 named user or group what the mode bits grant).
 
-A mount that is not writable clears the write bits, and execute bits of files
-(disk images are not programs); a directory is searchable by a class exactly
-when it is readable. The kernel checks these (``default_permissions``), so
+Write bits come only from a WRITE need: a writable view of a ``--rw``
+mount grants write to a class exactly when its top image does (under the
+same rule); every other node is read-only, and execute bits of files are
+cleared (disk images are not programs); a directory is searchable by a class
+exactly when it is readable. The kernel checks these (``default_permissions``), so
 with ``--allow-other`` a user who cannot read ``vm1/disk.qcow2`` cannot read
 its views either. A file that cannot be stat'ed grants nothing. Attributes are
 worked out on every getattr, from file system facts at most a second old
@@ -49,10 +51,11 @@ import os
 import stat
 import time
 
-from .tree import Node, ViewNode
+from .tree import Node, ViewFile, ViewNode
 
-# What a reader needs of a path: read a file, search a directory, list one.
-READ, SEARCH, LIST = "read", "search", "list"
+# What a reader needs of a path: read a file, search a directory, list one;
+# what a writer needs: write the file (a writable view's top image).
+READ, SEARCH, LIST, WRITE = "read", "search", "list", "write"
 
 
 class Facts:
@@ -120,7 +123,7 @@ def _has_acl(path: str) -> bool:
 def access(needs, facts: Facts | None = None) -> tuple[int, int, int]:
     """``(uid, gid, mode bits)`` for a node whose reader needs ``needs``.
 
-    needs: ``(path, READ | SEARCH | LIST)`` pairs; the first decides owner
+    needs: ``(path, READ | SEARCH | LIST | WRITE)`` pairs; the first decides owner
     and group.
     """
     facts = facts or Facts(ttl=0)
@@ -133,11 +136,14 @@ def access(needs, facts: Facts | None = None) -> tuple[int, int, int]:
     if not sts:
         return 0, 0, 0
     uid, gid = sts[0][0].st_uid, sts[0][0].st_gid
+    writes = any(need == WRITE for _, need, _ in sts)
     owner = group = other = 7
     for st, need, path in sts:
         m = stat.S_IMODE(st.st_mode)
         u, g, o = m >> 6 & 7, m >> 3 & 7, m & 7
-        if need == SEARCH:
+        if need == READ and writes:
+            u, g, o = (b | 2 for b in (u, g, o))  # write comes from the WRITE need alone
+        elif need == SEARCH:
             u, g, o = (7 if b & 1 else 0 for b in (u, g, o))
         elif need == LIST:
             u, g, o = (7 if b & 5 == 5 else 0 for b in (u, g, o))
@@ -164,5 +170,6 @@ def node_needs(node: Node, facts: Facts | None = None) -> tuple | None:
             for path, _ in spec.layers:
                 files.setdefault(path)
         dirs = {d: None for f in files for d in facts.parents(f) if d not in gated}
-        return tuple((f, READ) for f in files) + tuple((d, SEARCH) for d in dirs)
+        writes = ((view.spec.image, WRITE),) if isinstance(node, ViewFile) and view.writable else ()
+        return tuple((f, READ) for f in files) + writes + tuple((d, SEARCH) for d in dirs)
     return node.paths

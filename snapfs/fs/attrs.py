@@ -14,16 +14,17 @@ from typing import TYPE_CHECKING
 import pyfuse3
 import trio
 
-from ..errors import Gone, Unavailable
+from ..errors import Busy, Gone, Unavailable
 from .access import Facts, access, node_needs
-from .tree import Directory, MapFile, Node, Status, StatusFile, Tree, ViewFile
+from .tree import Directory, MapFile, Node, Status, StatusFile, Tree, ViewFile, ViewNode
 
 if TYPE_CHECKING:
     from ..nbd.pool import ServerPool
 
 log = logging.getLogger(__name__)
 
-FILE_MASK = 0o444  # read-only mounts
+FILE_MASK = 0o444  # views and files no one writes
+WRITABLE_MASK = 0o666  # writable views of --rw mounts
 
 
 def _ownership(tree: Tree, node: Node, facts: Facts | None) -> tuple[int, int, int]:
@@ -51,7 +52,8 @@ def entry(tree: Tree, node: Node, size: int = 0, blocks: int = 0,
         a.st_mode = stat.S_IFDIR | readable | readable >> 2
         a.st_nlink = 2 + sum(isinstance(c, Directory) for c in node.children.values())
     else:
-        a.st_mode = stat.S_IFREG | bits & FILE_MASK
+        writable = isinstance(node, ViewFile) and node.view.writable
+        a.st_mode = stat.S_IFREG | bits & (WRITABLE_MASK if writable else FILE_MASK)
         a.st_nlink = 1
     a.st_size = size
     a.st_blocks = blocks
@@ -76,7 +78,7 @@ class Attributes:
         self.pool = pool
         self.status = status
         self.facts = Facts()
-        self._map_json: dict[int, bytes] = {}
+        self._map_json: dict[object, tuple[object, bytes]] = {}  # view -> (its map, JSON)
         # Servers started ahead for maps, at once: one per core.
         self._map_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
 
@@ -84,17 +86,29 @@ class Attributes:
         return entry(self.tree, node, size=len(data), blocks=(len(data) + 511) // 512,
                      mtime_ns=mtime_ns, timeout=timeout, facts=self.facts)
 
+    def _json(self, view) -> bytes | None:
+        hit = self._map_json.get(view)
+        return hit[1] if hit is not None and hit[0] is view.map and view.map is not None else None
+
     def known(self, node: Node) -> pyfuse3.EntryAttributes | None:
-        """Attributes if they need no server, else None."""
+        """Attributes if they need no server, else None.
+
+        Views of an image a ``--rw`` mount writes are never cached by the
+        kernel (timeout 0): their sizes on disk change with every write.
+        """
+        if isinstance(node, ViewNode) and node.view.stale:
+            return None
         if isinstance(node, ViewFile):
             view = node.view
             if view.map is None:
                 return None
             return entry(self.tree, node, size=view.size, blocks=view.data_blocks,
-                         mtime_ns=view.layer_mtime_ns, facts=self.facts)
+                         mtime_ns=view.layer_mtime_ns, facts=self.facts,
+                         timeout=0 if view.mutable else 300)
         if isinstance(node, MapFile):
-            data = self._map_json.get(node.inode)
-            return None if data is None else self._content(node, data, node.view.layer_mtime_ns)
+            data = self._json(node.view)
+            return None if data is None else self._content(node, data, node.view.layer_mtime_ns,
+                                                           timeout=0 if node.view.mutable else 300)
         if isinstance(node, StatusFile):
             # Its content changes when views fail: never cache its attributes.
             return self._content(node, self.status.render(), timeout=0)
@@ -103,10 +117,14 @@ class Attributes:
     async def get(self, node: Node) -> pyfuse3.EntryAttributes:
         attrs = self.known(node)
         if attrs is None:
-            if isinstance(node, MapFile):
-                await self.map_content(node)
-            else:
-                await self.load_map(node.view)
+            try:
+                if isinstance(node, MapFile):
+                    await self.map_content(node)
+                else:
+                    await self.fresh_map(node.view)
+            except Busy:
+                # Another view writes the image: what is known until it closes.
+                return self.quick(node)
             attrs = self.known(node)
         return attrs
 
@@ -131,11 +149,27 @@ class Attributes:
         except Unavailable as e:
             raise Gone(e.reason) from None
 
+    async def fresh_map(self, view):
+        """The view's map, up to date with what a writer changed (``View.refresh``)."""
+        if view.stale:
+            srv = self.pool.servers.get(view.spec.for_writing())
+            if srv is not None and srv.users:
+                try:
+                    return await view.refresh(lambda a, b: srv.block_status(view.size, a, b))
+                except Unavailable:
+                    raise
+                except Exception as e:
+                    log.warning("%s: map not brought up to date (%s): it is read again", view.filename, e)
+            view.forget_map()
+        return await self.load_map(view)
+
     async def map_content(self, node: MapFile) -> bytes:
-        data = self._map_json.get(node.inode)
+        view = node.view
+        m = await self.fresh_map(view)
+        data = self._json(view)
         if data is None:
-            m = await self.load_map(node.view)
-            data = self._map_json[node.inode] = m.to_json()
+            data = m.to_json()
+            self._map_json[view] = (m, data)
         return data
 
     def prefetch_maps(self, node: Directory) -> None:
@@ -153,7 +187,7 @@ class Attributes:
         async with self._map_limiter:
             try:
                 await view.load_map(self.pool)
-            except Unavailable:
-                pass  # the view is hidden now, with its reason in the status file
+            except (Unavailable, Busy):
+                pass  # hidden now, its reason in the status file; or being written
             except Exception:
                 log.exception("reading the map of %s failed", view.filename)

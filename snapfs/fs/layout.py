@@ -9,6 +9,7 @@ import logging
 import os
 
 from ..sources.imagedir import ImageDirectory, disk_views
+from ..views import mark_writable
 from .access import LIST, READ, SEARCH, parents
 from .tree import Status, Tree
 
@@ -17,10 +18,10 @@ log = logging.getLogger(__name__)
 report = logging.getLogger("snapfs.report")
 
 
-def build_tree(images: str, allow_outside: bool) -> tuple[Tree, Status]:
-    """Scan the image directory and lay out the mount."""
+def build_tree(images: str, allow_outside: bool, writable: bool = False) -> tuple[Tree, Status]:
+    """Scan the image directory and lay out the mount (``writable``: a ``--rw`` mount)."""
     scan = ImageDirectory(images, allow_outside=allow_outside).scan()
-    tree = Tree()
+    tree = Tree(writable)
     status = Status(scan.root)
     status.problems += [(p.path, p.reason) for p in scan.problems]
     tree.add_status()
@@ -35,6 +36,8 @@ def build_tree(images: str, allow_outside: bool) -> tuple[Tree, Status]:
             rel = "/".join(parts[: i + 1])
             tree.directory(rel).paths = ((os.path.join(scan.root, rel), LIST),)
         _disk_dirs(tree, disk)
+        if writable:
+            mark_writable(views)
         for view in views:
             tree.add_view(view)
         status.views += views
@@ -52,6 +55,8 @@ def layout(tree: Tree, status: Status, plan) -> None:
             tree.directory(f"{rel}/{folder}")
     for disk in {id(v.disk): v.disk for v in plan.views}.values():
         _disk_dirs(tree, disk)
+    if tree.writable:
+        mark_writable(plan.views)
     for view in plan.views:
         tree.add_view(view)
     status.replace(plan.dirname, plan.missing, plan.notes, plan.views)

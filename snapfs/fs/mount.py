@@ -58,7 +58,7 @@ async def serve(args, ready=None) -> None:
     try:
         if images is not None:
             what = images
-            tree, status = build_tree(images, args.allow_outside_backing)
+            tree, status = build_tree(images, args.allow_outside_backing, args.rw)
         else:
             what = args.connect
             source, tree, status = await _libvirt_tree(args, rundir)
@@ -72,7 +72,9 @@ async def serve(args, ready=None) -> None:
         # The kernel checks every access against the owner, group and mode
         # each node takes from its images (fs/access.py), for the mounting
         # user too: a mount never widens access.
-        options = {"fsname=snapfs", "subtype=snapfs", "ro", "default_permissions"}
+        options = {"fsname=snapfs", "subtype=snapfs", "default_permissions"}
+        if not args.rw:
+            options.add("ro")
         if args.allow_other:
             options.add("allow_other")
         if args.debug_fuse:
@@ -95,7 +97,7 @@ async def serve(args, ready=None) -> None:
                     refresher = Refresher(source, tree, status, ops, pool)
                     await nursery.start(control_server, control, refresher)
                 nursery.start_soon(_watch_mount, mountpoint, gone, nursery.cancel_scope)
-                log.info("mounted %s on %s", what, mountpoint)
+                log.info("mounted %s on %s%s", what, mountpoint, " (writable: --rw)" if args.rw else "")
                 if ready is not None:
                     ready()
                 await pyfuse3.main()
@@ -144,7 +146,7 @@ async def _libvirt_tree(args, rundir: str):
     except SourceError as e:
         await trio.to_thread.run_sync(source.close)
         raise MountError(str(e)) from None
-    tree = Tree()
+    tree = Tree(args.rw)
     status = Status(args.connect)
     tree.add_status()
     for plan in plans:

@@ -5,6 +5,15 @@ errnos (``errors.fuse_errno``): snapfs's own errors carry theirs (libnbd's
 passes through), anything unexpected is logged once with its traceback and
 becomes EIO, so one bad image never takes the mount down. Attributes
 (owner, group, mode, sizes) come from ``attrs.py``.
+
+Writes (``--rw`` mounts, docs/views.md "Writable mounts"): a writable view's
+opens for writing share one writable export of its image (``ServerPool.
+acquire_writer``); a write, a zeroing ``fallocate``, ``O_TRUNC`` and
+``truncate(0)`` go to it as NBD writes and zero requests, ``fsync`` and
+``close`` as an NBD flush. What they changed is marked on the view and its
+map is brought up to date before its next use (``View.refresh``). Anything a
+view does not allow is refused with the spec's errno, and the reason goes to
+the log and the status file (``Status.refuse``).
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import os
 
 import pyfuse3
 
-from ..errors import fuse_errno
+from ..errors import Refused, Unavailable, fuse_errno
 from ..nbd.pool import Server, ServerPool
 from .attrs import Attributes
 from .tree import Directory, MapFile, Node, Status, StatusFile, Tree, ViewFile
@@ -25,6 +34,13 @@ from .tree import Directory, MapFile, Node, Status, StatusFile, Tree, ViewFile
 log = logging.getLogger(__name__)
 
 HAS_LSEEK = hasattr(pyfuse3.Operations, "lseek")
+
+# fallocate(2) modes (linux/falloc.h).
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+# One NBD zero request at most (its length is 32 bits).
+ZERO_STEP = 1 << 30
 
 # Zero replies share one buffer: FUSE takes any buffer, and most zero
 # requests are a whole 1 MiB request (or less).
@@ -48,12 +64,17 @@ def _boundary(fn):
 
 
 class Handle:
-    """An open file: the node, and the server (views) or the content (maps, status)."""
+    """An open file: the node, and the server (views) or the content (maps, status).
 
-    def __init__(self, node: Node, server: Server | None = None, data: bytes | None = None):
+    writing: opened for writing (``server`` is then the writable export).
+    """
+
+    def __init__(self, node: Node, server: Server | None = None, data: bytes | None = None,
+                 writing: bool = False):
         self.node = node
         self.server = server
         self.data = data
+        self.writing = writing
 
 
 class Operations(pyfuse3.Operations):
@@ -69,6 +90,7 @@ class Operations(pyfuse3.Operations):
         self.attrs = Attributes(tree, pool, status)
         self._handles: dict[int, Handle] = {}
         self._fh = itertools.count(1)
+        pool.on_written = self._written
 
     def open_files(self, prefix: str) -> int:
         """How many views under ``prefix/`` are open."""
@@ -125,24 +147,67 @@ class Operations(pyfuse3.Operations):
 
     # -- files ------------------------------------------------------------
 
+    def _path(self, node: Node) -> str:
+        parts = []
+        while node is not None and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return "/".join(reversed(parts))
+
+    def _refuse(self, node: Node, err: int, reason: str):
+        """Refuse a request: the reason to the log and the status file, the errno to the caller."""
+        self.status.refuse(self._path(node), reason)
+        raise pyfuse3.FUSEError(err)
+
+    def _writable_view(self, node: Node):
+        """The view of a node opened or truncated for writing, or the refusal."""
+        if not self.tree.writable:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if not isinstance(node, ViewFile):
+            self._refuse(node, errno.EACCES, "maps and the status file are read-only")
+        refusal = node.view.write_refusal()
+        if refusal is not None:
+            self._refuse(node, *refusal)
+        return node.view
+
     @_boundary
     async def open(self, inode, flags, ctx):
         node = self._node(inode)
         if isinstance(node, Directory):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if flags & os.O_ACCMODE != os.O_RDONLY:
-            raise pyfuse3.FUSEError(errno.EROFS)
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        view = self._writable_view(node) if writing else None
         fh = next(self._fh)
         if isinstance(node, MapFile):
             self._handles[fh] = Handle(node, data=await self.attrs.map_content(node))
-            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=not node.view.mutable)
         if isinstance(node, StatusFile):
             self._handles[fh] = Handle(node, data=self.status.render())
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         view = node.view
-        await self.attrs.load_map(view)
-        server = await self.pool.acquire(view.spec)
-        self._handles[fh] = Handle(node, server=server)
+        # The map comes from the read-only export, before a writer claims the image.
+        await self.attrs.fresh_map(view)
+        try:
+            if writing:
+                server = await self.pool.acquire_writer(view.spec.for_writing())
+            else:
+                # The view being written is read through its writer.
+                spec = view.spec.for_writing() if self.pool.writers.get(view.spec.image) \
+                    == view.spec.for_writing() else view.spec
+                server = await self.pool.acquire(spec)
+        except (Refused, Unavailable) as e:
+            if e.errno == errno.EBUSY or writing:
+                self._refuse(node, e.errno, e.reason)
+            raise
+        h = self._handles[fh] = Handle(node, server=server, writing=writing)
+        if writing and flags & os.O_TRUNC:
+            # libfuse sends O_TRUNC inside OPEN (atomic_o_trunc), not as a SETATTR.
+            try:
+                await self._truncate(node, view, server)
+            except BaseException:
+                del self._handles[fh]
+                self.pool.release(h.server)
+                raise
         # Direct I/O: reads arrive at the size the reader asks for (cp and
         # cat ask st_blksize, 4 MiB, sent as four 1 MiB requests at once)
         # instead of the page cache's 128 KiB readahead pieces, and copying
@@ -150,27 +215,149 @@ class Operations(pyfuse3.Operations):
         # The chunk cache serves repeated reads.
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
+    async def _map(self, h: Handle):
+        """The open view's map, up to date with what its writer changed."""
+        view = h.node.view
+        if view.stale and h.server.spec.writable:
+            server = h.server
+            await view.refresh(lambda a, b: server.block_status(view.size, a, b))
+        return view.map
+
     @_boundary
     async def read(self, fh, off, size):
         h = self._handles[fh]
         if h.data is not None:
             return h.data[off:off + size]
         view = h.node.view
-        m = view.map
-        chunks = h.server.chunks(view.size)
-        parts = []
-        for start, length, zero in m.pieces(off, size):
-            # Zero and hole areas come from the extent map, not the server.
-            parts.append(_zeros(length) if zero else await chunks.read(start, length, m))
+        m = await self._map(h)
+        if h.server.spec.writable:
+            # No chunk cache beside a writer: every read asks the image.
+            parts = [_zeros(length) if zero else await h.server.pread(length, start)
+                     for start, length, zero in m.pieces(off, size)]
+        else:
+            chunks = h.server.chunks(view.size)
+            parts = []
+            for start, length, zero in m.pieces(off, size):
+                # Zero and hole areas come from the extent map, not the server.
+                parts.append(_zeros(length) if zero else await chunks.read(start, length, m))
         if len(parts) == 1:
             return parts[0]
         return b"".join(parts)  # join takes memoryviews too
 
     @_boundary
+    async def write(self, fh, off, buf):
+        h = self._handles[fh]
+        if not h.writing:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        view = h.node.view
+        if off >= view.size:
+            # As a block device: nothing is written past the end.
+            self._refuse(h.node, errno.ENOSPC, f"a write at {off} is past the end of the disk "
+                         f"({view.size} bytes; resize it with qemu-img resize)")
+        n = min(len(buf), view.size - off)
+        try:
+            await h.server.pwrite(buf if n == len(buf) else bytes(buf[:n]), off)
+        finally:
+            # Even a failed write may have changed part of the area.
+            view.changed(off, off + n)
+        return n
+
+    async def _zero(self, view, server: Server, start: int, end: int) -> None:
+        try:
+            for pos in range(start, end, ZERO_STEP):
+                await server.zero(min(ZERO_STEP, end - pos), pos)
+        finally:
+            view.changed(start, end)
+
+    async def _truncate(self, node: Node, view, server: Server) -> None:
+        """``O_TRUNC``, ``truncate(0)``: the disk reads as zero; a layer must be empty."""
+        m = await view.refresh(lambda a, b: server.block_status(view.size, a, b))
+        if view.kind == "layer":
+            held = next((e for e in m.extents if not e.hole), None)
+            if held is not None:
+                self._refuse(node, errno.EPERM, (
+                    f"truncating a layer that holds data ({m.data_bytes} bytes, the first at "
+                    f"{held.start}) would leave the layers beneath showing through where it is "
+                    "emptied: restore a layer into a fresh one (qemu-img create -b)"))
+            return
+        for e in m.extents:
+            if not e.zero:
+                await self._zero(view, server, e.start, e.end)
+
+    @_boundary
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        node = self._node(inode)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            # Owner and mode come from the images (fs/access.py).
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_size:
+            view = self._writable_view(node)
+            size = attr.st_size
+            if size not in (0, view.size):
+                self._refuse(node, errno.EINVAL, f"a view cannot change size ({view.size} bytes, asked "
+                             f"{size}): resize the image with qemu-img resize")
+            if size == 0:
+                h = self._handles.get(fh) if fh else None
+                if h is not None and h.writing:
+                    await self._truncate(node, view, h.server)
+                else:
+                    await self.attrs.fresh_map(view)
+                    try:
+                        server = await self.pool.acquire_writer(view.spec.for_writing())
+                    except (Refused, Unavailable) as e:
+                        self._refuse(node, e.errno, e.reason)
+                    try:
+                        await self._truncate(node, view, server)
+                        await server.flush()
+                    finally:
+                        self.pool.release(server)
+        elif not (fields.update_atime or fields.update_mtime or fields.update_ctime):
+            pass
+        elif not (isinstance(node, ViewFile) and node.view.writable):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        # Times of a view are its image's: setting them (touch, rsync -t) changes nothing.
+        return await self.attrs.get(node)
+
+    @_boundary
+    async def flush(self, fh):
+        h = self._handles.get(fh)
+        if h is not None and h.writing:
+            await h.server.flush()
+
+    @_boundary
+    async def fsync(self, fh, datasync):
+        await self.flush(fh)
+
+    @_boundary
     async def release(self, fh):
         h = self._handles.pop(fh, None)
-        if h is not None and h.server is not None:
-            self.pool.release(h.server)
+        if h is None or h.server is None:
+            return
+        srv = h.server
+        if srv.spec.writable and srv.users == 1 and h.node.view.stale:
+            # The last file of the writer: its map is made true before it stops.
+            view = h.node.view
+            try:
+                await view.refresh(lambda a, b: srv.block_status(view.size, a, b))
+            except Exception as e:
+                log.warning("%s: map not brought up to date (%s): it is read again", view.filename, e)
+                view.forget_map()
+        self.pool.release(srv)
+
+    def _written(self, image: str, spec) -> None:
+        """A writer of ``image`` closed: other views of the image read their maps again."""
+        try:
+            mtime = os.stat(image).st_mtime_ns
+        except OSError:
+            mtime = None
+        for view in self.status.views:
+            if not view.mutable or not any(s.socket is None and s.image == image for s in view.specs()):
+                continue
+            if view.layer.path == image and mtime is not None:
+                view.layer.mtime_ns = mtime
+            if view.spec.for_writing() == spec and view.map is not None and not view.stale:
+                continue  # kept true write by write
+            view.forget_map()
 
     @_boundary
     async def lseek(self, fh, off, whence):
@@ -182,11 +369,28 @@ class Operations(pyfuse3.Operations):
             if off < 0 or off >= len(h.data):
                 raise pyfuse3.FUSEError(errno.ENXIO)
             return off if want_data else len(h.data)
-        return h.node.view.map.seek(off, want_data)  # SeekError: ENXIO
+        return (await self._map(h)).seek(off, want_data)  # SeekError: ENXIO
 
     @_boundary
     async def fallocate(self, fh, mode, off, length):
-        raise pyfuse3.FUSEError(errno.EROFS)
+        h = self._handles[fh]
+        if not h.writing:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        view = h.node.view
+        zeroing = mode in (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE,
+                           FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
+        if not zeroing:
+            # Like a block device: a disk's space is not allocated ahead, nor moved.
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        end = off + length
+        if end > view.size and not mode & FALLOC_FL_KEEP_SIZE:
+            self._refuse(h.node, errno.ENOSPC, f"fallocate up to {end} is past the end of the disk "
+                         f"({view.size} bytes)")
+        end = min(end, view.size)
+        if off < end:
+            # A layer keeps zeroed areas as allocated zeros: it cannot hand an
+            # area back to the layers beneath it (docs/views.md).
+            await self._zero(view, h.server, off, end)
 
     # -- extended attributes, statfs --------------------------------------
 

@@ -10,12 +10,17 @@ counts (``forget``) need no bookkeeping here. Pure: the FUSE side
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 
 from ..views import View
 
+# What the status file says, logged as it is found.
+report = logging.getLogger("snapfs.report")
+
 STATUS_NAME = ".snapfs-status"
+REFUSALS_KEPT = 100
 ROOT_INODE = 1  # FUSE_ROOT_ID
 
 
@@ -70,7 +75,11 @@ class StatusFile(Node):
 
 
 class Status:
-    """Problems found at mount time, plus views that failed later."""
+    """Problems found at mount time, views that failed later, and refused requests.
+
+    refusals: the latest refusal of each file (``--rw`` mounts: a write
+    refused, with the reason), at most REFUSALS_KEPT, oldest dropped first.
+    """
 
     def __init__(self, source: str):
         self.source = source
@@ -78,6 +87,14 @@ class Status:
         self.notes: list[str] = []
         self.problems: list[tuple[str, str]] = []
         self.views: list[View] = []
+        self.refusals: dict[str, tuple[str, str]] = {}
+
+    def refuse(self, path: str, reason: str) -> None:
+        report.warning("refused: %s: %s", path, reason)
+        self.refusals.pop(path, None)
+        self.refusals[path] = (time.strftime("%H:%M:%S"), reason)
+        while len(self.refusals) > REFUSALS_KEPT:
+            del self.refusals[next(iter(self.refusals))]
 
     def replace(self, prefix: str, problems, notes, views) -> None:
         """Drop what is under ``prefix/`` (a refreshed domain) and add its new state."""
@@ -98,13 +115,17 @@ class Status:
         else:
             lines.append(f"{len(problems)} item(s) not available:")
             lines += [f"{path}: {reason}" for path, reason in problems]
+        if self.refusals:
+            lines.append(f"{len(self.refusals)} request(s) refused (the latest of each file):")
+            lines += [f"{when} {path}: {reason}" for path, (when, reason) in self.refusals.items()]
         return ("\n".join(lines) + "\n").encode()
 
 
 class Tree:
     """Every node by inode; ``root`` is ROOT_INODE."""
 
-    def __init__(self):
+    def __init__(self, writable: bool = False):
+        self.writable = writable  # a --rw mount
         self._ids = itertools.count(ROOT_INODE)
         self.nodes: dict[int, Node] = {}
         self.root = self._add(Directory, "", None)

@@ -70,11 +70,32 @@ class Connection:
         except nbd.Error as e:
             raise NBDError(f"read of {length} bytes at {offset} failed: {e.string}", e.errno) from None
 
-    def block_status(self, size: int) -> dict[str, list[Run]]:
+    def pwrite(self, buf: bytes, offset: int) -> None:
+        try:
+            self._handle().pwrite(buf, offset)
+        except nbd.Error as e:
+            raise NBDError(f"write of {len(buf)} bytes at {offset} failed: {e.string}", e.errno) from None
+
+    def zero(self, length: int, offset: int) -> None:
+        """Make ``[offset, offset + length)`` read as zero; the server may
+        deallocate it (qcow2 then keeps zero clusters, which hide what is beneath)."""
+        try:
+            self._handle().zero(length, offset)
+        except nbd.Error as e:
+            raise NBDError(f"zeroing {length} bytes at {offset} failed: {e.string}", e.errno) from None
+
+    def flush(self) -> None:
+        try:
+            self._handle().flush()
+        except nbd.Error as e:
+            raise NBDError(f"flush failed: {e.string}", e.errno) from None
+
+    def block_status(self, size: int, start: int = 0, end: int | None = None) -> dict[str, list[Run]]:
         """Runs of every context this connection asked for, over ``[0, size)``.
 
         ``size`` is what the caller expects the export to be; a server that
         reports another size (the image changed since it was scanned) fails.
+        ``start``/``end`` limit the runs to an area (what a writer changed).
 
         How replies become runs: ``contexts.read_block_status``.
         """
@@ -88,4 +109,4 @@ class Connection:
             except nbd.Error as e:
                 raise NBDError(f"block status at {offset} failed: {e.string}", e.errno) from None
 
-        return read_block_status(size, self.contexts, request)
+        return read_block_status(size if end is None else end, self.contexts, request, start)

@@ -26,8 +26,12 @@ def dirty_context(bitmap: str) -> str:
     return DIRTY_BITMAP_PREFIX + bitmap
 
 
-def read_block_status(size: int, contexts: tuple[str, ...], request: Callable) -> dict[str, list[Run]]:
-    """Runs ``(start, length, flags)`` of every context over ``[0, size)``.
+def read_block_status(size: int, contexts: tuple[str, ...], request: Callable,
+                      start: int = 0) -> dict[str, list[Run]]:
+    """Runs ``(start, length, flags)`` of every context over ``[start, size)``.
+
+    ``size`` is where the runs end (the export's size, or the end of the
+    area a writer changed).
 
     request: ``request(length, offset, callback)`` sends one block status
     request; the server calls ``callback(context, offset, entries, err)``
@@ -46,7 +50,7 @@ def read_block_status(size: int, contexts: tuple[str, ...], request: Callable) -
     ``size`` is clipped. Neighbouring runs with equal flags are merged as
     they arrive. A reply that moves no context forward is a protocol error.
     """
-    covered = {ctx: 0 for ctx in contexts}
+    covered = {ctx: start for ctx in contexts}
     runs: dict[str, list[Run]] = {ctx: [] for ctx in contexts}
 
     def extent(metacontext, offset, entries, err):

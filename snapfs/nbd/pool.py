@@ -5,6 +5,15 @@ or a connection to somebody else's NBD server (a libvirt backup job), shared by
 every open of every view that needs it, started when first needed and stopped
 when idle, on unmount, or restarted when it died. The ``ServerPool`` is the
 one owner of all of them.
+
+Writers (``--rw`` mounts): an image has at most one writable export at a
+time, claimed in ``writers`` before it starts. qemu's image locking lets no
+reader beside a writer, so the claim first stops the idle read-only servers
+of that image (or answers EBUSY while a file keeps one in use), and every
+read-only export of the image answers EBUSY until the writer's last file is
+closed. A writable qemu-nbd that dies is never restarted under its files:
+what it acknowledged but had not flushed may be lost, so every later request
+of those files fails with EIO; the next open starts a new one.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..errors import TransportError, Unavailable
+from ..errors import Busy, TransportError, Unavailable
 from ..extents import Run
 from .chunks import ChunkCache
 from .qemu import START_TIMEOUT, QemuNBD
@@ -26,6 +35,11 @@ if TYPE_CHECKING:
     from .client import Connection
 
 log = logging.getLogger(__name__)
+
+# How long a writer's open waits for read-only servers of its image to go idle.
+EVICT_WAIT = 1.0
+# How long an open waits for a writer whose files are closed to stop (it flushes).
+WRITER_STOP_WAIT = 30.0
 
 
 class QemuBackend:
@@ -60,6 +74,7 @@ class Server:
         self._limiter = trio.CapacityLimiter(pool.connections)
         self._idle_scope: trio.CancelScope | None = None
         self._cache: ChunkCache | None = None
+        self.broken: str | None = None  # a writable server that died under its files
 
     def chunks(self, size: int) -> ChunkCache:
         """The export's chunk cache (dropped when the server stops)."""
@@ -77,8 +92,15 @@ class Server:
             await self._ensure_connected()
             return
         async with self.lock:
+            if self.broken is not None:
+                raise TransportError(self.broken, errno.EIO)
             if self.process is not None and self.process.alive:
                 return
+            if self.process is not None and self.spec.writable:
+                self.broken = (f"qemu-nbd writing {self.spec.image} exited ({self.process.failure().reason}); "
+                               "writes not yet flushed may be lost: close the file and open it again")
+                log.error("%s", self.broken)
+                raise TransportError(self.broken, errno.EIO)
             if self.process is not None:
                 log.warning("qemu-nbd for %s died; restarting it", self.spec.describe())
                 await self._shutdown()
@@ -156,6 +178,11 @@ class Server:
                     result = await trio.to_thread.run_sync(getattr(conn, fn_name), *args)
                 except TransportError as e:
                     self._drop(conn)
+                    if e.disconnected and self.spec.writable:
+                        # Never retried: a write acknowledged before may be lost.
+                        await self.ensure_running()  # raises: the server is gone
+                        raise TransportError(f"{e} (qemu-nbd writing {self.spec.image} is gone)",
+                                             errno.EIO) from None
                     if attempt == 1 and e.disconnected:
                         continue  # ensure_running restarts a dead server
                     raise
@@ -170,11 +197,21 @@ class Server:
     async def pread(self, length: int, offset: int) -> bytes:
         return await self.call("pread", length, offset)
 
-    async def block_status(self, size: int) -> dict[str, list[Run]]:
-        return await self.call("block_status", size)
+    async def block_status(self, size: int, start: int = 0, end: int | None = None) -> dict[str, list[Run]]:
+        return await self.call("block_status", size, start, end)
+
+    async def pwrite(self, buf: bytes, offset: int) -> None:
+        await self.call("pwrite", buf, offset)
+
+    async def zero(self, length: int, offset: int) -> None:
+        await self.call("zero", length, offset)
+
+    async def flush(self) -> None:
+        await self.call("flush")
 
     async def _shutdown(self) -> None:
         self._cache = None
+        self.broken = None
         conns, self._all, self._free = self._all, [], []
         for c in conns:
             c.close()
@@ -207,6 +244,10 @@ class ServerPool:
         self._runs: dict[ExportSpec, dict[str, list[Run]]] = {}
         self._runs_locks: dict[ExportSpec, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
+        # image path -> the writable export that has it (see the module's docstring)
+        self.writers: dict[str, ExportSpec] = {}
+        # called with an image's path once its writer's last file closed
+        self.on_written = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Own the idle timers; returns (stopping every server) when cancelled."""
@@ -230,7 +271,57 @@ class ServerPool:
             srv = self.servers[spec] = Server(self, spec)
         return srv
 
+    async def _writer_closing(self, image: str, spec: ExportSpec) -> ExportSpec | None:
+        """The export writing ``image`` other than ``spec``, once one whose files
+        are all closed has stopped (a reader opening right after ``cp`` closed)."""
+        deadline = trio.current_time() + WRITER_STOP_WAIT
+        while True:
+            writer = self.writers.get(image)
+            if writer is None or writer == spec:
+                return None
+            srv = self.servers.get(writer)
+            if srv is not None and srv.users or trio.current_time() > deadline:
+                return writer
+            await trio.sleep(0.01)  # _stop_writer is on its way
+
+    async def check_readable(self, spec: ExportSpec) -> None:
+        """Busy while the image this export reads is being written through another export."""
+        if spec.socket is None and await self._writer_closing(spec.image, spec) is not None:
+            raise Busy(f"{spec.image} is open for writing; try again once it is closed")
+
+    async def acquire_writer(self, spec: ExportSpec) -> Server:
+        """The writable export of ``spec.image``: claim the image, then start it."""
+        image = spec.image
+        if await self._writer_closing(image, spec) is not None:
+            raise Busy(f"{image} is open for writing through another view")
+        if self.writers.get(image) is None:
+            self.writers[image] = spec
+            try:
+                await self._evict(image)
+            except BaseException:
+                del self.writers[image]
+                raise
+        return await self.acquire(spec)
+
+    async def _evict(self, image: str) -> None:
+        """Stop every read-only server of ``image``; Busy if one stays in use."""
+        def readers():
+            return [s for s in self.servers.values()
+                    if not s.spec.writable and s.spec.socket is None and s.spec.image == image]
+        with trio.move_on_after(EVICT_WAIT):
+            while any(s.users for s in readers()):
+                await trio.sleep(0.02)
+        busy = [s for s in readers() if s.users]
+        if busy:
+            raise Busy(f"{image} is open for reading ({busy[0].spec.describe()}); close it first")
+        for s in readers():
+            if s._idle_scope is not None:
+                s._idle_scope.cancel()
+                s._idle_scope = None
+            await s.stop()
+
     async def acquire(self, spec: ExportSpec) -> Server:
+        await self.check_readable(spec)
         srv = self.server(spec)
         srv.users += 1
         if srv._idle_scope is not None:
@@ -246,6 +337,11 @@ class ServerPool:
     def release(self, srv: Server, linger: bool = True) -> None:
         srv.users -= 1
         if srv.users > 0:
+            return
+        if srv.spec.writable:
+            # At once: readers of the image wait for it, and its data is flushed on exit.
+            if self._nursery is not None:
+                self._nursery.start_soon(self._stop_writer, srv)
             return
         if linger and self.idle_timeout > 0 and self._nursery is not None:
             # The timer's scope exists before its task runs: an open right
@@ -270,12 +366,28 @@ class ServerPool:
             except Exception:
                 log.exception("stopping qemu-nbd for %s failed", srv.spec.describe())
 
+    async def _stop_writer(self, srv: Server) -> None:
+        """The writer's last file closed: stop it, free the image, tell who cares."""
+        image = srv.spec.image
+        try:
+            await srv.stop()
+        except Exception:
+            log.exception("stopping qemu-nbd for %s failed", srv.spec.describe())
+        if srv.users == 0 and self.writers.get(image) == srv.spec:
+            # Other views' block status read before the writes is stale.
+            for spec in [s for s in self._runs if s.socket is None and s.image == image]:
+                del self._runs[spec]
+            del self.writers[image]
+            if self.on_written is not None:
+                self.on_written(image, srv.spec)
+
     async def block_status(self, spec: ExportSpec, size: int) -> dict[str, list[Run]]:
         """Block status of a whole export, read once per mount.
 
         Views of the same export (a base's chain and layer views, the shared
         layers of two branches) share it.
         """
+        await self.check_readable(spec)
         runs = self._runs.get(spec)
         if runs is not None:
             return runs

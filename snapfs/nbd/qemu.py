@@ -5,6 +5,12 @@ out every node (``formats.json_node``). Servers are read-only without
 force-share, so an image a running VM writes cannot be opened ("in use"),
 while the backing layers of a running VM open fine.
 
+A writable server (``--rw`` mounts) writes the top layer in its own format:
+``--discard=unmap`` so a trim or zero request reaches the image instead of
+being dropped, ``--detect-zeroes=on`` so a buffer of zeros becomes zero
+clusters (allocated zeros) rather than clusters full of zeros. qemu's image
+locking lets one writer in, and no reader beside it.
+
 qemu-nbd runs without ``--persistent``: it exits by itself once its last
 client disconnects, so even a snapfs killed with SIGKILL leaves no server
 behind once the kernel has closed its sockets.
@@ -51,8 +57,12 @@ class QemuNBD:
         self.serving = False  # it listened: a failure from now on is news
 
     def command(self) -> list[str]:
-        cmd = ["qemu-nbd", "--read-only", f"--shared={self.connections + 1}",
+        cmd = ["qemu-nbd", f"--shared={self.connections + 1}",
                f"--socket={self.socket}", f"--pid-file={self.pidfile}", "--cache=writeback"]
+        if self.spec.writable:
+            cmd += ["--discard=unmap", "--detect-zeroes=on"]
+        else:
+            cmd.insert(1, "--read-only")
         if self.spec.allocation_depth:
             cmd.append("--allocation-depth")
         if self.spec.bitmap is not None:

@@ -6,7 +6,7 @@ processes and connections by the pool.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..formats import has_allocation_depth, json_node
 from .contexts import ALLOCATION_DEPTH, BASE_ALLOCATION, dirty_context
@@ -26,6 +26,8 @@ class ExportSpec:
     images for messages.
     pins: ``(st_dev, st_ino)`` of each layer as scanned; qemu-nbd serves
     exactly those files or none (``qemu.QemuNBD.start``).
+    writable: served for writing into the top layer (``--rw`` mounts); the
+    layers beneath stay read-only, as qemu opens backing files.
     """
 
     layers: tuple[tuple[str, str], ...]
@@ -34,12 +36,21 @@ class ExportSpec:
     socket: str | None = None
     export: str = ""
     pins: tuple[tuple[int, int] | None, ...] = ()
+    writable: bool = False
 
     @classmethod
     def of(cls, layers, **kw) -> ExportSpec:
         """The export of ``layers`` (``formats.Layer``, top first)."""
         layers = tuple(layers)
         return cls(tuple(lay.node for lay in layers), pins=tuple(lay.pin for lay in layers), **kw)
+
+    @property
+    def image(self) -> str:
+        """The top layer's path: the file a writable export writes."""
+        return self.layers[0][0]
+
+    def for_writing(self) -> ExportSpec:
+        return replace(self, writable=True)
 
     @property
     def allocation_depth(self) -> bool:
@@ -64,4 +75,6 @@ class ExportSpec:
             what = f"backup export {self.export!r} of {what}"
         if self.snapshot is not None:
             what = f"internal snapshot {self.snapshot!r} of {what}"
+        if self.writable:
+            what = f"{what} (for writing)"
         return f"{what} (bitmap {self.bitmap})" if self.bitmap else what

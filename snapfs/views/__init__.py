@@ -6,6 +6,12 @@ map is read once, on first need, and kept for the life of the mount: a
 read-only mount serves images that do not change under it (an image a
 running VM writes is refused as "in use").
 
+In a ``--rw`` mount, the chain and layer views of a disk's top image are
+*writable*. A writer marks what it changed (``changed``); the next use of
+the map re-reads the block status of those areas only and splices it in
+(``refresh``). Every view that reads a written image is *mutable*: when its
+writer closes, the maps of the other views of that image are read again.
+
 One module per kind: ``chain.py``, ``layer.py``, ``dirty.py``. A view speaks
 in extents and export specs; the server pool (``nbd/``) does the rest, so
 this package is pure (no pyfuse3, no libnbd).
@@ -13,6 +19,7 @@ this package is pure (no pyfuse3, no libnbd).
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 from typing import TYPE_CHECKING
@@ -20,7 +27,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .. import extents as ex
-from ..errors import SnapfsError, Unavailable
+from ..errors import Busy, SnapfsError, Unavailable
 from ..formats import IMAGE_SUFFIXES
 from ..formats.chain import Disk, Layer
 from ..nbd.spec import ExportSpec
@@ -30,6 +37,20 @@ if TYPE_CHECKING:
 
 # What the status file says (views not offered, notes), logged as it is found.
 report = logging.getLogger("snapfs.report")
+
+
+# Areas a writer changed are read again in these steps (the largest qcow2 cluster).
+STALE_ALIGN = 2 << 20
+
+
+def _merged(areas: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(areas):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def view_basename(index: int, width: int, layer: Layer) -> str:
@@ -59,6 +80,9 @@ class View:
     spec: the export reads and block status come from.
     problem: set once the view turned out not to be servable; it then
     disappears from the mount and the reason shows in the status file.
+    writable: a ``--rw`` mount writes the top image through this view.
+    mutable: the view reads an image a writable view writes (its map and
+    attributes are never cached by the kernel).
     """
 
     kind = ""
@@ -72,6 +96,10 @@ class View:
         self.size = size
         self.map: ex.ExtentMap | None = None
         self.problem: str | None = None
+        self.writable = False
+        self.mutable = False
+        self.runs: dict[str, list[ex.Run]] | None = None
+        self._stale: list[tuple[int, int]] = []
         self._lock = trio.Lock()
 
     @property
@@ -112,12 +140,76 @@ class View:
                 raise Unavailable(self.problem)
             if self.map is None:
                 try:
-                    self.map = self.build_map(await self.read_runs(pool))
+                    runs = await self.read_runs(pool)
+                    self.map = self.build_map(runs)
+                    self.runs = runs
+                except Busy:
+                    raise  # not now: the image is being written
                 except SnapfsError as e:
                     self.problem = e.reason
                     report.warning("%s/%s/%s is not available: %s", self.disk.relpath,
                                 self.folder, self.filename, self.problem)
                     raise Unavailable(self.problem, e.errno) from None
+        return self.map
+
+    def forget_map(self) -> None:
+        """The image changed under this view: read the map again on next use."""
+        self.map = None
+        self.runs = None
+        self._stale = []
+
+    def write_refusal(self) -> tuple[int, str] | None:
+        """Why this view is not written, as ``(errno, reason)``; None if it is writable."""
+        if self.writable:
+            return None
+        if self.spec.socket is not None:
+            return errno.EBUSY, ("the domain is running: its disk is never written "
+                                 "(shut the domain off to restore it)")
+        if self.kind == "dirty":
+            return errno.EACCES, "dirty views are read-only: restore through the chain or layer view"
+        if self.spec.snapshot is not None:
+            return errno.EACCES, "an internal snapshot is read-only"
+        if self.layer is not self.disk.top:
+            return errno.EACCES, (f"{self.layer.path} is not the top image of the disk (the image "
+                                  f"above it is based on it); only {self.disk.top.path} is written")
+        return errno.EACCES, "this image cannot be written"
+
+    def changed(self, start: int, end: int) -> None:
+        """A writer changed ``[start, end)``: its block status is read again before the map's next use.
+
+        The area grows to 2 MiB boundaries, the largest qcow2 cluster: a
+        write into part of a cluster changes the allocation of all of it.
+        """
+        a = start - start % STALE_ALIGN
+        b = min(self.size, -(-end // STALE_ALIGN) * STALE_ALIGN)
+        st = self._stale
+        if st and st[-1][1] >= a and st[-1][0] <= b:
+            st[-1] = (min(st[-1][0], a), max(st[-1][1], b))
+        else:
+            st.append((a, b))
+
+    @property
+    def stale(self) -> bool:
+        return bool(self._stale)
+
+    async def refresh(self, fetch) -> ex.ExtentMap:
+        """Bring the map up to date with what writers changed.
+
+        fetch: ``async fetch(start, end) -> runs`` of the writable export.
+        """
+        async with self._lock:
+            if self._stale and self.runs is not None:
+                areas, self._stale = _merged(self._stale), []
+                try:
+                    runs = self.runs
+                    for a, b in areas:
+                        new = await fetch(a, b)
+                        runs = {ctx: ex.splice_runs(r, a, b, new[ctx]) for ctx, r in runs.items()}
+                    self.map = self.build_map(runs)
+                    self.runs = runs
+                except BaseException:
+                    self._stale = areas + self._stale
+                    raise
         return self.map
 
     async def read_runs(self, pool: ServerPool) -> dict[str, list[ex.Run]]:
@@ -129,3 +221,21 @@ class View:
     def specs(self) -> list[ExportSpec]:
         """Every export the view reads from."""
         return [self.spec]
+
+
+def mark_writable(views: list[View]) -> None:
+    """A ``--rw`` mount: the chain and layer views of each disk's top image are
+    writable, and every view reading such an image is mutable.
+
+    The top image is the one no other image uses as its backing file (a leaf;
+    a libvirt domain's active image). An internal snapshot, a running
+    domain's backup export and dirty views are never written.
+    """
+    tops = set()
+    for v in views:
+        if (v.kind in ("chain", "layer") and v.layer is v.disk.top and v.layer.problem is None
+                and v.spec.socket is None and v.spec.snapshot is None):
+            v.writable = True
+            tops.add(v.spec.image)
+    for v in views:
+        v.mutable = any(s.socket is None and s.image in tops for s in v.specs())
