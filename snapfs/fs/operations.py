@@ -410,13 +410,50 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode, ctx):
         return [os.fsencode(k) for k in self._xattrs(self._node(inode))]
 
+    def _no_change(self):
+        """What a request to change the tree or xattrs gets: the tree is the images'."""
+        raise pyfuse3.FUSEError(errno.EACCES if self.tree.writable else errno.EROFS)
+
     @_boundary
     async def setxattr(self, inode, name, value, ctx):
-        raise pyfuse3.FUSEError(errno.EROFS)
+        self._no_change()
 
     @_boundary
     async def removexattr(self, inode, name, ctx):
-        raise pyfuse3.FUSEError(errno.EROFS)
+        self._no_change()
+
+    # Names never change: a --rw mount writes into existing views only (root included).
+    @_boundary
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        self._no_change()
+
+    @_boundary
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        self._no_change()
+
+    @_boundary
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        self._no_change()
+
+    @_boundary
+    async def symlink(self, parent_inode, name, target, ctx):
+        self._no_change()
+
+    @_boundary
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        self._no_change()
+
+    @_boundary
+    async def unlink(self, parent_inode, name, ctx):
+        self._no_change()
+
+    @_boundary
+    async def rmdir(self, parent_inode, name, ctx):
+        self._no_change()
+
+    @_boundary
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self._no_change()
 
     @_boundary
     async def statfs(self, ctx):
