@@ -117,7 +117,7 @@ class Image:
 
 
 class FakeProcess:
-    """Stands for a QemuNBD: start/stop/alive/failure()/socket."""
+    """Stands for a QemuNBD: start/stop/alive/failure()/ended()/socket."""
 
     def __init__(self, image, spec, socket):
         self.image, self.spec, self.socket = image, spec, socket
@@ -138,6 +138,9 @@ class FakeProcess:
 
     def failure(self):
         return Unavailable("fake qemu-nbd died")
+
+    def ended(self):
+        return "exited with status 1 (fake qemu-nbd died)"
 
 
 class FakeConnection:

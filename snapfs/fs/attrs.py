@@ -90,14 +90,14 @@ class Attributes:
         hit = self._map_json.get(view)
         return hit[1] if hit is not None and hit[0] is view.map and view.map is not None else None
 
-    def known(self, node: Node) -> pyfuse3.EntryAttributes | None:
+    def known(self, node: Node, fresh: bool = False) -> pyfuse3.EntryAttributes | None:
         """Attributes if they need no server, else None.
 
         Views of an image a ``--rw`` mount writes are never cached by the
         kernel (timeout 0): their sizes on disk change with every write.
         """
-        if isinstance(node, ViewNode) and node.view.stale:
-            return None
+        if isinstance(node, ViewNode) and node.view.stale and not fresh:
+            return None  # fresh: the caller just brought the map up to date
         if isinstance(node, ViewFile):
             view = node.view
             if view.map is None:
@@ -125,8 +125,8 @@ class Attributes:
             except Busy:
                 # Another view writes the image: what is known until it closes.
                 return self.quick(node)
-            attrs = self.known(node)
-        return attrs
+            attrs = self.known(node, fresh=True)
+        return attrs if attrs is not None else self.quick(node)
 
     def quick(self, node: Node) -> pyfuse3.EntryAttributes:
         """Attributes for readdirplus without starting a server.

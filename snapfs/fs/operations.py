@@ -25,8 +25,9 @@ import logging
 import os
 
 import pyfuse3
+import trio
 
-from ..errors import Refused, Unavailable, fuse_errno
+from ..errors import Busy, Refused, SnapfsError, Unavailable, fuse_errno
 from ..nbd.pool import Server, ServerPool
 from .attrs import Attributes
 from .tree import Directory, MapFile, Node, Status, StatusFile, Tree, ViewFile
@@ -41,6 +42,8 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 # One NBD zero request at most (its length is 32 bits).
 ZERO_STEP = 1 << 30
+# A read waits this many 10 ms steps for its file to move to a writer.
+MOVE_WAIT_STEPS = 500
 
 # Zero replies share one buffer: FUSE takes any buffer, and most zero
 # requests are a whole 1 MiB request (or less).
@@ -75,6 +78,7 @@ class Handle:
         self.server = server
         self.data = data
         self.writing = writing
+        self.wrote = False  # changed the image since the last flush
 
 
 class Operations(pyfuse3.Operations):
@@ -185,11 +189,18 @@ class Operations(pyfuse3.Operations):
             self._handles[fh] = Handle(node, data=self.status.render())
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         view = node.view
-        # The map comes from the read-only export, before a writer claims the image.
-        await self.attrs.fresh_map(view)
         try:
+            # The map comes from the read-only export, before a writer claims the image.
+            await self.attrs.fresh_map(view)
             if writing:
-                server = await self.pool.acquire_writer(view.spec.for_writing())
+                server = await self.pool.acquire_writer(view.spec.for_writing(), adopt=view.spec)
+                # Files that read this view move to its writer (rsync --inplace
+                # reads the file it then writes).
+                for other in self._handles.values():
+                    if other.server is not None and other.server.spec == view.spec:
+                        old, other.server = other.server, server
+                        server.users += 1
+                        self.pool.release(old, linger=False)
             else:
                 # The view being written is read through its writer.
                 spec = view.spec.for_writing() if self.pool.writers.get(view.spec.image) \
@@ -200,7 +211,10 @@ class Operations(pyfuse3.Operations):
                 self._refuse(node, e.errno, e.reason)
             raise
         h = self._handles[fh] = Handle(node, server=server, writing=writing)
+        if writing:
+            server.closing = False
         if writing and flags & os.O_TRUNC:
+            h.wrote = True
             # libfuse sends O_TRUNC inside OPEN (atomic_o_trunc), not as a SETATTR.
             try:
                 await self._truncate(node, view, server)
@@ -221,6 +235,9 @@ class Operations(pyfuse3.Operations):
         if view.stale and h.server.spec.writable:
             server = h.server
             await view.refresh(lambda a, b: server.block_status(view.size, a, b))
+        if view.map is None or view.stale:
+            # Forgotten: the image was written through another view.
+            return await self.attrs.fresh_map(view)
         return view.map
 
     @_boundary
@@ -228,14 +245,26 @@ class Operations(pyfuse3.Operations):
         h = self._handles[fh]
         if h.data is not None:
             return h.data[off:off + size]
+        for _ in range(MOVE_WAIT_STEPS):
+            srv = h.server
+            try:
+                return await self._read(h, srv, off, size)
+            except Busy:
+                # Its view is being opened for writing: the file moves to the writer.
+                if h.server is srv and self.pool.writers.get(srv.spec.image) != srv.spec.for_writing():
+                    raise
+                await trio.sleep(0.01)
+        raise pyfuse3.FUSEError(errno.EBUSY)
+
+    async def _read(self, h: Handle, srv: Server, off: int, size: int):
         view = h.node.view
         m = await self._map(h)
-        if h.server.spec.writable:
+        if srv.spec.writable:
             # No chunk cache beside a writer: every read asks the image.
-            parts = [_zeros(length) if zero else await h.server.pread(length, start)
+            parts = [_zeros(length) if zero else await srv.pread(length, start)
                      for start, length, zero in m.pieces(off, size)]
         else:
-            chunks = h.server.chunks(view.size)
+            chunks = srv.chunks(view.size)
             parts = []
             for start, length, zero in m.pieces(off, size):
                 # Zero and hole areas come from the extent map, not the server.
@@ -255,8 +284,13 @@ class Operations(pyfuse3.Operations):
             self._refuse(h.node, errno.ENOSPC, f"a write at {off} is past the end of the disk "
                          f"({view.size} bytes; resize it with qemu-img resize)")
         n = min(len(buf), view.size - off)
+        h.wrote = True
+        h.server.closing = False
         try:
             await h.server.pwrite(buf if n == len(buf) else bytes(buf[:n]), off)
+        except SnapfsError as e:
+            self.status.refuse(self._path(h.node), f"a write at {off} failed: {e.reason}")
+            raise
         finally:
             # Even a failed write may have changed part of the area.
             view.changed(off, off + n)
@@ -266,6 +300,10 @@ class Operations(pyfuse3.Operations):
         try:
             for pos in range(start, end, ZERO_STEP):
                 await server.zero(min(ZERO_STEP, end - pos), pos)
+        except SnapfsError as e:
+            self.status.refuse(f"{view.disk.relpath}/{view.folder}/{view.filename}",
+                               f"zeroing at {start} failed: {e.reason}")
+            raise
         finally:
             view.changed(start, end)
 
@@ -322,7 +360,19 @@ class Operations(pyfuse3.Operations):
     async def flush(self, fh):
         h = self._handles.get(fh)
         if h is not None and h.writing:
-            await h.server.flush()
+            try:
+                await h.server.flush()
+            except SnapfsError as e:
+                self.status.refuse(self._path(h.node), f"flush failed: {e.reason}")
+                raise
+            h.server.closing = True
+            if h.wrote:
+                # close() returns after this: what other views show of the
+                # image must be true from then on, before RELEASE arrives.
+                h.wrote = False
+                view = h.node.view
+                await self._map(h)
+                self._changed(view.spec.image, h.server.spec)
 
     @_boundary
     async def fsync(self, fh, datasync):
@@ -342,10 +392,26 @@ class Operations(pyfuse3.Operations):
             except Exception as e:
                 log.warning("%s: map not brought up to date (%s): it is read again", view.filename, e)
                 view.forget_map()
+        if srv.spec.writable and srv.users == 1 and srv.changed:
+            # What other views knew of the image is stale from now on (their
+            # opens wait for the writer to stop).
+            self._changed(srv.spec.image, srv.spec)
         self.pool.release(srv)
 
     def _written(self, image: str, spec) -> None:
-        """A writer of ``image`` closed: other views of the image read their maps again."""
+        """A writer of ``image`` stopped: every view of the image reads its map again.
+
+        The written view's too: qemu reports the allocation of a cluster
+        written in part (its copy-on-write zeros) once the image is closed
+        as it does for the image at rest, which may differ in detail from
+        what it said while writing.
+        """
+        self._changed(image, None)
+
+    def _changed(self, image: str, spec) -> None:
+        """``image`` changed through the writable export ``spec``: every other view
+        reading it forgets its map (and block status), and takes the image's mtime."""
+        self.pool.forget_runs(image)
         try:
             mtime = os.stat(image).st_mtime_ns
         except OSError:
@@ -388,6 +454,8 @@ class Operations(pyfuse3.Operations):
                          f"({view.size} bytes)")
         end = min(end, view.size)
         if off < end:
+            h.wrote = True
+            h.server.closing = False
             # A layer keeps zeroed areas as allocated zeros: it cannot hand an
             # area back to the layers beneath it (docs/views.md).
             await self._zero(view, h.server, off, end)

@@ -77,8 +77,9 @@ class StatusFile(Node):
 class Status:
     """Problems found at mount time, views that failed later, and refused requests.
 
-    refusals: the latest refusal of each file (``--rw`` mounts: a write
-    refused, with the reason), at most REFUSALS_KEPT, oldest dropped first.
+    refusals: the latest refusal or failure of each file (``--rw`` mounts: a
+    write refused or failed, with the reason), at most REFUSALS_KEPT, oldest
+    dropped first.
     """
 
     def __init__(self, source: str):
@@ -116,7 +117,7 @@ class Status:
             lines.append(f"{len(problems)} item(s) not available:")
             lines += [f"{path}: {reason}" for path, reason in problems]
         if self.refusals:
-            lines.append(f"{len(self.refusals)} request(s) refused (the latest of each file):")
+            lines.append(f"{len(self.refusals)} request(s) refused or failed (the latest of each file):")
             lines += [f"{when} {path}: {reason}" for path, (when, reason) in self.refusals.items()]
         return ("\n".join(lines) + "\n").encode()
 

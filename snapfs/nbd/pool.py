@@ -36,8 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# How long a writer's open waits for read-only servers of its image to go idle.
-EVICT_WAIT = 1.0
+# How long an open waits for files of other views of its image to be
+# released (the kernel sends RELEASE after close() returns).
+RELEASE_WAIT = 1.0
 # How long an open waits for a writer whose files are closed to stop (it flushes).
 WRITER_STOP_WAIT = 30.0
 
@@ -75,6 +76,10 @@ class Server:
         self._idle_scope: trio.CancelScope | None = None
         self._cache: ChunkCache | None = None
         self.broken: str | None = None  # a writable server that died under its files
+        # A writer's file was flushed (close() sends FLUSH) and nothing written
+        # since: its RELEASE is probably on its way.
+        self.closing = False
+        self.changed = False  # a writable server took writes since it started
 
     def chunks(self, size: int) -> ChunkCache:
         """The export's chunk cache (dropped when the server stops)."""
@@ -96,9 +101,12 @@ class Server:
                 raise TransportError(self.broken, errno.EIO)
             if self.process is not None and self.process.alive:
                 return
+            if not self.spec.writable and self.pool.writers.get(self.spec.image) is not None:
+                # Its files are moving to the writer (or the image is written).
+                raise Busy(f"{self.spec.image} is open for writing")
             if self.process is not None and self.spec.writable:
-                self.broken = (f"qemu-nbd writing {self.spec.image} exited ({self.process.failure().reason}); "
-                               "writes not yet flushed may be lost: close the file and open it again")
+                self.broken = (f"qemu-nbd writing {self.spec.image} {self.process.ended()}; writes not "
+                               "yet flushed may be lost: close the file, open it again and write again")
                 log.error("%s", self.broken)
                 raise TransportError(self.broken, errno.EIO)
             if self.process is not None:
@@ -131,7 +139,11 @@ class Server:
             self._free.append(conn)
 
     def _socket(self) -> str:
-        return self.spec.socket if self.spec.socket is not None else self.process.socket
+        if self.spec.socket is not None:
+            return self.spec.socket
+        if self.process is None:
+            raise TransportError("the server was stopped", errno.ENOTCONN)
+        return self.process.socket
 
     async def _connect(self) -> Connection:
         return await trio.to_thread.run_sync(
@@ -177,8 +189,11 @@ class Server:
                 try:
                     result = await trio.to_thread.run_sync(getattr(conn, fn_name), *args)
                 except TransportError as e:
+                    if not e.disconnected:
+                        self._free.append(conn)  # the request failed, not the connection (ENOSPC)
+                        raise
                     self._drop(conn)
-                    if e.disconnected and self.spec.writable:
+                    if self.spec.writable:
                         # Never retried: a write acknowledged before may be lost.
                         await self.ensure_running()  # raises: the server is gone
                         raise TransportError(f"{e} (qemu-nbd writing {self.spec.image} is gone)",
@@ -201,9 +216,11 @@ class Server:
         return await self.call("block_status", size, start, end)
 
     async def pwrite(self, buf: bytes, offset: int) -> None:
+        self.changed = True
         await self.call("pwrite", buf, offset)
 
     async def zero(self, length: int, offset: int) -> None:
+        self.changed = True
         await self.call("zero", length, offset)
 
     async def flush(self) -> None:
@@ -273,14 +290,22 @@ class ServerPool:
 
     async def _writer_closing(self, image: str, spec: ExportSpec) -> ExportSpec | None:
         """The export writing ``image`` other than ``spec``, once one whose files
-        are all closed has stopped (a reader opening right after ``cp`` closed)."""
+        are all closed has stopped.
+
+        The kernel sends RELEASE after close() returns, so a reader opening
+        right after ``cp`` finished may find the writer's files still open:
+        it gets RELEASE_WAIT for them to close (once the writer's files were
+        flushed and nothing was written since: ``Server.closing``).
+        """
         deadline = trio.current_time() + WRITER_STOP_WAIT
+        grace = trio.current_time() + RELEASE_WAIT
         while True:
             writer = self.writers.get(image)
             if writer is None or writer == spec:
                 return None
             srv = self.servers.get(writer)
-            if srv is not None and srv.users or trio.current_time() > deadline:
+            now = trio.current_time()
+            if srv is not None and srv.users and (now > grace or not srv.closing) or now > deadline:
                 return writer
             await trio.sleep(0.01)  # _stop_writer is on its way
 
@@ -289,29 +314,33 @@ class ServerPool:
         if spec.socket is None and await self._writer_closing(spec.image, spec) is not None:
             raise Busy(f"{spec.image} is open for writing; try again once it is closed")
 
-    async def acquire_writer(self, spec: ExportSpec) -> Server:
-        """The writable export of ``spec.image``: claim the image, then start it."""
+    async def acquire_writer(self, spec: ExportSpec, adopt: ExportSpec | None = None) -> Server:
+        """The writable export of ``spec.image``: claim the image, then start it.
+
+        adopt: the read-only export of the same view, whose open files the
+        caller moves to the writer (they do not make the image busy).
+        """
         image = spec.image
         if await self._writer_closing(image, spec) is not None:
             raise Busy(f"{image} is open for writing through another view")
         if self.writers.get(image) is None:
             self.writers[image] = spec
             try:
-                await self._evict(image)
+                await self._evict(image, adopt)
             except BaseException:
                 del self.writers[image]
                 raise
         return await self.acquire(spec)
 
-    async def _evict(self, image: str) -> None:
+    async def _evict(self, image: str, adopt: ExportSpec | None) -> None:
         """Stop every read-only server of ``image``; Busy if one stays in use."""
         def readers():
             return [s for s in self.servers.values()
                     if not s.spec.writable and s.spec.socket is None and s.spec.image == image]
-        with trio.move_on_after(EVICT_WAIT):
-            while any(s.users for s in readers()):
+        with trio.move_on_after(RELEASE_WAIT):
+            while any(s.users for s in readers() if s.spec != adopt):
                 await trio.sleep(0.02)
-        busy = [s for s in readers() if s.users]
+        busy = [s for s in readers() if s.users and s.spec != adopt]
         if busy:
             raise Busy(f"{image} is open for reading ({busy[0].spec.describe()}); close it first")
         for s in readers():
@@ -323,6 +352,8 @@ class ServerPool:
     async def acquire(self, spec: ExportSpec) -> Server:
         await self.check_readable(spec)
         srv = self.server(spec)
+        if srv.broken is not None and srv.users == 0:
+            await srv.stop()  # a writer that died under files now all closed: start anew
         srv.users += 1
         if srv._idle_scope is not None:
             srv._idle_scope.cancel()
@@ -369,17 +400,25 @@ class ServerPool:
     async def _stop_writer(self, srv: Server) -> None:
         """The writer's last file closed: stop it, free the image, tell who cares."""
         image = srv.spec.image
-        try:
-            await srv.stop()
-        except Exception:
-            log.exception("stopping qemu-nbd for %s failed", srv.spec.describe())
+        async with srv.lock:
+            if srv.users:
+                return  # opened again meanwhile: it goes on serving
+            try:
+                await srv._shutdown()
+            except Exception:
+                log.exception("stopping qemu-nbd for %s failed", srv.spec.describe())
+            changed, srv.changed = srv.changed, False
         if srv.users == 0 and self.writers.get(image) == srv.spec:
-            # Other views' block status read before the writes is stale.
-            for spec in [s for s in self._runs if s.socket is None and s.image == image]:
-                del self._runs[spec]
             del self.writers[image]
-            if self.on_written is not None:
-                self.on_written(image, srv.spec)
+            if changed:
+                self.forget_runs(image)
+                if self.on_written is not None:
+                    self.on_written(image, srv.spec)
+
+    def forget_runs(self, image: str) -> None:
+        """Block status read before ``image`` was written is stale."""
+        for spec in [s for s in self._runs if s.socket is None and s.image == image]:
+            del self._runs[spec]
 
     async def block_status(self, spec: ExportSpec, size: int) -> dict[str, list[Run]]:
         """Block status of a whole export, read once per mount.

@@ -142,6 +142,13 @@ class QemuNBD:
             text = ""
         return _reason_from_stderr(text)
 
+    def ended(self) -> str:
+        """How the process ended, with what it said, for messages."""
+        rc = self.proc.returncode if self.proc is not None else None
+        how = f"was killed by signal {-rc}" if rc is not None and rc < 0 else f"exited with status {rc}"
+        said = self.failure().reason
+        return how if said == "qemu-nbd failed" else f"{how} ({said})"
+
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

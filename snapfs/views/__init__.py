@@ -100,6 +100,7 @@ class View:
         self.mutable = False
         self.runs: dict[str, list[ex.Run]] | None = None
         self._stale: list[tuple[int, int]] = []
+        self._refreshing = 0
         self._lock = trio.Lock()
 
     @property
@@ -145,12 +146,20 @@ class View:
                     self.runs = runs
                 except Busy:
                     raise  # not now: the image is being written
+                except Unavailable as e:
+                    if self.mutable and e.errno == errno.EBUSY:
+                        # A --rw mount: another program holds the image; not for ever.
+                        raise Busy(e.reason) from None
+                    self._fail(e)
                 except SnapfsError as e:
-                    self.problem = e.reason
-                    report.warning("%s/%s/%s is not available: %s", self.disk.relpath,
-                                self.folder, self.filename, self.problem)
-                    raise Unavailable(self.problem, e.errno) from None
+                    self._fail(e)
         return self.map
+
+    def _fail(self, e: SnapfsError):
+        self.problem = e.reason
+        report.warning("%s/%s/%s is not available: %s", self.disk.relpath,
+                       self.folder, self.filename, self.problem)
+        raise Unavailable(self.problem, e.errno) from None
 
     def forget_map(self) -> None:
         """The image changed under this view: read the map again on next use."""
@@ -190,27 +199,36 @@ class View:
 
     @property
     def stale(self) -> bool:
-        return bool(self._stale)
+        """Areas a writer changed are not in the map yet (or are being read)."""
+        return bool(self._stale) or self._refreshing > 0
 
     async def refresh(self, fetch) -> ex.ExtentMap:
         """Bring the map up to date with what writers changed.
 
         fetch: ``async fetch(start, end) -> runs`` of the writable export.
         """
-        async with self._lock:
-            if self._stale and self.runs is not None:
-                areas, self._stale = _merged(self._stale), []
-                try:
-                    runs = self.runs
-                    for a, b in areas:
-                        new = await fetch(a, b)
-                        runs = {ctx: ex.splice_runs(r, a, b, new[ctx]) for ctx, r in runs.items()}
-                    self.map = self.build_map(runs)
-                    self.runs = runs
-                except BaseException:
-                    self._stale = areas + self._stale
-                    raise
+        self._refreshing += 1
+        try:
+            async with self._lock:
+                await self._refresh(fetch)
+        finally:
+            self._refreshing -= 1
         return self.map
+
+    async def _refresh(self, fetch) -> None:
+        if not self._stale or self.runs is None:
+            return
+        areas, self._stale = _merged(self._stale), []
+        try:
+            runs = self.runs
+            for a, b in areas:
+                new = await fetch(a, b)
+                runs = {ctx: ex.splice_runs(r, a, b, new[ctx]) for ctx, r in runs.items()}
+            self.map = self.build_map(runs)
+            self.runs = runs
+        except BaseException:
+            self._stale = areas + self._stale
+            raise
 
     async def read_runs(self, pool: ServerPool) -> dict[str, list[ex.Run]]:
         return await pool.block_status(self.spec, self.size)
