@@ -74,14 +74,15 @@ def merge_dicts(extents, keys):
     return out
 
 
-def qemu_map(image):
-    return json.loads(qemu_img("map", "--output=json", image).stdout)
+def qemu_map(image, shared=False):
+    """qemu-img map of ``image``; ``shared``: -U, beside a writer that holds it."""
+    return json.loads(qemu_img("map", "--output=json", *(["-U"] if shared else []), image).stdout)
 
 
-def expected_allocation_map(image, has_backing):
+def expected_allocation_map(image, has_backing, shared=False):
     """The chain/layer map qemu-img map implies, per the spec."""
     out = []
-    for e in qemu_map(image):
+    for e in qemu_map(image, shared):
         zero = bool(e["zero"])
         hole = (not e["present"]) if has_backing else zero
         out.append({"start": e["start"], "length": e["length"], "zero": zero, "hole": hole})

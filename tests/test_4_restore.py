@@ -30,12 +30,14 @@ from conftest import (
     MiB,
     create,
     data_ranges,
+    expected_allocation_map,
     expected_dirty_map,
     json_layer,
     merge_dicts,
     nbdinfo_map,
     qemu_img,
     qemu_io,
+    qemu_map,
     run,
     seek_walk,
 )
@@ -77,21 +79,6 @@ def errno_of(fn, *args):
     if isinstance(r, int) and fn is os.open:
         os.close(r)
     return None
-
-
-def truth_map(target, shared=False):
-    args = ["map", "--output=json", *(["-U"] if shared else []), target]
-    return json.loads(qemu_img(*args).stdout)
-
-
-def expected_map(target, has_backing, shared=False):
-    """The view map qemu-img map implies (conftest.expected_allocation_map, with -U)."""
-    out = []
-    for e in truth_map(target, shared):
-        zero = bool(e["zero"])
-        hole = (not e["present"]) if has_backing else zero
-        out.append({"start": e["start"], "length": e["length"], "zero": zero, "hole": hole})
-    return merge_dicts(out, ("zero", "hole"))
 
 
 def covering(entries, start, end):
@@ -235,7 +222,7 @@ class Target:
         shared = fd is not None
         if shared:
             os.fsync(fd)
-        expected = expected_map(self.truth, self.has_backing, shared)
+        expected = expected_allocation_map(self.truth, self.has_backing, shared)
         assert got == expected, f"{self.rel} map {where}"
         assert walk == data_ranges(got, self.is_data), f"{self.rel} SEEK_DATA/SEEK_HOLE {where}"
         data = sum(e["length"] for e in got if self.is_data(e))
@@ -286,7 +273,7 @@ def test_write_rows(disk, kind, folder):
         assert os.pwrite(fd, bytes(100), 33 * MiB + 7) == 100
         t.zero(33 * MiB + 7, 100)
         t.check(fd, "after writing zeros")
-        entries = covering(truth_map(t.truth, shared=True), zeros[0], zeros[0] + zeros[1])
+        entries = covering(qemu_map(t.truth, shared=True), zeros[0], zeros[0] + zeros[1])
         # Reads as zero (the shadow says so); a qcow2 stores zero clusters; in a layer,
         # allocated zeros, never a hole (a raw image holds every area).
         if t.fmt == "qcow2":
@@ -301,7 +288,7 @@ def test_write_rows(disk, kind, folder):
         fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, *ph)
         t.zero(*ph)
         t.check(fd, "after fallocate")
-        now = truth_map(t.truth, shared=True)
+        now = qemu_map(t.truth, shared=True)
         for start, length in (zr, ph):
             entries = covering(now, *full_clusters(start, start + length))
             if t.fmt == "qcow2":
@@ -414,7 +401,7 @@ def test_truncating_an_empty_layer_changes_nothing(tmp_path, mount):
     disks = [("b/top.qcow2", d / "b/top.qcow2", "qcow2", "01-top.raw"),
              ("a/disk.qcow2", d / "a/disk.qcow2", "qcow2", "00-disk.raw"),
              ("r/disk.raw", d / "r/disk.raw", "raw", "00-disk.raw")]
-    before = {str(img): (info(img, fmt), truth_map(json_layer(img, fmt))) for _, img, fmt, _ in disks}
+    before = {str(img): (info(img, fmt), qemu_map(json_layer(img, fmt))) for _, img, fmt, _ in disks}
     m = mount(d, "--rw")
     for rel, img, fmt, name in disks:
         view = m / f"{rel}/layers/{name}"
@@ -426,7 +413,7 @@ def test_truncating_an_empty_layer_changes_nothing(tmp_path, mount):
         os.fsync(fd)
         os.close(fd)
         wait_released(img, fmt)
-        assert (info(img, fmt), truth_map(json_layer(img, fmt))) == before[str(img)], rel
+        assert (info(img, fmt), qemu_map(json_layer(img, fmt))) == before[str(img)], rel
         assert_clean(img, fmt)
         with open(view[:-4] + ".map.json") as f:
             assert json.load(f) == [{"start": 0, "length": SIZE, "zero": True, "hole": True}]
@@ -511,7 +498,7 @@ def test_restore_with_standard_tools(tmp_path, mount, tool, kind):
     # image as it now is, before the test reads the image (a raw image's page
     # cache is then as the tool left it, for snapfs and qemu-img alike: see
     # forget_reads).
-    truth = expected_map(chain_target, has_backing)
+    truth = expected_allocation_map(chain_target, has_backing)
     # qemu-nbd lets go of the image a moment before snapfs hears that its writer
     # stopped: until then the view keeps the writer's own block status, which
     # may differ in detail (zero runs inside a cluster written in part).
@@ -563,7 +550,7 @@ def test_layer_round_trip_into_a_fresh_layer(tmp_path, mount):
     run("cp", "--sparse=auto", layer, backup)
     run("cp", layer[:-4] + ".map.json", saved)
     extents = json.loads(saved.read_text())
-    assert extents == expected_map(json_layer(orig), True)
+    assert extents == expected_allocation_map(json_layer(orig), True)
     assert any(e["zero"] and not e["hole"] for e in extents)  # the flow has zeros to keep
 
     b = tmp_path / "b"
@@ -578,7 +565,7 @@ def test_layer_round_trip_into_a_fresh_layer(tmp_path, mount):
     wait_released(fresh, "qcow2")
 
     def layer_map(img):
-        return merge_dicts(truth_map(json_layer(img)), ("present", "zero", "data"))
+        return merge_dicts(qemu_map(json_layer(img)), ("present", "zero", "data"))
 
     assert layer_map(fresh) == layer_map(orig)
     compare(orig, fresh)

@@ -155,7 +155,7 @@ class Attributes:
             srv = self.pool.servers.get(view.spec.for_writing())
             if srv is not None and srv.users:
                 try:
-                    return await view.refresh(lambda a, b: srv.block_status(view.size, a, b))
+                    return await view.refresh(srv)
                 except Unavailable:
                     raise
                 except Exception as e:

@@ -233,8 +233,7 @@ class Operations(pyfuse3.Operations):
         """The open view's map, up to date with what its writer changed."""
         view = h.node.view
         if view.stale and h.server.spec.writable:
-            server = h.server
-            await view.refresh(lambda a, b: server.block_status(view.size, a, b))
+            await view.refresh(h.server)
         if view.map is None or view.stale:
             # Forgotten: the image was written through another view.
             return await self.attrs.fresh_map(view)
@@ -309,7 +308,7 @@ class Operations(pyfuse3.Operations):
 
     async def _truncate(self, node: Node, view, server: Server) -> None:
         """``O_TRUNC``, ``truncate(0)``: the disk reads as zero; a layer must be empty."""
-        m = await view.refresh(lambda a, b: server.block_status(view.size, a, b))
+        m = await view.refresh(server)
         if view.kind == "layer":
             held = next((e for e in m.extents if not e.hole), None)
             if held is not None:
@@ -388,7 +387,7 @@ class Operations(pyfuse3.Operations):
             # The last file of the writer: its map is made true before it stops.
             view = h.node.view
             try:
-                await view.refresh(lambda a, b: srv.block_status(view.size, a, b))
+                await view.refresh(srv)
             except Exception as e:
                 log.warning("%s: map not brought up to date (%s): it is read again", view.filename, e)
                 view.forget_map()

@@ -202,27 +202,28 @@ class View:
         """Areas a writer changed are not in the map yet (or are being read)."""
         return bool(self._stale) or self._refreshing > 0
 
-    async def refresh(self, fetch) -> ex.ExtentMap:
+    async def refresh(self, server) -> ex.ExtentMap:
         """Bring the map up to date with what writers changed.
 
-        fetch: ``async fetch(start, end) -> runs`` of the writable export.
+        server: the writable export's ``nbd.pool.Server``, asked for the block
+        status of the changed areas.
         """
         self._refreshing += 1
         try:
             async with self._lock:
-                await self._refresh(fetch)
+                await self._refresh(server)
         finally:
             self._refreshing -= 1
         return self.map
 
-    async def _refresh(self, fetch) -> None:
+    async def _refresh(self, server) -> None:
         if not self._stale or self.runs is None:
             return
         areas, self._stale = _merged(self._stale), []
         try:
             runs = self.runs
             for a, b in areas:
-                new = await fetch(a, b)
+                new = await server.block_status(self.size, a, b)
                 runs = {ctx: ex.splice_runs(r, a, b, new[ctx]) for ctx, r in runs.items()}
             self.map = self.build_map(runs)
             self.runs = runs
