@@ -51,7 +51,7 @@ import os
 import stat
 import time
 
-from .tree import Node, ViewFile, ViewNode
+from .tree import Node, Qcow2File, ViewFile, ViewNode
 
 # What a reader needs of a path: read a file, search a directory, list one;
 # what a writer needs: write the file (a writable view's top image).
@@ -166,7 +166,7 @@ def node_needs(node: Node, facts: Facts | None = None) -> tuple | None:
         folder = node.parent
         gated = {p for p, need in (folder.paths or ()) if need == SEARCH} if folder else set()
         files: dict[str, None] = {}
-        for spec in view.specs():
+        for spec in view.qcow2_specs() if isinstance(node, Qcow2File) else view.specs():
             for path, _ in spec.layers:
                 files.setdefault(path)
         dirs = {d: None for f in files for d in facts.parents(f) if d not in gated}

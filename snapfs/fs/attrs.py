@@ -16,7 +16,7 @@ import trio
 
 from ..errors import Busy, Gone, Unavailable
 from .access import Facts, access, node_needs
-from .tree import Directory, MapFile, Node, Status, StatusFile, Tree, ViewFile, ViewNode
+from .tree import Directory, MapFile, Node, Qcow2File, Status, StatusFile, Tree, ViewFile, ViewNode
 
 if TYPE_CHECKING:
     from ..nbd.pool import ServerPool
@@ -105,6 +105,14 @@ class Attributes:
             return entry(self.tree, node, size=view.size, blocks=view.data_blocks,
                          mtime_ns=view.layer_mtime_ns, facts=self.facts,
                          timeout=0 if view.mutable else 300)
+        if isinstance(node, Qcow2File):
+            view = node.view
+            if view.map is None:
+                return None
+            # Dense: every byte of the file is metadata or a data cluster.
+            size = view.qcow2_image().file_size
+            return entry(self.tree, node, size=size, blocks=size // 512, mtime_ns=view.layer_mtime_ns,
+                         facts=self.facts, timeout=0 if view.mutable else 300)
         if isinstance(node, MapFile):
             data = self._json(node.view)
             return None if data is None else self._content(node, data, node.view.layer_mtime_ns,

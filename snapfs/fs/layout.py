@@ -9,7 +9,7 @@ import logging
 import os
 
 from ..sources.imagedir import ImageDirectory, disk_views
-from ..views import mark_writable
+from ..views import link_layers, mark_writable
 from .access import LIST, READ, SEARCH, parents
 from .tree import Status, Tree
 
@@ -36,6 +36,7 @@ def build_tree(images: str, allow_outside: bool, writable: bool = False) -> tupl
             rel = "/".join(parts[: i + 1])
             tree.directory(rel).paths = ((os.path.join(scan.root, rel), LIST),)
         _disk_dirs(tree, disk)
+        link_layers(views)
         if writable:
             mark_writable(views)
         for view in views:
@@ -55,6 +56,7 @@ def layout(tree: Tree, status: Status, plan) -> None:
             tree.directory(f"{rel}/{folder}")
     for disk in {id(v.disk): v.disk for v in plan.views}.values():
         _disk_dirs(tree, disk)
+    link_layers(plan.views)
     if tree.writable:
         mark_writable(plan.views)
     for view in plan.views:

@@ -30,7 +30,7 @@ import trio
 from ..errors import Busy, Refused, SnapfsError, Unavailable, fuse_errno
 from ..nbd.pool import Server, ServerPool
 from .attrs import Attributes
-from .tree import Directory, MapFile, Node, Status, StatusFile, Tree, ViewFile
+from .tree import Directory, MapFile, Node, Qcow2File, Status, StatusFile, Tree, ViewFile
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +70,19 @@ class Handle:
     """An open file: the node, and the server (views) or the content (maps, status).
 
     writing: opened for writing (``server`` is then the writable export).
+    qcow2: a ``.qcow2`` file's layout, as it was at open; ``fill`` is the
+    server its FILL clusters read from (beneath the view).
     """
 
     def __init__(self, node: Node, server: Server | None = None, data: bytes | None = None,
-                 writing: bool = False):
+                 writing: bool = False, qcow2=None, fill: Server | None = None):
         self.node = node
         self.server = server
         self.data = data
         self.writing = writing
         self.wrote = False  # changed the image since the last flush
+        self.qcow2 = qcow2
+        self.fill = fill
 
 
 class Operations(pyfuse3.Operations):
@@ -168,7 +172,8 @@ class Operations(pyfuse3.Operations):
         if not self.tree.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
         if not isinstance(node, ViewFile):
-            self._refuse(node, errno.EACCES, "maps and the status file are read-only")
+            self._refuse(node, errno.EACCES, "maps, .qcow2 files and the status file are read-only "
+                         "(restore through the view's .raw file)")
         refusal = node.view.write_refusal()
         if refusal is not None:
             self._refuse(node, *refusal)
@@ -188,16 +193,22 @@ class Operations(pyfuse3.Operations):
         if isinstance(node, StatusFile):
             self._handles[fh] = Handle(node, data=self.status.render())
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        if isinstance(node, Qcow2File):
+            return await self._open_qcow2(fh, node)
         view = node.view
         try:
             # The map comes from the read-only export, before a writer claims the image.
             await self.attrs.fresh_map(view)
             if writing:
+                qcow2 = self._qcow2_open_on(view.spec.image)
+                if qcow2 is not None:
+                    raise Busy(f"{self._path(qcow2.node)} is open: it must read the image as it is "
+                               "until closed")
                 server = await self.pool.acquire_writer(view.spec.for_writing(), adopt=view.spec)
                 # Files that read this view move to its writer (rsync --inplace
                 # reads the file it then writes).
                 for other in self._handles.values():
-                    if other.server is not None and other.server.spec == view.spec:
+                    if other.server is not None and other.qcow2 is None and other.server.spec == view.spec:
                         old, other.server = other.server, server
                         server.users += 1
                         self.pool.release(old, linger=False)
@@ -229,6 +240,59 @@ class Operations(pyfuse3.Operations):
         # The chunk cache serves repeated reads.
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
+    def _qcow2_open_on(self, image: str) -> Handle | None:
+        """An open ``.qcow2`` file that reads ``image``, if any."""
+        for h in self._handles.values():
+            if h.qcow2 is not None and any(s is not None and s.spec.socket is None and s.spec.image == image
+                                           for s in (h.server, h.fill)):
+                return h
+        return None
+
+    async def _open_qcow2(self, fh: int, node: Qcow2File):
+        """A ``.qcow2`` file: its layout is fixed at open, from the view's map then."""
+        view = node.view
+        try:
+            await self.attrs.fresh_map(view)
+            image = view.qcow2_image()
+            server = await self.pool.acquire(view.spec)
+            fill = None
+            try:
+                if image.has_fill:
+                    spec = view.fill_spec()
+                    if spec is None:
+                        raise Unavailable(f"{view.layer.path} holds some clusters only in part and the "
+                                          "layers beneath it cannot be read: its .qcow2 cannot be composed",
+                                          errno.EIO)
+                    fill = await self.pool.acquire(spec)
+            except BaseException:
+                self.pool.release(server)
+                raise
+        except (Refused, Unavailable) as e:
+            if e.errno in (errno.EBUSY, errno.EIO):
+                self._refuse(node, e.errno, e.reason)
+            raise
+        self._handles[fh] = Handle(node, server=server, qcow2=image, fill=fill)
+        # Direct I/O as for the view: cp's 4 MiB reads arrive whole.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True)
+
+    async def _read_qcow2(self, h: Handle, off: int, size: int):
+        view = h.node.view
+        parts = []
+        for p in h.qcow2.pieces(off, size):
+            if p.meta is not None:
+                parts.append(p.meta)
+                continue
+            n = max(0, min(p.length, view.size - p.start))
+            if n and p.fill:
+                parts.append(await h.fill.pread(n, p.start))
+            elif n:
+                parts.append(await self._read(h, h.server, p.start, n))
+            if n < p.length:
+                parts.append(_zeros(p.length - n))  # the last cluster, past the guest's end
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
+
     async def _map(self, h: Handle):
         """The open view's map, up to date with what its writer changed."""
         view = h.node.view
@@ -244,6 +308,8 @@ class Operations(pyfuse3.Operations):
         h = self._handles[fh]
         if h.data is not None:
             return h.data[off:off + size]
+        if h.qcow2 is not None:
+            return await self._read_qcow2(h, off, size)
         for _ in range(MOVE_WAIT_STEPS):
             srv = h.server
             try:
@@ -382,6 +448,8 @@ class Operations(pyfuse3.Operations):
         h = self._handles.pop(fh, None)
         if h is None or h.server is None:
             return
+        if h.fill is not None:
+            self.pool.release(h.fill)
         srv = h.server
         if srv.spec.writable and srv.users == 1 and h.node.view.stale:
             # The last file of the writer: its map is made true before it stops.
@@ -430,10 +498,12 @@ class Operations(pyfuse3.Operations):
         want_data = whence == os.SEEK_DATA
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise pyfuse3.FUSEError(errno.EINVAL)
-        if h.data is not None:
-            if off < 0 or off >= len(h.data):
+        if h.data is not None or h.qcow2 is not None:
+            # Dense files: data up to the end.
+            size = len(h.data) if h.data is not None else h.qcow2.file_size
+            if off < 0 or off >= size:
                 raise pyfuse3.FUSEError(errno.ENXIO)
-            return off if want_data else len(h.data)
+            return off if want_data else size
         return (await self._map(h)).seek(off, want_data)  # SeekError: ENXIO
 
     @_boundary
@@ -462,7 +532,7 @@ class Operations(pyfuse3.Operations):
     # -- extended attributes, statfs --------------------------------------
 
     def _xattrs(self, node: Node) -> dict[str, str]:
-        if isinstance(node, ViewFile):
+        if isinstance(node, (ViewFile, Qcow2File)):
             return node.view.xattrs()
         return {}
 

@@ -70,6 +70,10 @@ class MapFile(ViewNode):
     """``NAME.map.json``: the view's extent map as JSON."""
 
 
+class Qcow2File(ViewNode):
+    """``NAME.qcow2``: the view as a qcow2 image composed from its map (``views/qcow2.py``)."""
+
+
 class StatusFile(Node):
     """``.snapfs-status`` at the root: what the mount could not offer, and why."""
 
@@ -175,4 +179,5 @@ class Tree:
     def add_view(self, view: View) -> None:
         folder = self.directory(f"{view.disk.relpath}/{view.folder}")
         self._add(ViewFile, view.filename, folder, view)
+        self._add(Qcow2File, view.qcow2_filename, folder, view)
         self._add(MapFile, view.map_filename, folder, view)

@@ -12,6 +12,9 @@ the map re-reads the block status of those areas only and splices it in
 (``refresh``). Every view that reads a written image is *mutable*: when its
 writer closes, the maps of the other views of that image are read again.
 
+Every view is also a composed qcow2 file (``qcow2.py``), laid out from its
+map when the map is known.
+
 One module per kind: ``chain.py``, ``layer.py``, ``dirty.py``. A view speaks
 in extents and export specs; the server pool (``nbd/``) does the rest, so
 this package is pure (no pyfuse3, no libnbd).
@@ -22,6 +25,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
 from typing import TYPE_CHECKING
 
 import trio
@@ -31,6 +35,7 @@ from ..errors import Busy, SnapfsError, Unavailable
 from ..formats import IMAGE_SUFFIXES
 from ..formats.chain import Disk, Layer
 from ..nbd.spec import ExportSpec
+from .qcow2 import Qcow2Image
 
 if TYPE_CHECKING:
     from ..nbd.pool import ServerPool
@@ -102,6 +107,8 @@ class View:
         self._stale: list[tuple[int, int]] = []
         self._refreshing = 0
         self._lock = trio.Lock()
+        self.below: View | None = None  # a layer view: the layer view of its backing file
+        self._qcow2: tuple[ex.ExtentMap, Qcow2Image] | None = None
 
     @property
     def layer_mtime_ns(self) -> int:
@@ -116,8 +123,47 @@ class View:
         return self.basename + ".map.json"
 
     @property
+    def qcow2_filename(self) -> str:
+        return self.basename + ".qcow2"
+
+    @property
     def data_blocks(self) -> int:
         return math.ceil(self.map.data_bytes / 512)
+
+    # -- the composed qcow2 file ----------------------------------------------
+
+    def qcow2_backing(self) -> tuple[str, str] | None:
+        """The backing file the ``.qcow2`` names, as ``(name, format)``; None for none."""
+        return None
+
+    @property
+    def qcow2_backed(self) -> bool:
+        """The ``.qcow2`` lies on something (its backing file, or the backup it is rebased onto)."""
+        return self.qcow2_backing() is not None
+
+    def fill_spec(self) -> ExportSpec | None:
+        """Where the bytes beneath the view come from (``qcow2.FILL`` clusters), or None."""
+        return None
+
+    def qcow2_image(self) -> Qcow2Image:
+        """The ``.qcow2`` laid out from the map (which must be loaded), kept while the map is."""
+        hit = self._qcow2
+        if hit is None or hit[0] is not self.map:
+            hit = self._qcow2 = (self.map, Qcow2Image(self.size, self.map.extents, self.qcow2_backing(),
+                                                      self.qcow2_backed))
+        return hit[1]
+
+    def qcow2_specs(self) -> list[ExportSpec]:
+        """Every export the ``.qcow2`` may read from: FILL clusters read beneath the view.
+
+        Until the map is known, whether it has FILL clusters is not: it counts as having them.
+        """
+        fill = self.fill_spec()
+        if fill is None or fill in self.specs():
+            return self.specs()
+        if self.map is not None and not self.qcow2_image().has_fill:
+            return self.specs()
+        return [*self.specs(), fill]
 
     def xattrs(self) -> dict[str, str]:
         x = {
@@ -240,6 +286,21 @@ class View:
     def specs(self) -> list[ExportSpec]:
         """Every export the view reads from."""
         return [self.spec]
+
+
+def link_layers(views: list[View]) -> None:
+    """Each layer view learns the layer view of its backing file (``View.below``).
+
+    Its ``.qcow2`` names that view's ``.qcow2`` as its backing file, so a
+    copied ``layers/`` folder is a chain qemu opens as it is.
+    """
+    by_disk: dict[int, dict[str, View]] = {}
+    for v in views:
+        if v.kind == "layer":
+            by_disk.setdefault(id(v.disk), {}).setdefault(os.path.realpath(v.layer.path), v)
+    for v in views:
+        if v.kind == "layer" and v.layer.backing_path:
+            v.below = by_disk[id(v.disk)].get(os.path.realpath(v.layer.backing_path))
 
 
 def mark_writable(views: list[View]) -> None:

@@ -34,6 +34,15 @@ class DirtyView(View):
             x["user.snapfs.backupmode"] = self.backupmode
         return x
 
+    @property
+    def qcow2_backed(self):
+        # No backing file recorded: rebased onto the previous backup by its user.
+        return True
+
+    def fill_spec(self):
+        # The disk itself: unchanged areas read what the previous backup holds.
+        return self.spec
+
     def build_map(self, runs):
         return self._dirty_map(runs[contexts.dirty_context(self.spec.bitmap)], runs)
 

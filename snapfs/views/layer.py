@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .. import extents as ex
 from ..nbd import contexts
+from ..nbd.spec import ExportSpec
 from . import View
 
 
@@ -18,3 +19,26 @@ class LayerView(View):
         ext = ex.allocation_extents(self.size, runs[contexts.BASE_ALLOCATION],
                                     runs.get(contexts.ALLOCATION_DEPTH), has_backing)
         return ex.ExtentMap(self.size, ext, is_data=lambda e: not e.hole, reads_zero=lambda e: e.zero)
+
+    def qcow2_backing(self):
+        """The ``.qcow2`` of the layer beneath, same folder, relative; else the image's own backing file.
+
+        A name with a colon gets ``./`` (qemu would take ``name:`` for a protocol).
+        """
+        if not self.layer.backing_path:
+            return None
+        if self.below is None:
+            # The layer beneath has no view (it cannot be read): name the image itself.
+            return self.layer.backing_path, self.layer.backing_format
+        name = self.below.qcow2_filename
+        return ("./" + name if ":" in name else name), "qcow2"
+
+    def fill_spec(self):
+        """The chain down from this layer, if every layer beneath has a view."""
+        layers, v = [self.layer], self
+        while v.layer.backing_path:
+            v = v.below
+            if v is None:
+                return None
+            layers.append(v.layer)
+        return ExportSpec.of(layers) if len(layers) > 1 else None
