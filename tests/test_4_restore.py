@@ -719,3 +719,51 @@ def test_other_views_open_as_soon_as_the_writer_closed(tmp_path, mount):
     wait_released(top, "qcow2")
     assert_clean(top, "qcow2")
     assert busy == [], f"opening the layer view right after the writer closed failed: {busy}"
+
+
+def test_qcow2_files_of_a_written_image(tmp_path, mount):
+    """A ``.qcow2`` is never written, keeps its layout while open (the writer
+    waits: EBUSY), cannot be opened while its image is written, and shows the
+    written content after the writer closed."""
+    d = tmp_path / "images"
+    d.mkdir()
+    top = _refusal_images(d)
+    m = mount(d, "--rw")
+    chain_raw = m / "top.qcow2/chain/01-top.raw"
+    chain_q, layer_q = m / "top.qcow2/chain/01-top.qcow2", m / "top.qcow2/layers/01-top.qcow2"
+    for p in (chain_q, layer_q):
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o444, p
+        for flags in (os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_TRUNC):
+            assert errno_of(os.open, p, flags) == errno.EACCES, (p, flags)
+    assert "top.qcow2/chain/01-top.qcow2: maps, .qcow2 files and the status file are read-only" in m.status()
+    before = os.stat(chain_q).st_size
+
+    # An open .qcow2 keeps the writer out.
+    with open(chain_q, "rb") as f:
+        head = f.read(65536)
+        assert errno_of(os.open, chain_raw, os.O_WRONLY) == errno.EBUSY
+        f.seek(0)
+        assert f.read(65536) == head
+    assert "top.qcow2/chain/01-top.raw: top.qcow2/chain/01-top.qcow2 is open" in m.status()
+
+    data = rnd(40, 2 * MiB)
+    fd = os.open(chain_raw, os.O_WRONLY)
+    try:
+        # A .qcow2 of the image being written does not open.
+        assert errno_of(os.open, chain_q, os.O_RDONLY) == errno.EBUSY
+        assert errno_of(os.open, layer_q, os.O_RDONLY) == errno.EBUSY
+        assert os.pwrite(fd, data, 40 * MiB) == len(data)
+    finally:
+        os.close(fd)
+    wait_released(top, "qcow2")
+
+    # The written clusters are in the .qcow2 files now, and qemu agrees.
+    assert os.stat(chain_q).st_size == before + len(data)
+    for view, name in ((chain_q, "chain.qcow2"), (layer_q, "layer.qcow2")):
+        copy = tmp_path / name
+        shutil.copyfile(view, copy)
+        qemu_img("check", json_layer(copy))  # the layer's backing file is not copied
+        assert os.path.getsize(copy) == os.stat(view).st_size
+    compare(tmp_path / "chain.qcow2", top)
+    compare(json_layer(tmp_path / "layer.qcow2"), json_layer(top))
+    assert_clean(top, "qcow2")

@@ -180,6 +180,55 @@ def test_allow_other_mount_keeps_image_permissions(user, shared_tmp, mount):
         assert len(f.read()) == SIZE
 
 
+def sha_of_file(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_allow_other_qcow2_files_need_what_they_carry(user, shared_tmp, mount):
+    """A ``.qcow2`` needs what its ``.raw`` needs, plus the layers beneath when
+    it carries their bytes (a layer with 4 KiB clusters holding part of a
+    64 KiB cluster)."""
+    images = os.path.join(shared_tmp, "images")
+    os.mkdir(images, 0o755)
+    image(os.path.join(images, "private.qcow2"), 0o600)
+    image(os.path.join(images, "public.qcow2"), 0o644)
+    base = image(os.path.join(images, "base.qcow2"), 0o600)
+    top = create(os.path.join(images, "top.qcow2"), backing=base)
+    qemu_io(top, "write -P 0x33 6M 1M")
+    os.chmod(top, 0o644)
+    fine = os.path.join(images, "fine.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", base, "-F", "qcow2", fine)
+    qemu_io(fine, "write -P 0x44 1052672 4096")  # 1 MiB + 4 KiB: part of a 64 KiB cluster over base data
+    os.chmod(fine, 0o644)
+
+    m = mount(images, "--allow-other", name=os.path.join(shared_tmp, "mnt"))
+    files = {
+        "private": m / "private.qcow2/chain/00-private.qcow2",
+        "public chain": m / "public.qcow2/chain/00-public.qcow2",
+        "public layer": m / "public.qcow2/layers/00-public.qcow2",
+        "top chain": m / "top.qcow2/chain/01-top.qcow2",
+        "top layer": m / "top.qcow2/layers/01-top.qcow2",
+        "fine layer raw": m / "fine.qcow2/layers/01-fine.raw",
+        "fine layer": m / "fine.qcow2/layers/01-fine.qcow2",
+    }
+    got = read_named_as(user, files)
+    assert got == {
+        "private": errno.EACCES,
+        "public chain": sha_of_file(files["public chain"]),
+        "public layer": sha_of_file(files["public layer"]),
+        "top chain": errno.EACCES,
+        "top layer": sha_of_file(files["top layer"]),
+        "fine layer raw": sha_of_file(files["fine layer raw"]),
+        # Its cluster at 1 MiB carries the base's bytes beside the layer's 4 KiB.
+        "fine layer": errno.EACCES,
+    }
+    assert stat.S_IMODE(os.stat(files["top layer"]).st_mode) == 0o444
+    assert stat.S_IMODE(os.stat(files["fine layer"]).st_mode) == 0o400
+    with open(files["fine layer"], "rb") as f:
+        assert b"\x5a" * 4096 in f.read()  # the base's pattern, beside the layer's
+
+
 def test_leaf_symlink_outside_the_directory_is_refused(tmp_path, mount):
     images = tmp_path / "images"
     (images / "vm").mkdir(parents=True)
