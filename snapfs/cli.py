@@ -1,4 +1,9 @@
-"""Command line: ``snapfs mount``, ``snapfs umount`` and ``snapfs refresh``."""
+"""Command line: ``snapfs mount``, ``snapfs umount`` and ``snapfs refresh``.
+
+mount(8) and fstab reach snapfs through fuse3's ``mount.fuse3``, which runs
+``snapfs SOURCE MOUNTPOINT -o OPTIONS`` for ``mount -t fuse.snapfs``;
+``mount_form`` turns that into ``snapfs mount`` (docs/mounting.md).
+"""
 
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--checkpoint", metavar="NAME",
                    help="with --connect, for running domains: create checkpoint NAME with the "
                         "backup job, so the next incremental starts there")
-    m.add_argument("--rw", action="store_true",
+    m.add_argument("--rw", "--writable", dest="rw", action="store_true",
                    help="writable mount: writes to the chain and layer views of each disk's top "
                         "image go into that image, in its own format (shut-off domains only in "
                         "libvirt mode); every other file stays read-only")
@@ -82,7 +87,119 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--since", metavar="CHECKPOINT",
                    help="serve the dirty views of this checkpoint (default: the newest)")
     r.add_argument("--checkpoint", metavar="NAME", help="create checkpoint NAME with the new backup job")
+    p.mount_parser = m  # mount_options() and the man page list its options
     return p
+
+
+# mount(8) and fstab ------------------------------------------------------------
+
+COMMANDS = ("mount", "umount", "refresh")
+LIBVIRT_PREFIX = "libvirt:"
+# What mount(8), systemd and fuse pass or keep, meaning nothing more to snapfs.
+# mount(8) passes rw for every mount not made ro: rw is not --rw.
+MOUNT8_IGNORED = frozenset({
+    "rw", "defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "_netdev",
+    "nofail", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime",
+    "norelatime", "strictatime", "nostrictatime", "lazytime", "nolazytime", "diratime",
+    "nodiratime", "sync", "async", "loud", "silent", "default_permissions",
+})
+MOUNT8_IGNORED_PREFIXES = ("x-", "comment=", "user=", "fsname=", "subtype=")
+
+
+def mount_options() -> list[tuple[str, argparse.Action]]:
+    """Every ``-o`` name of the mount(8) form with the ``snapfs mount`` option it sets.
+
+    The name is the long option without its dashes, ``-`` written ``_``
+    (``--allow-other``: ``allow_other``); ``--rw`` is ``writable`` (mount(8)
+    passes ``rw`` for every mount). The source options are SOURCE instead.
+    """
+    out = []
+    for action in _parser().mount_parser._actions:
+        if action.help == argparse.SUPPRESS or not action.option_strings:
+            continue
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs or action.dest in ("images", "connect", "help"):
+            continue
+        name = "writable" if action.dest == "rw" else longs[0][2:].replace("-", "_")
+        out.append((name, action))
+    return out
+
+
+def mount_form(argv: list[str]) -> list[str]:
+    """``SOURCE MOUNTPOINT -o OPTIONS`` (mount.fuse3) as ``snapfs mount`` arguments.
+
+    SOURCE is an image directory, or a libvirt URI: ``SCHEME://...`` (such as
+    ``qemu:///system``), ``libvirt:URI``, or ``libvirt`` for the default URI.
+    ValueError for what cannot be understood.
+    """
+    words, opts = [], []
+    it = iter(argv)
+    for a in it:
+        if a == "-o":
+            v = next(it, None)
+            if v is None:
+                raise ValueError("-o needs OPTIONS")
+            opts += [o for o in _split_options(v) if o]
+        elif a.startswith("-o") and len(a) > 2:
+            opts += [o for o in _split_options(a[2:]) if o]
+        elif a.startswith("-") and a != "-":
+            raise ValueError(f"unknown argument {a!r} (mount(8) form: SOURCE MOUNTPOINT -o OPTIONS)")
+        else:
+            words.append(a)
+    if len(words) != 2:
+        raise ValueError("the mount(8) form takes SOURCE MOUNTPOINT [-o OPTIONS]")
+    source, mountpoint = words
+    if source == "libvirt" or source == LIBVIRT_PREFIX:
+        out = ["mount", "--connect", DEFAULT_URI]
+    elif source.startswith(LIBVIRT_PREFIX):
+        out = ["mount", "--connect", source[len(LIBVIRT_PREFIX):]]
+    elif "://" in source and source.split("://", 1)[0].replace("+", "").isalnum():
+        out = ["mount", "--connect", source]
+    else:
+        out = ["mount", "--images", source]
+    known = dict(mount_options())
+    read_only = False
+    for opt in opts:
+        name, eq, value = opt.partition("=")
+        name = name.replace("-", "_")
+        if name == "ro":
+            read_only = True
+            continue
+        if name in MOUNT8_IGNORED or opt.startswith(MOUNT8_IGNORED_PREFIXES):
+            continue
+        action = known.get(name)
+        if action is None:
+            raise ValueError(f"unknown mount option {name!r} (see man snapfs, MOUNT OPTIONS)")
+        flag = next(o for o in action.option_strings if o.startswith("--"))
+        if action.nargs == 0:
+            if eq:
+                raise ValueError(f"mount option {name} takes no value")
+            out.append(flag)
+        elif not eq or not value:
+            raise ValueError(f"mount option {name} needs a value: {name}={action.metavar or 'VALUE'}")
+        else:
+            out += [flag, value]
+    if read_only and "--rw" in out:
+        raise ValueError("mount options ro and writable contradict each other")
+    return out + ["--", mountpoint]
+
+
+def _split_options(text: str) -> list[str]:
+    """Comma-separated options; a backslash escapes a comma (as fuse does)."""
+    out, cur, esc = [], [], False
+    for ch in text:
+        if esc:
+            cur.append(ch)
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch == ",":
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur))
+    return out
 
 
 def _setup_logging(debug: bool, stream=None) -> None:
@@ -115,7 +232,13 @@ def _connect_default(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(_connect_default(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        try:
+            argv = mount_form(argv)
+        except ValueError as e:
+            return _fail(str(e))
+    args = _parser().parse_args(_connect_default(argv))
     if args.command == "umount":
         return _umount(args)
     if args.command == "refresh":

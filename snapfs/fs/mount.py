@@ -72,7 +72,11 @@ async def serve(args, ready=None) -> None:
         # The kernel checks every access against the owner, group and mode
         # each node takes from its images (fs/access.py), for the mounting
         # user too: a mount never widens access.
-        options = {"fsname=snapfs", "subtype=snapfs", "default_permissions"}
+        # fsname: the source, as mount(8), findmnt and fstab know it. Views
+        # never need devices, set-uid or execution.
+        fsname = what.replace("\\", "\\\\").replace(",", "\\,")
+        options = {f"fsname={fsname}", "subtype=snapfs", "default_permissions", "nosuid", "nodev",
+                   "noexec"}
         if not args.rw:
             options.add("ro")
         if args.allow_other:
