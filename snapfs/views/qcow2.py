@@ -193,7 +193,7 @@ class Qcow2Image:
         self._run_starts = [c for c, _, _ in self.runs]
 
         self.l1_size = _ceil(self.clusters, L2_ENTRIES)
-        self.l1_clusters = max(1, _ceil(self.l1_size * 8, CLUSTER))
+        self.l1_clusters = _ceil(self.l1_size * 8, CLUSTER)  # none for an empty disk
         self.l2_slots = sorted(l2_used)
         self._l2_of = {slot: i for i, slot in enumerate(self.l2_slots)}
         # Refcount blocks cover every cluster of the file, themselves included.
