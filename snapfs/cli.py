@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="writable mount: writes to the chain and layer views of each disk's top "
                         "image go into that image, in its own format (shut-off domains only in "
                         "libvirt mode); every other file stays read-only")
+    m.add_argument("--watch", action="store_true",
+                   help="with --images: scan DIR again by itself when images change (inotify), as "
+                        "snapfs refresh does")
     m.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
     m.add_argument("--debug", action="store_true", help="log every step (qemu-nbd commands, servers)")
     m.add_argument("--debug-fuse", action="store_true", help=argparse.SUPPRESS)
@@ -78,12 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     u = sub.add_parser("umount", help="unmount and stop every qemu-nbd the mount started")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
 
-    r = sub.add_parser("refresh", help="libvirt mounts: a new point in time for one running domain",
-                       description="End DOMAIN's backup job and start a new one (running domains), "
-                                   "or read DOMAIN again (shut-off domains), without remounting. "
-                                   "No file of the domain may be open.")
+    r = sub.add_parser("refresh", help="see images that changed, or a new point in time of a domain",
+                       description="Image-directory mounts: scan DIR again, without remounting: new "
+                                   "leaves, layers and bitmaps appear, removed ones vanish, changed "
+                                   "images get fresh maps; a disk with open files is left as it was "
+                                   "(exit 1, naming it). libvirt mounts: end DOMAIN's backup job and "
+                                   "start a new one (running domains), or read DOMAIN again (shut-off "
+                                   "domains); no file of the domain may be open.")
     r.add_argument("mountpoint", metavar="MOUNTPOINT")
-    r.add_argument("domain", metavar="DOMAIN")
+    r.add_argument("domain", metavar="DOMAIN", nargs="?", help="libvirt mounts: the domain")
     r.add_argument("--since", metavar="CHECKPOINT",
                    help="serve the dirty views of this checkpoint (default: the newest)")
     r.add_argument("--checkpoint", metavar="NAME", help="create checkpoint NAME with the new backup job")
@@ -245,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         return _refresh(args)
     if args.images is not None and (args.domain or args.since or args.checkpoint):
         return _fail("--domain, --since and --checkpoint go with --connect")
+    if args.watch and args.images is None:
+        return _fail("--watch goes with --images (libvirt mounts: snapfs refresh MOUNTPOINT DOMAIN)")
     if args.connections < 1:
         return _fail("--connections must be at least 1")
     if args.foreground:
@@ -321,7 +329,7 @@ def _detach(args) -> int:
     for opt in ("since", "checkpoint"):
         if getattr(args, opt):
             cmd += ["--" + opt, getattr(args, opt)]
-    for flag in ("debug", "allow_other", "allow_outside_backing", "rw"):
+    for flag in ("debug", "allow_other", "allow_outside_backing", "rw", "watch"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
     cmd += ["--", args.mountpoint]

@@ -1,12 +1,15 @@
 """``snapfs refresh``: a mount's control socket and the request that uses it.
 
-A libvirt mount listens on ``control.sock`` in its runtime directory (0600)
-for one JSON request per connection; ``snapfs refresh MOUNTPOINT DOMAIN``
-sends it and prints the answer.
+Every mount listens on ``control.sock`` in its runtime directory (0600) for
+one JSON request per connection; ``snapfs refresh MOUNTPOINT [DOMAIN]``
+sends it and prints the answer. A libvirt mount refreshes one domain
+(``Refresher``), an image-directory mount scans its directory again
+(``ImageRefresher``; ``--watch`` runs it on inotify events).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -19,7 +22,8 @@ import trio
 
 from ..errors import ControlError, MountError, SourceError
 from ..runtime import find_mount, pid_alive
-from .layout import layout
+from ..sources.imagedir import ImageDirectory
+from .layout import add_disk, disk_signature, layout, set_status
 
 if TYPE_CHECKING:
     from ..nbd.pool import ServerPool
@@ -40,18 +44,16 @@ class Refresher:
         self.pool = pool
         self.lock = trio.Lock()
 
-    async def refresh(self, domain: str, since: str | None, checkpoint: str | None) -> str:
+    async def refresh(self, domain: str | None, since: str | None, checkpoint: str | None) -> str:
+        if domain is None:
+            raise ControlError("a libvirt mount is refreshed one domain at a time: "
+                               "snapfs refresh MOUNTPOINT DOMAIN")
         async with self.lock:
             old = self.source.plans.get(domain)
             if old is None:
                 raise ControlError(f"domain {domain!r} is not in this mount")
             prefix = old.dirname
-            busy = self.ops.open_files(prefix)
-            # The kernel sends RELEASE after close() returns: allow it a moment.
-            with trio.move_on_after(1):
-                while busy:
-                    await trio.sleep(0.02)
-                    busy = self.ops.open_files(prefix)
+            busy = await wait_closed(self.ops, prefix)
             if busy:
                 raise ControlError(f"{busy} file(s) of domain {domain} are open; close them and retry")
             # Exports other domains use too (a shared base image) stay.
@@ -86,6 +88,184 @@ class Refresher:
                 log.debug("invalidating %s failed", prefix, exc_info=True)
 
 
+async def wait_closed(ops: Operations, prefix: str) -> int:
+    """How many files under ``prefix`` stay open; the kernel sends RELEASE
+    after close() returns, so they get a moment to go."""
+    busy = ops.open_files(prefix)
+    with trio.move_on_after(1):
+        while busy:
+            await trio.sleep(0.02)
+            busy = ops.open_files(prefix)
+    return busy
+
+
+class ImageRefresher:
+    """``snapfs refresh MOUNTPOINT`` of an image-directory mount: scan it again.
+
+    A disk whose images are as they were (same files, times, sizes, backing
+    files, bitmaps) keeps its views and their maps. A new leaf appears; a
+    disk that is gone, or whose images changed, is laid out anew once none
+    of its files is open (its old servers are stopped first, so a reader
+    never sees new data through an old map). ``pending`` names the disks
+    that were left as they were because files were open.
+    """
+
+    def __init__(self, root: str, allow_outside: bool, tree: Tree, status: Status, ops: Operations,
+                 pool: ServerPool, disks: dict):
+        self.root = root
+        self.allow_outside = allow_outside
+        self.tree = tree
+        self.status = status
+        self.ops = ops
+        self.pool = pool
+        self.disks = disks
+        self.pending: list[str] = []
+        self.lock = trio.Lock()
+
+    async def refresh(self, domain: str | None = None, since: str | None = None,
+                      checkpoint: str | None = None) -> str:
+        if domain is not None or since is not None or checkpoint is not None:
+            raise ControlError("an image-directory mount is scanned again whole: snapfs refresh MOUNTPOINT")
+        async with self.lock:
+            scan = await trio.to_thread.run_sync(
+                lambda: ImageDirectory(self.root, allow_outside=self.allow_outside).scan())
+            new = {d.relpath: d for d in scan.disks}
+            replace, busy = [], []
+            for rel in sorted(set(self.disks) | set(new)):
+                old, disk = self.disks.get(rel), new.get(rel)
+                if old is not None and disk is not None and old.signature == disk_signature(disk):
+                    continue
+                if old is not None and (n := await wait_closed(self.ops, rel)):
+                    busy.append(f"{rel} ({n} file(s) open)")
+                    continue
+                replace.append((rel, old, disk))
+            staying = {s for rel, e in self.disks.items() if rel not in {r for r, _, _ in replace}
+                       for v in e.views for s in v.specs()}
+            await self.pool.discard({s for _, old, _ in replace if old is not None
+                                     for v in old.views for s in v.specs()} - staying)
+            added = removed = changed = 0
+            for rel, old, disk in replace:
+                if old is not None:
+                    self._remove(rel)
+                    del self.disks[rel]
+                if disk is not None:
+                    self.disks[rel] = add_disk(self.tree, scan.root, disk)
+                added += old is None
+                removed += disk is None
+                changed += old is not None and disk is not None
+            set_status(self.status, scan, self.disks)
+            self.pending = busy
+        msg = f"{len(self.disks)} disk(s): {added} new, {changed} changed, {removed} gone"
+        log.info("refresh of %s: %s%s", self.root, msg, f"; not now: {', '.join(busy)}" if busy else "")
+        for path, reason in self.status.problems:
+            log.debug("not available: %s: %s", path, reason)
+        if busy:
+            raise ControlError(f"{msg}; left as they were, files open: {', '.join(busy)}")
+        return msg
+
+    def _remove(self, rel: str) -> None:
+        """Take a disk out of the tree, and directories left empty above it."""
+        node = self.tree.remove(rel)
+        while node is not None:
+            parent = node.parent
+            try:
+                pyfuse3.invalidate_entry_async(parent.inode, os.fsencode(node.name), ignore_enoent=True)
+            except Exception:
+                log.debug("invalidating %s failed", rel, exc_info=True)
+            if parent is self.tree.root or parent.children:
+                break
+            node = self.tree.remove(self._path(parent))
+
+    def _path(self, node) -> str:
+        parts = []
+        while node is not None and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return "/".join(reversed(parts))
+
+
+# inotify(7): what changes an image directory's disks. Opens for reading
+# (qemu-nbd's) and writes still going on are not events: a tool's close is.
+_IN_ATTRIB, _IN_CLOSE_WRITE, _IN_MOVED_FROM, _IN_MOVED_TO = 0x4, 0x8, 0x40, 0x80
+_IN_CREATE, _IN_DELETE, _IN_DELETE_SELF, _IN_MOVE_SELF = 0x100, 0x200, 0x400, 0x800
+_IN_ONLYDIR = 0x01000000
+WATCH_EVENTS = (_IN_ATTRIB | _IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
+                | _IN_DELETE_SELF | _IN_MOVE_SELF)
+WATCH_QUIET = 1.0  # seconds without events before a rescan (qemu-img create -b writes twice)
+WATCH_RETRY = 2.0  # seconds between rescans while files of changed disks are open
+
+
+class Inotify:
+    """An inotify instance watching every directory under a root (libc through ctypes)."""
+
+    def __init__(self, root: str):
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.root = root
+        self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        self.add_all()
+
+    def add_all(self) -> None:
+        """Watch the root and every directory under it (new ones after each rescan)."""
+        for dirpath, dirnames, _ in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+            if self._libc.inotify_add_watch(self.fd, os.fsencode(dirpath), WATCH_EVENTS | _IN_ONLYDIR) < 0:
+                log.debug("cannot watch %s: %s", dirpath, os.strerror(ctypes.get_errno()))
+
+    def drain(self) -> bool:
+        """Read every pending event; True if there was any."""
+        got = False
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return got
+            got = got or bool(data)
+            if not data:
+                return got
+
+    async def wait(self) -> None:
+        await trio.lowlevel.wait_readable(self.fd)
+        self.drain()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+async def watch_images(refresher: ImageRefresher) -> None:
+    """``--watch``: rescan the image directory after each burst of changes.
+
+    A rescan waits for WATCH_QUIET seconds without events; disks left as they
+    were because their files were open are tried again every WATCH_RETRY
+    seconds until they are closed.
+    """
+    watch = Inotify(refresher.root)
+    log.info("watching %s for changes", refresher.root)
+    try:
+        while True:
+            if refresher.pending:
+                with trio.move_on_after(WATCH_RETRY):
+                    await watch.wait()
+            else:
+                await watch.wait()
+            while True:
+                with trio.move_on_after(WATCH_QUIET) as quiet:
+                    await watch.wait()
+                if quiet.cancelled_caught:
+                    break
+            try:
+                await refresher.refresh()
+            except ControlError as e:
+                log.info("%s", e)
+            except Exception:
+                log.exception("rescan of %s failed", refresher.root)
+            watch.add_all()
+    finally:
+        watch.close()
+
+
 async def control_server(path: str, refresher: Refresher, *, task_status=trio.TASK_STATUS_IGNORED):
     """Answer one JSON request per connection on the mount's control socket."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -106,7 +286,7 @@ async def control_server(path: str, refresher: Refresher, *, task_status=trio.TA
                 req = json.loads(data)
                 if req.get("command") != "refresh":
                     raise ControlError(f"unknown request {req.get('command')!r}")
-                msg = await refresher.refresh(req["domain"], req.get("since"), req.get("checkpoint"))
+                msg = await refresher.refresh(req.get("domain"), req.get("since"), req.get("checkpoint"))
                 reply = {"ok": True, "message": msg}
             except ControlError as e:
                 reply = {"ok": False, "message": str(e)}
@@ -122,7 +302,7 @@ def control_request(mountpoint: str, request: dict, timeout: float = 600) -> str
     """Send a request to a mount's snapfs process; its answer, or MountError."""
     found = find_mount(mountpoint)
     if found is None or not found[1].get("control"):
-        raise MountError(f"{mountpoint} is not a snapfs mount of libvirt domains")
+        raise MountError(f"{mountpoint} is not a snapfs mount (or its snapfs is too old to refresh)")
     if not pid_alive(found[1].get("pid", 0)):
         raise MountError(f"the snapfs process of {mountpoint} is gone (snapfs umount cleans up)")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -18,34 +18,69 @@ log = logging.getLogger(__name__)
 report = logging.getLogger("snapfs.report")
 
 
-def build_tree(images: str, allow_outside: bool, writable: bool = False) -> tuple[Tree, Status]:
-    """Scan the image directory and lay out the mount (``writable``: a ``--rw`` mount)."""
+def build_tree(images: str, allow_outside: bool, writable: bool = False) -> tuple[Tree, Status, dict]:
+    """Scan the image directory and lay out the mount (``writable``: a ``--rw`` mount).
+
+    Returns the tree, the status and the disks laid out: ``{relpath: DiskEntry}``
+    (``snapfs refresh`` compares a new scan with them).
+    """
     scan = ImageDirectory(images, allow_outside=allow_outside).scan()
     tree = Tree(writable)
     status = Status(scan.root)
-    status.problems += [(p.path, p.reason) for p in scan.problems]
     tree.add_status()
     # The root needs what listing the image directory needs.
     tree.root.paths = ((scan.root, LIST),) + tuple((d, SEARCH) for d in parents(scan.root))
-    for disk in scan.disks:
-        views, missing = disk_views(disk)
-        status.problems += missing
-        # Directories mirror the image directory's: they take its permissions.
-        parts = disk.relpath.split("/")[:-1]
-        for i in range(len(parts)):
-            rel = "/".join(parts[: i + 1])
-            tree.directory(rel).paths = ((os.path.join(scan.root, rel), LIST),)
-        _disk_dirs(tree, disk)
-        link_layers(views)
-        if writable:
-            mark_writable(views)
-        for view in views:
-            tree.add_view(view)
-        status.views += views
+    disks = {disk.relpath: add_disk(tree, scan.root, disk) for disk in scan.disks}
+    set_status(status, scan, disks)
     for path, reason in status.problems:
         report.warning("not available: %s: %s", path, reason)
     log.info("%d disk(s), %d view(s) from %s", len(scan.disks), len(status.views), scan.root)
-    return tree, status
+    return tree, status, disks
+
+
+class DiskEntry:
+    """A disk of an image directory as laid out: its views, what it could not
+    offer, and what it was made from (``signature``)."""
+
+    def __init__(self, disk, views, missing):
+        self.disk = disk
+        self.views = views
+        self.missing = missing
+        self.signature = disk_signature(disk)
+
+
+def disk_signature(disk) -> tuple:
+    """What a disk's views depend on: each layer's file (as found and its
+    inode), times, size, backing file, bitmaps and problem, and how the chain ends."""
+    return (disk.complete, disk.cut_reason, tuple(
+        (lay.path, lay.format, lay.pin, lay.mtime_ns, lay.size, lay.backing_path, lay.backing_format,
+         lay.problem, tuple((b.name, b.flags, b.granularity) for b in lay.bitmaps))
+        for lay in disk.chain))
+
+
+def add_disk(tree: Tree, root: str, disk) -> DiskEntry:
+    """Lay out one disk of an image directory: its directory, folders and views."""
+    views, missing = disk_views(disk)
+    # Directories mirror the image directory's: they take its permissions.
+    parts = disk.relpath.split("/")[:-1]
+    for i in range(len(parts)):
+        rel = "/".join(parts[: i + 1])
+        tree.directory(rel).paths = ((os.path.join(root, rel), LIST),)
+    _disk_dirs(tree, disk)
+    link_layers(views)
+    if tree.writable:
+        mark_writable(views)
+    for view in views:
+        tree.add_view(view)
+    return DiskEntry(disk, views, missing)
+
+
+def set_status(status: Status, scan, disks: dict) -> None:
+    """The status file's problems and views: the scan's, and each disk's."""
+    status.problems = [(p.path, p.reason) for p in scan.problems]
+    for entry in disks.values():
+        status.problems += entry.missing
+    status.views = [v for entry in disks.values() for v in entry.views]
 
 
 def layout(tree: Tree, status: Status, plan) -> None:

@@ -29,7 +29,7 @@ from ..errors import MountError, SourceError
 from ..nbd.pool import ServerPool
 from ..nbd.qemu import stop_leftovers
 from ..runtime import find_mount, is_mounted, mount_device, pid_alive, runtime_base
-from .control import Refresher, control_server
+from .control import ImageRefresher, Refresher, control_server, watch_images
 from .layout import build_tree, layout
 from .operations import HAS_LSEEK, Operations
 from .tree import Status, Tree
@@ -58,7 +58,7 @@ async def serve(args, ready=None) -> None:
     try:
         if images is not None:
             what = images
-            tree, status = build_tree(images, args.allow_outside_backing, args.rw)
+            tree, status, disks = build_tree(images, args.allow_outside_backing, args.rw)
         else:
             what = args.connect
             source, tree, status = await _libvirt_tree(args, rundir)
@@ -86,7 +86,7 @@ async def serve(args, ready=None) -> None:
         control = os.path.join(rundir, "control.sock")
         with open(os.path.join(rundir, "mount.json"), "w") as f:
             json.dump({"mountpoint": mountpoint, "pid": os.getpid(), "source": what,
-                       "control": control if source else None,
+                       "control": control,
                        "log": getattr(args, "log", None)}, f)
         try:
             pyfuse3.init(ops, mountpoint, options)
@@ -99,7 +99,12 @@ async def serve(args, ready=None) -> None:
                 nursery.start_soon(_signals, nursery.cancel_scope)
                 if source is not None:
                     refresher = Refresher(source, tree, status, ops, pool)
-                    await nursery.start(control_server, control, refresher)
+                else:
+                    refresher = ImageRefresher(images, args.allow_outside_backing, tree, status, ops,
+                                               pool, disks)
+                    if getattr(args, "watch", False):
+                        nursery.start_soon(watch_images, refresher)
+                await nursery.start(control_server, control, refresher)
                 nursery.start_soon(_watch_mount, mountpoint, gone, nursery.cancel_scope)
                 log.info("mounted %s on %s%s", what, mountpoint, " (writable: --rw)" if args.rw else "")
                 if ready is not None:

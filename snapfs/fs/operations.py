@@ -30,7 +30,7 @@ import trio
 from ..errors import Busy, Refused, SnapfsError, Unavailable, fuse_errno
 from ..nbd.pool import Server, ServerPool
 from .attrs import Attributes
-from .tree import Directory, MapFile, Node, Qcow2File, Status, StatusFile, Tree, ViewFile
+from .tree import Directory, MapFile, Node, Qcow2File, Status, StatusFile, Tree, ViewFile, ViewNode
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,10 @@ class Operations(pyfuse3.Operations):
         pool.on_written = self._written
 
     def open_files(self, prefix: str) -> int:
-        """How many views under ``prefix/`` are open."""
-        return sum(1 for h in self._handles.values() if h.server is not None
-                   and h.node.view.disk.relpath.startswith(prefix + "/"))
+        """How many files of the disk ``prefix``, or of disks under ``prefix/``, are open."""
+        return sum(1 for h in self._handles.values() if isinstance(h.node, ViewNode)
+                   and (h.node.view.disk.relpath == prefix
+                        or h.node.view.disk.relpath.startswith(prefix + "/")))
 
     # -- attributes -------------------------------------------------------
 
