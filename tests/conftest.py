@@ -165,6 +165,51 @@ def data_ranges(extents, is_data):
     return out
 
 
+SAMPLE_SIZE = 64 * MiB + 1536  # not a multiple of the 64 KiB cluster
+
+# The sample's disks (relative to its image directory) and their chains, base first.
+SAMPLE_CHAINS = {
+    "vm1/snap2.qcow2": ["base.qcow2", "snap1.qcow2", "snap2.qcow2"],
+    "vm1/branch.qcow2": ["base.qcow2", "branch.qcow2"],
+    "vm2/top.qcow2": ["disk.raw", "top.qcow2"],
+}
+
+
+def build_sample(root):
+    """The sample image corpus under ``root/images``; returns that directory.
+
+    Data, areas zeroed over older data, discarded areas, a raw base with a
+    size that is not a sector multiple under a qcow2 overlay, a virtual size
+    that is not a cluster multiple, a branch sharing a base, and dirty
+    bitmaps with changed and trimmed areas (one copied into two layers).
+    """
+    d = root / "images"
+    (d / "vm1").mkdir(parents=True)
+    (d / "vm2").mkdir()
+    vm1 = d / "vm1"
+    base = create(vm1 / "base.qcow2", SAMPLE_SIZE)
+    qemu_io(base, "write -P 0xa1 0 4M", "write -z 8M 1M", "write -P 0xa2 12M 2M",
+            f"write -P 0xa3 {SAMPLE_SIZE - 4096} 4096")
+    snap1 = create(vm1 / "snap1.qcow2", backing="base.qcow2")
+    qemu_img("bitmap", "--add", snap1, "since-snap1")
+    qemu_io(snap1, "write -P 0xb1 1M 1M", "write -z 2M 1M", "discard 12M 1M", "write -P 0xb2 20M 64k")
+    snap2 = create(vm1 / "snap2.qcow2", backing="snap1.qcow2")
+    qemu_img("bitmap", "--add", snap2, "since-snap2")
+    qemu_img("bitmap", "--add", snap2, "since-snap1")  # an empty copy, as libvirt makes one
+    qemu_io(snap2, "write -P 0xc1 0 512k", "write -z 12M 2M", "write -P 0xc2 30M 3M", "discard 31M 1M")
+    branch = create(vm1 / "branch.qcow2", backing="base.qcow2")
+    qemu_io(branch, "write -P 0xd1 3M 2M")
+
+    raw = d / "vm2" / "disk.raw"
+    with open(raw, "wb") as f:
+        f.truncate(8 * MiB + 7)  # not even a sector multiple
+    qemu_io(str(raw), "write -P 0xe1 1M 1M", fmt="raw")
+    top = create(d / "vm2" / "top.qcow2", backing="disk.raw", backing_fmt="raw")
+    qemu_io(top, "write -P 0xe2 4M 64k", "write -z 1M 64k")
+    (d / "vm2" / "notes.txt").write_text("not an image\n")
+    return d
+
+
 class Mount:
     """A real snapfs mount in a subprocess, unmounted on close.
 

@@ -1,7 +1,9 @@
 """Tier 3: bad input never breaks the mount; it is reported and the rest works."""
 
 import errno
+import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -114,7 +116,8 @@ def test_bad_images_are_reported_and_the_rest_works(bad_dir, mount):
     for folder in ("chain", "layers", "dirty"):
         assert os.listdir(m / f"corrupt.qcow2/{folder}") == []
     assert os.listdir(m / "crashed.qcow2/dirty") == []
-    assert os.listdir(m / "crashed.qcow2/chain") == ["00-crashed.map.json", "00-crashed.raw"]
+    assert sorted(os.listdir(m / "crashed.qcow2/chain")) == ["00-crashed.map.json", "00-crashed.qcow2",
+                                                             "00-crashed.raw"]
 
 
 def test_image_qemu_refuses_disappears_with_reason(bad_dir, mount):
@@ -153,9 +156,9 @@ def test_image_in_use_by_a_writer(tmp_path, mount):
             time.sleep(0.01)
         m = mount(d)
         assert "top.qcow2: in use" in m.status()
-        layers = os.listdir(m / "top.qcow2/layers")
-        assert layers == ["00-base.map.json", "00-base.raw"]
-        assert os.listdir(m / "top.qcow2/chain") == ["00-base.map.json", "00-base.raw"]
+        layers = sorted(os.listdir(m / "top.qcow2/layers"))
+        assert layers == ["00-base.map.json", "00-base.qcow2", "00-base.raw"]
+        assert sorted(os.listdir(m / "top.qcow2/chain")) == ["00-base.map.json", "00-base.qcow2", "00-base.raw"]
         # The backing layer of the running VM reads fine.
         run("qemu-img", "compare", "-f", "raw", m / "top.qcow2/layers/00-base.raw", base)
     finally:
@@ -180,9 +183,15 @@ def test_names_of_any_kind(tmp_path, mount):
     m = mount(d)
     disk = m / f"{NAMES[0]}/{NAMES[1]}"
     assert sorted(os.listdir(os.path.join(disk, "chain"))) == [
-        "00-base, x:y ü.map.json", "00-base, x:y ü.raw",
-        "01-disk a,b:c 'q'.map.json", "01-disk a,b:c 'q'.raw"]
+        "00-base, x:y ü.map.json", "00-base, x:y ü.qcow2", "00-base, x:y ü.raw",
+        "01-disk a,b:c 'q'.map.json", "01-disk a,b:c 'q'.qcow2", "01-disk a,b:c 'q'.raw"]
     run("qemu-img", "compare", "-f", "raw", os.path.join(disk, "chain/01-disk a,b:c 'q'.raw"), top)
+    # The copied layers are a chain: the backing name with a colon gets "./".
+    shutil.copytree(os.path.join(disk, "layers"), tmp_path / "copy")
+    copied = tmp_path / "copy" / "01-disk a,b:c 'q'.qcow2"
+    info = json.loads(run("qemu-img", "info", "--output=json", copied).stdout)
+    assert info["backing-filename"] == "./00-base, x:y ü.qcow2"
+    run("qemu-img", "compare", copied, top)
     dirty = os.path.join(disk, "dirty/bm, with: odd%2Fname.raw")
     assert os.getxattr(dirty, "user.snapfs.bitmap") == "bm, with: odd/name".encode()
     assert seek_walk(dirty) == [(2 * MiB, 64 * 1024)]

@@ -13,9 +13,11 @@ from itertools import pairwise
 
 import pytest
 from conftest import (
+    SAMPLE_CHAINS,
+    SAMPLE_SIZE,
     MiB,
     Mount,
-    create,
+    build_sample,
     data_ranges,
     expected_allocation_map,
     expected_dirty_map,
@@ -23,43 +25,17 @@ from conftest import (
     merge_dicts,
     nbdinfo_map,
     qemu_img,
-    qemu_io,
     qemu_map,
     run,
     seek_walk,
 )
 
-SIZE = 64 * MiB + 1536  # not a multiple of the 64 KiB cluster
+SIZE = SAMPLE_SIZE  # not a multiple of the 64 KiB cluster
 
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sample")
-    d = root / "images"
-    (d / "vm1").mkdir(parents=True)
-    (d / "vm2").mkdir()
-    vm1 = d / "vm1"
-    base = create(vm1 / "base.qcow2", SIZE)
-    qemu_io(base, "write -P 0xa1 0 4M", "write -z 8M 1M", "write -P 0xa2 12M 2M",
-            f"write -P 0xa3 {SIZE - 4096} 4096")
-    snap1 = create(vm1 / "snap1.qcow2", backing="base.qcow2")
-    qemu_img("bitmap", "--add", snap1, "since-snap1")
-    qemu_io(snap1, "write -P 0xb1 1M 1M", "write -z 2M 1M", "discard 12M 1M", "write -P 0xb2 20M 64k")
-    snap2 = create(vm1 / "snap2.qcow2", backing="snap1.qcow2")
-    qemu_img("bitmap", "--add", snap2, "since-snap2")
-    qemu_img("bitmap", "--add", snap2, "since-snap1")  # an empty copy, as libvirt makes one
-    qemu_io(snap2, "write -P 0xc1 0 512k", "write -z 12M 2M", "write -P 0xc2 30M 3M", "discard 31M 1M")
-    branch = create(vm1 / "branch.qcow2", backing="base.qcow2")
-    qemu_io(branch, "write -P 0xd1 3M 2M")
-
-    raw = d / "vm2" / "disk.raw"
-    with open(raw, "wb") as f:
-        f.truncate(8 * MiB + 7)  # not even a sector multiple
-    qemu_io(str(raw), "write -P 0xe1 1M 1M", fmt="raw")
-    top = create(d / "vm2" / "top.qcow2", backing="disk.raw", backing_fmt="raw")
-    qemu_io(top, "write -P 0xe2 4M 64k", "write -z 1M 64k")
-    (d / "vm2" / "notes.txt").write_text("not an image\n")
-    return d
+    return build_sample(tmp_path_factory.mktemp("sample"))
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +45,7 @@ def mnt(sample, tmp_path_factory):
     m.close()
 
 
-CHAINS = {
-    "vm1/snap2.qcow2": ["base.qcow2", "snap1.qcow2", "snap2.qcow2"],
-    "vm1/branch.qcow2": ["base.qcow2", "branch.qcow2"],
-    "vm2/top.qcow2": ["disk.raw", "top.qcow2"],
-}
+CHAINS = SAMPLE_CHAINS
 
 
 def views_of(sample, disk):
@@ -97,10 +69,11 @@ def test_layout(mnt):
     d = mnt / "vm1/snap2.qcow2"
     assert sorted(os.listdir(d)) == ["chain", "dirty", "layers"]
     assert sorted(os.listdir(os.path.join(d, "chain"))) == [
-        "00-base.map.json", "00-base.raw", "01-snap1.map.json", "01-snap1.raw",
-        "02-snap2.map.json", "02-snap2.raw"]
+        "00-base.map.json", "00-base.qcow2", "00-base.raw", "01-snap1.map.json", "01-snap1.qcow2",
+        "01-snap1.raw", "02-snap2.map.json", "02-snap2.qcow2", "02-snap2.raw"]
     assert sorted(os.listdir(os.path.join(d, "dirty"))) == [
-        "since-snap1.map.json", "since-snap1.raw", "since-snap2.map.json", "since-snap2.raw"]
+        "since-snap1.map.json", "since-snap1.qcow2", "since-snap1.raw", "since-snap2.map.json",
+        "since-snap2.qcow2", "since-snap2.raw"]
     assert os.listdir(mnt / "vm1/branch.qcow2/dirty") == []
     st = os.stat(os.path.join(d, "chain/02-snap2.raw"))
     assert stat.S_ISREG(st.st_mode) and st.st_mode & 0o777 == 0o444
