@@ -25,7 +25,8 @@ through SEEK_HOLE/SEEK_DATA and st_blocks, so cp, tar --sparse, rsync and
 qemu-img convert copy only the data. What could not be offered is listed,
 with the reason, in MOUNTPOINT/.snapfs-status. With --rw, the chain and
 layer views of each disk's top image can be written: restore a disk with cp,
-dd or qemu-img convert -n (docs/restore.md)."""
+dd or qemu-img convert -n. Each view is also NAME.qcow2, a ready qcow2 file
+composed from its map (a layer's names the one beneath it)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,22 +45,22 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--connect", metavar="URI", nargs="?", const=DEFAULT_URI,
                      help=f"libvirt URI (default {DEFAULT_URI}): MOUNTPOINT/DOMAIN/TARGET/ for every "
                           "disk of every domain, running or shut off")
-    m.add_argument("mountpoint", metavar="MOUNTPOINT")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory to mount on")
     m.add_argument("--domain", metavar="NAME", action="append",
-                   help="with --connect: only this domain (repeat for more)")
+                   help="only this domain (repeat for more; with --connect)")
     m.add_argument("--since", metavar="CHECKPOINT",
-                   help="with --connect, for running domains: the checkpoint whose dirty views the "
-                        "backup job serves (default: the newest)")
+                   help="the checkpoint whose dirty views the backup job of a running domain serves "
+                        "(default: the newest; with --connect)")
     m.add_argument("--checkpoint", metavar="NAME",
-                   help="with --connect, for running domains: create checkpoint NAME with the "
-                        "backup job, so the next incremental starts there")
+                   help="create checkpoint NAME with the backup job of a running domain, so the "
+                        "next incremental starts there (with --connect)")
     m.add_argument("--rw", "--writable", dest="rw", action="store_true",
                    help="writable mount: writes to the chain and layer views of each disk's top "
                         "image go into that image, in its own format (shut-off domains only in "
                         "libvirt mode); every other file stays read-only")
     m.add_argument("--watch", action="store_true",
-                   help="with --images: scan DIR again by itself when images change (inotify), as "
-                        "snapfs refresh does")
+                   help="scan DIR again by itself when images change (inotify), as snapfs refresh "
+                        "does (with --images)")
     m.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
     m.add_argument("--debug", action="store_true", help="log every step (qemu-nbd commands, servers)")
     m.add_argument("--debug-fuse", action="store_true", help=argparse.SUPPRESS)
@@ -78,8 +79,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="log file when detached (default: in the runtime directory, printed)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
-    u = sub.add_parser("umount", help="unmount and stop every qemu-nbd the mount started")
-    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u = sub.add_parser("umount", help="unmount and stop every qemu-nbd the mount started",
+                       description="Unmount MOUNTPOINT, wait for its snapfs process to stop every "
+                                   "qemu-nbd and libvirt backup job it started, and clean up after "
+                                   "one that was killed. umount(8) and fusermount3 -u unmount too.")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT", help="a snapfs mount")
 
     r = sub.add_parser("refresh", help="see images that changed, or a new point in time of a domain",
                        description="Image-directory mounts: scan DIR again, without remounting: new "
@@ -88,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "(exit 1, naming it). libvirt mounts: end DOMAIN's backup job and "
                                    "start a new one (running domains), or read DOMAIN again (shut-off "
                                    "domains); no file of the domain may be open.")
-    r.add_argument("mountpoint", metavar="MOUNTPOINT")
+    r.add_argument("mountpoint", metavar="MOUNTPOINT", help="a snapfs mount")
     r.add_argument("domain", metavar="DOMAIN", nargs="?", help="libvirt mounts: the domain")
     r.add_argument("--since", metavar="CHECKPOINT",
                    help="serve the dirty views of this checkpoint (default: the newest)")
@@ -117,14 +121,15 @@ def mount_options() -> list[tuple[str, argparse.Action]]:
 
     The name is the long option without its dashes, ``-`` written ``_``
     (``--allow-other``: ``allow_other``); ``--rw`` is ``writable`` (mount(8)
-    passes ``rw`` for every mount). The source options are SOURCE instead.
+    passes ``rw`` for every mount). The source options are SOURCE instead,
+    and ``--foreground`` is left out: mount(8) waits for the command to return.
     """
     out = []
     for action in _parser().mount_parser._actions:
         if action.help == argparse.SUPPRESS or not action.option_strings:
             continue
         longs = [o for o in action.option_strings if o.startswith("--")]
-        if not longs or action.dest in ("images", "connect", "help"):
+        if not longs or action.dest in ("images", "connect", "help", "foreground"):
             continue
         name = "writable" if action.dest == "rw" else longs[0][2:].replace("-", "_")
         out.append((name, action))

@@ -9,8 +9,10 @@ def test_every_long_mount_option_is_an_o_option():
     names = {name for name, _ in mount_options()}
     longs = {o for a in _parser().mount_parser._actions if a.help != "==SUPPRESS=="
              for o in a.option_strings if o.startswith("--")}
-    # The source is SOURCE; --rw is `writable` (mount(8) passes rw for every mount).
-    assert {"--" + n.replace("_", "-") for n in names} | {"--rw", "--images", "--connect", "--help"} == longs
+    # The source is SOURCE; --rw is `writable` (mount(8) passes rw for every mount);
+    # --foreground would keep mount(8) waiting.
+    assert {"--" + n.replace("_", "-") for n in names} | {"--rw", "--images", "--connect", "--help",
+                                                           "--foreground"} == longs
     assert "writable" in names and "rw" not in names
 
 
