@@ -24,6 +24,7 @@ bench: setup
 	$(PY) tests/bench_nbd.py
 	$(PY) tests/bench_libvirt.py
 	$(PY) tests/bench_restore.py
+	$(PY) tests/bench_qcow2.py
 
 umount-demo:
 	@if [ -d $(DEMO_DIR)/mnt ] && findmnt -rn --mountpoint "$$(cd $(DEMO_DIR)/mnt && pwd)" >/dev/null; then \
