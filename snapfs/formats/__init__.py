@@ -1,15 +1,22 @@
 """Image formats: which file is which format, what backs it, how qemu opens it.
 
 Everything snapfs knows about image formats is here (``qcow2.py`` reads the
-qcow2 header). What can be trusted is decided before qemu sees any file (see
-"Safety" in docs/views.md):
+qcow2 header, ``vmdk.py`` a VMDK sparse extent and its descriptor,
+``single.py`` the VDI, VHDX and VHD headers). What can be trusted is decided
+before qemu sees any file (see "Safety" in docs/views.md):
 
 - the format of a file found in a directory comes from its name and header:
-  ``.raw`` is raw; a qcow2 header makes qcow2; ``.img`` without one is raw.
-  Anything else is not an image (``format_by_name`` returns None).
+  ``.raw`` is raw; ``.vmdk``, ``.vdi``, ``.vhdx``/``.avhdx`` and
+  ``.vhd``/``.vpc`` are that format, and need its header (``read_layer``
+  says what is wrong with one that has none); a qcow2 header makes qcow2;
+  ``.img`` without one is raw. No other format is ever taken from content
+  (a ``.img`` holding a VMDK header stays raw). Anything else is not an
+  image (``format_by_name`` returns None).
 - the format of a backing file comes only from the image that names it
-  (the backing format header extension); ``chain.py`` follows backing files.
-- protocol names (``nbd:``, ``json:``...) and external data files are refused.
+  (the qcow2 backing format header extension; a VMDK's parent is a VMDK);
+  ``chain.py`` follows backing files.
+- protocol names (``nbd:``, ``json:``...) and external data files are refused,
+  and so are VMDK files whose data is in extent files their descriptor names.
 - qemu opens every image through a ``json:`` filename that spells out each
   node (``json_node``): the format (never probed), the protocol driver
   (``host_device`` for block devices; no name is ever parsed as an option
@@ -29,12 +36,21 @@ import stat
 import struct
 from dataclasses import dataclass, field
 
-from . import qcow2
+from . import qcow2, single, vmdk
 
+# The formats of libvirt domains' disks snapfs serves (sources/libvirt*.py).
 FORMATS = ("qcow2", "raw")
+# Formats a file can have in an image directory, or as a backing file.
+IMAGE_FORMATS = ("qcow2", "raw", "vmdk", "vdi", "vhdx", "vpc")
+# Formats that can have a backing file: their json: node says "backing", and
+# their exports offer qemu:allocation-depth.
+BACKED_FORMATS = ("qcow2", "vmdk")
 RAW_SUFFIXES = (".raw", ".img")
 QCOW2_SUFFIXES = (".qcow2", ".qcow")
-IMAGE_SUFFIXES = QCOW2_SUFFIXES + RAW_SUFFIXES
+# Formats known by name alone (their header must then be there).
+NAMED_SUFFIXES = {".vmdk": "vmdk", ".vdi": "vdi", ".vhdx": "vhdx", ".avhdx": "vhdx",
+                  ".vhd": "vpc", ".vpc": "vpc"}
+IMAGE_SUFFIXES = QCOW2_SUFFIXES + RAW_SUFFIXES + tuple(NAMED_SUFFIXES)
 
 # Prefixes qemu would take as a protocol rather than a file name.
 _PROTOCOL = re.compile(r"^(json|nbd|nbds|http|https|ftp|ftps|ssh|iscsi|rbd|gluster|nfs|"
@@ -51,11 +67,16 @@ class Layer:
     """One image file of a chain.
 
     path: absolute path (as found, not resolved: the path users know).
-    format: "qcow2" or "raw".
+    format: one of IMAGE_FORMATS (qemu's driver name: a VHD is "vpc").
     size: virtual size in bytes.
     backing_path: absolute path of the backing file, None for a base.
-    bitmaps: persistent dirty bitmaps stored in this image.
+    bitmaps: persistent dirty bitmaps stored in this image (qcow2 only).
     problem: why this layer cannot be served (None when it can).
+    cid, parent_cid: a VMDK's content id and the one its parent had when
+    the VMDK was made from it (qemu reads through a parent whose CID is
+    still that one only).
+    extent_paths: the files a (refused) VMDK descriptor file names: parts
+    of it, not disks of their own.
     """
 
     path: str
@@ -68,6 +89,9 @@ class Layer:
     mtime_ns: int = 0
     real: str = ""  # the file it resolved to when read: what qemu opens
     pin: tuple[int, int] | None = None  # (st_dev, st_ino) of that file when read
+    cid: int | None = None
+    parent_cid: int | None = None
+    extent_paths: tuple[str, ...] = ()
 
     @property
     def node(self) -> tuple[str, str]:
@@ -89,6 +113,9 @@ def format_by_name(path: str, by_name_only: bool = False) -> str | None:
     lower = path.lower()
     if lower.endswith(".raw"):
         return "raw"
+    for suffix, fmt in NAMED_SUFFIXES.items():
+        if lower.endswith(suffix):
+            return fmt  # read_layer reports a missing header
     if not by_name_only and qcow2.is_qcow2(path):
         return "qcow2"
     if lower.endswith(".img"):
@@ -144,6 +171,28 @@ def read_layer(path: str, fmt: str) -> Layer:
                 layer.problem = f"cannot open: {e.strerror}"
                 return layer
         layer.size = (size + 511) // 512 * 512
+    elif fmt == "vmdk":
+        try:
+            hdr = vmdk.read_header(path)
+        except vmdk.VmdkError as e:
+            layer.problem = f"not a usable vmdk image: {e}"
+            layer.extent_paths = tuple(os.path.normpath(os.path.join(os.path.dirname(path), x))
+                                       for x in e.extents)
+            return layer
+        layer.size = hdr.size
+        layer.cid, layer.parent_cid = hdr.cid, hdr.parent_cid
+        if hdr.parent:
+            layer.backing_path = os.path.normpath(os.path.join(os.path.dirname(path), hdr.parent))
+            layer.backing_format = "vmdk"  # as qemu takes it
+            if _PROTOCOL.match(hdr.parent):
+                layer.problem = f"parent file {hdr.parent!r} is not a plain file name"
+    elif fmt in _SINGLE:
+        try:
+            hdr = _SINGLE[fmt](path)
+        except single.HeaderError as e:
+            layer.problem = f"not a usable {fmt} image: {e}"
+            return layer
+        layer.size = hdr.size
     else:
         try:
             hdr = qcow2.read_header(path)
@@ -168,10 +217,30 @@ def read_layer(path: str, fmt: str) -> Layer:
     return layer
 
 
+_SINGLE = {
+    "vdi": single.read_vdi,
+    "vpc": single.read_vpc,
+    "vhdx": lambda path: single.read_vhdx(path, differencing_name=path.lower().endswith(".avhdx")),
+}
+
+
+def vmdk_parent_changed(layer: Layer, below: Layer) -> str | None:
+    """Why qemu will not read ``layer`` (a VMDK) through ``below``, its parent: the
+    parent's CID is no longer the one ``layer`` was made from (or None)."""
+    if layer.format != "vmdk" or below.format != "vmdk" or None in (layer.parent_cid, below.cid):
+        return None
+    if layer.parent_cid == below.cid:
+        return None
+    return (f"{layer.path} records parentCID {layer.parent_cid:08x}, but its parent {below.path} "
+            f"has CID {below.cid:08x}: the parent changed since the snapshot was made, and qemu "
+            "refuses to read through it")
+
+
 def has_allocation_depth(fmt: str) -> bool:
-    """qemu-nbd's ``qemu:allocation-depth`` is valid for qcow2 only (as in
-    ovirt-imageio): a raw image has no backing file to tell apart."""
-    return fmt == "qcow2"
+    """qemu-nbd's ``qemu:allocation-depth`` is used for the formats that can have
+    a backing file (qcow2, as in ovirt-imageio, and vmdk): a raw, VDI, VHDX or
+    VHD image has no backing file to tell apart."""
+    return fmt in BACKED_FORMATS
 
 
 def protocol_driver(path: str) -> str:
@@ -185,16 +254,16 @@ def protocol_driver(path: str) -> str:
 def json_node(layers) -> str:
     """The ``json:`` filename of ``layers`` (``(path, format)``, top first).
 
-    The lowest qcow2 layer gets ``"backing": null``, so one layer alone is
-    read without anything beneath it.
+    The lowest qcow2 or vmdk layer gets ``"backing": null``, so one layer alone
+    is read without anything beneath it.
     """
     node = None
     for path, fmt in reversed(layers):
         new = {"driver": fmt, "file": {"driver": protocol_driver(path), "filename": path}}
-        if fmt == "qcow2":
+        if fmt in BACKED_FORMATS:
             new["backing"] = node
         elif node is not None:
-            raise ValueError(f"raw image {path} cannot have a backing file")
+            raise ValueError(f"{fmt} image {path} cannot have a backing file")
         node = new
     return "json:" + json.dumps(node, ensure_ascii=False)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from . import FORMATS, Layer, qcow2, read_layer
+from . import IMAGE_FORMATS, Layer, qcow2, read_layer, vmdk_parent_changed
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Chains:
             if not layer.backing_format:
                 cut = (f"{layer.path} does not record the format of its backing file {bpath} "
                        f"(fix: qemu-img rebase -u -b {bpath} -F qcow2|raw {layer.path})")
-            elif layer.backing_format not in FORMATS:
+            elif layer.backing_format not in IMAGE_FORMATS:
                 cut = f"backing file {bpath} has unsupported format {layer.backing_format!r}"
             elif (why := self.outside(bpath)) is not None:
                 cut = why
@@ -78,10 +78,12 @@ class Chains:
                 cut = f"backing chain loops at {bpath}"
             if cut:
                 break
-            seen.add(os.path.realpath(bpath))
             below = self.layer(bpath, layer.backing_format)
             if below.format == "qcow2" and below.problem is None and not qcow2.is_qcow2(bpath):
                 below.problem = "named as a qcow2 backing file but has no qcow2 header"
+            if (cut := vmdk_parent_changed(layer, below)) is not None:
+                break
+            seen.add(os.path.realpath(bpath))
             chain.append(below)
             layer = below
         chain.reverse()

@@ -16,7 +16,7 @@ from .contexts import ALLOCATION_DEPTH, BASE_ALLOCATION, dirty_context
 class ExportSpec:
     """What one qemu-nbd exports.
 
-    layers: ``(path, format)`` from the top layer down; the lowest qcow2 layer
+    layers: ``(path, format)`` from the top layer down; the lowest qcow2 or vmdk layer
     gets ``"backing": null``, so a one-element spec is a single layer alone.
     bitmap: a dirty bitmap to export as ``qemu:dirty-bitmap:NAME``.
     snapshot: an internal snapshot of the top layer to serve instead of its

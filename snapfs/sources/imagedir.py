@@ -1,6 +1,6 @@
 """The image-directory source: every leaf image under DIR is a disk.
 
-A *leaf* is a qcow2 or raw image that no other image under the directory uses
+A *leaf* is an image that no other image under the directory uses
 as its backing file; each leaf is one disk, its chain followed through the
 backing files named in the qcow2 headers (``formats.chain``). A backing file
 or a leaf that resolves (after symlinks) outside the directory is not
@@ -72,6 +72,7 @@ class ImageDirectory:
         for layer in found.values():
             if layer.backing_path:
                 used.add(os.path.realpath(layer.backing_path))
+            used.update(os.path.realpath(p) for p in layer.extent_paths)
         for path, layer in found.items():
             if os.path.realpath(path) in used:
                 continue

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 report = logging.getLogger("snapfs.report")
 
 
+# The formats a --rw mount writes: what restores are tested on (docs/views.md).
+WRITABLE_FORMATS = ("qcow2", "raw")
+
 # Areas a writer changed are read again in these steps (the largest qcow2 cluster).
 STALE_ALIGN = 2 << 20
 
@@ -224,6 +227,9 @@ class View:
             return errno.EACCES, "dirty views are read-only: restore through the chain or layer view"
         if self.spec.snapshot is not None:
             return errno.EACCES, "an internal snapshot is read-only"
+        if self.layer.format not in WRITABLE_FORMATS:
+            return errno.EACCES, (f"snapfs writes qcow2 and raw images only, not {self.layer.format} "
+                                  "(convert the disk with qemu-img convert to restore into it)")
         if self.layer is not self.disk.top:
             return errno.EACCES, (f"{self.layer.path} is not the top image of the disk (the image "
                                   f"above it is based on it); only {self.disk.top.path} is written")
@@ -314,6 +320,7 @@ def mark_writable(views: list[View]) -> None:
     tops = set()
     for v in views:
         if (v.kind in ("chain", "layer") and v.layer is v.disk.top and v.layer.problem is None
+                and v.layer.format in WRITABLE_FORMATS
                 and v.spec.socket is None and v.spec.snapshot is None):
             v.writable = True
             tops.add(v.spec.image)
