@@ -141,5 +141,6 @@ class ChunkCache:
             data = await self.chunk(i)
             lo = max(offset, i * CHUNK) - i * CHUNK
             hi = min(offset + length, (i + 1) * CHUNK) - i * CHUNK
-            parts.append(data[lo:hi] if (lo, hi) != (0, len(data)) else data)
+            # A view of the chunk, not a copy: FUSE and join take any buffer.
+            parts.append(memoryview(data)[lo:hi] if (lo, hi) != (0, len(data)) else data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
