@@ -189,7 +189,7 @@ def mount_form(argv: list[str]) -> list[str]:
         elif not eq or not value:
             raise ValueError(f"mount option {name} needs a value: {name}={action.metavar or 'VALUE'}")
         else:
-            out += [flag, value]
+            out.append(f"{flag}={value}")  # a value may start with "-"
     if read_only and "--rw" in out:
         raise ValueError("mount options ro and writable contradict each other")
     return out + ["--", mountpoint]

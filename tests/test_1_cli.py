@@ -33,15 +33,21 @@ def test_options_translate_and_mount8_ones_are_kept_out():
                        "rw,nosuid,nodev,noexec,noauto,user,_netdev,nofail,x-systemd.automount,"
                        "allow_other,domain=web1,domain=db,since=ck1,checkpoint=ck2,connections=2,"
                        "idle-timeout=5,writable", "-o", "debug"])
-    assert argv == ["mount", "--connect", "qemu:///system", "--allow-other", "--domain", "web1",
-                    "--domain", "db", "--since", "ck1", "--checkpoint", "ck2", "--connections", "2",
-                    "--idle-timeout", "5", "--rw", "--debug", "--", "/mnt"]
+    assert argv == ["mount", "--connect", "qemu:///system", "--allow-other", "--domain=web1",
+                    "--domain=db", "--since=ck1", "--checkpoint=ck2", "--connections=2",
+                    "--idle-timeout=5", "--rw", "--debug", "--", "/mnt"]
     args = _parser().parse_args(argv)
     assert args.rw and args.allow_other and args.domain == ["web1", "db"] and args.idle_timeout == 5
 
 
 def test_escaped_comma_in_a_value():
-    assert mount_form(["/i", "/m", "-o", r"log=/var/log/a\,b.log"])[3:5] == ["--log", "/var/log/a,b.log"]
+    assert mount_form(["/i", "/m", "-o", r"log=/var/log/a\,b.log"])[3] == "--log=/var/log/a,b.log"
+
+
+def test_a_value_starting_with_a_dash_stays_a_value():
+    argv = mount_form(["qemu:///system", "/m", "-o", "domain=-odd,since=--x"])
+    args = _parser().parse_args(argv)
+    assert args.domain == ["-odd"] and args.since == "--x"
 
 
 @pytest.mark.parametrize("argv, why", [

@@ -450,3 +450,28 @@ def test_chains_reads_a_vmdk_parent_as_vmdk(tmp_path):
     chain, cut = chains.chain(chains.layer(top, "vmdk"))
     assert cut is None
     assert [(lay.name, lay.format) for lay in chain] == [("p.img", "vmdk"), ("t.vmdk", "vmdk")]
+
+
+@pytest.mark.parametrize("name, cut", [("t.vhdx", 200 * 1024), ("t.vhdx", 64 * 1024 + 40), ("d.vhd", 600),
+                                       ("d.vdi", 300), ("s.vmdk", 700), ("q.qcow2", 50)])
+def test_truncated_images_are_problems_never_tracebacks(tmp_path, name, cut):
+    """A half-copied image (any format) is reported with a reason, and the scan goes on."""
+    fmt = {"vhdx": "vhdx", "vhd": "vpc", "vdi": "vdi", "vmdk": "vmdk", "qcow2": "qcow2"}[name.rsplit(".", 1)[1]]
+    whole = tmp_path / ("whole-" + name)
+    qemu_img("create", "-q", "-f", fmt, whole, "64M")
+    with open(whole, "rb") as f:
+        data = f.read(cut)
+    path = tmp_path / name
+    path.write_bytes(data)
+    layer = read_layer(str(path), fmt)
+    assert layer.problem, layer
+
+
+def test_crafted_offsets_past_any_file_are_problems(tmp_path):
+    """Offsets of 2^63 and more in a VHD footer or a VHDX region table."""
+    path = tmp_path / "d.vhd"
+    qemu_img("create", "-q", "-f", "vpc", path, "16M")
+    data = bytearray(path.read_bytes())
+    data[16:24] = (2**64 - 1).to_bytes(8, "big")  # the dynamic header's offset, in the footer copy at 0
+    path.write_bytes(bytes(data))
+    assert read_layer(str(path), "vpc").problem

@@ -239,3 +239,20 @@ def test_user_fstab_entry(nobody, etc_fstab):
         if os.path.ismount(mnt):
             run("umount", "-l", mnt, check=False)
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_source_that_is_not_ascii(tmp_path):
+    """fuse takes ASCII options only: such a source mounts, named "snapfs"."""
+    images = tmp_path / "Müller, VMs"
+    images.mkdir()
+    create(images / "vda.qcow2", SIZE)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = run("mount", "-t", "fuse.snapfs", images, mnt, check=False)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert findmnt(mnt, "SOURCE") == "snapfs"
+        assert os.listdir(mnt / "vda.qcow2/chain") != []
+    finally:
+        run("umount", mnt)
+    assert wait_gone(str(images)) == []

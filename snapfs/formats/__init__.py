@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import stat
@@ -37,6 +38,8 @@ import struct
 from dataclasses import dataclass, field
 
 from . import qcow2, single, vmdk
+
+log = logging.getLogger(__name__)
 
 # The formats of libvirt domains' disks snapfs serves (sources/libvirt*.py).
 FORMATS = ("qcow2", "raw")
@@ -87,6 +90,7 @@ class Layer:
     bitmaps: list[qcow2.Bitmap] = field(default_factory=list)
     problem: str | None = None
     mtime_ns: int = 0
+    ctime_ns: int = 0  # changed by any write, and no tool sets it back
     real: str = ""  # the file it resolved to when read: what qemu opens
     pin: tuple[int, int] | None = None  # (st_dev, st_ino) of that file when read
     cid: int | None = None
@@ -150,16 +154,8 @@ def _device_size(path: str) -> int:
         os.close(fd)
 
 
-def read_layer(path: str, fmt: str) -> Layer:
-    """Read one image's metadata; problems are recorded, never raised."""
-    layer = Layer(path=path, format=fmt, real=os.path.realpath(path))
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        layer.problem = f"cannot open: {e.strerror}"
-        return layer
-    layer.mtime_ns = st.st_mtime_ns
-    layer.pin = (st.st_dev, st.st_ino)
+def _read_header(layer: Layer, path: str, fmt: str, st) -> bool:
+    """Fill ``layer`` from the image's header; True when it turned out unusable."""
     if fmt == "raw":
         # qemu serves a raw file in whole sectors: a partial last sector
         # reads as zeros up to the next multiple of 512.
@@ -169,7 +165,7 @@ def read_layer(path: str, fmt: str) -> Layer:
                 size = _device_size(path)
             except OSError as e:
                 layer.problem = f"cannot open: {e.strerror}"
-                return layer
+                return True
         layer.size = (size + 511) // 512 * 512
     elif fmt == "vmdk":
         try:
@@ -178,7 +174,7 @@ def read_layer(path: str, fmt: str) -> Layer:
             layer.problem = f"not a usable vmdk image: {e}"
             layer.extent_paths = tuple(os.path.normpath(os.path.join(os.path.dirname(path), x))
                                        for x in e.extents)
-            return layer
+            return True
         layer.size = hdr.size
         layer.cid, layer.parent_cid = hdr.cid, hdr.parent_cid
         if hdr.parent:
@@ -191,27 +187,48 @@ def read_layer(path: str, fmt: str) -> Layer:
             hdr = _SINGLE[fmt](path)
         except single.HeaderError as e:
             layer.problem = f"not a usable {fmt} image: {e}"
-            return layer
+            return True
         layer.size = hdr.size
     else:
         try:
             hdr = qcow2.read_header(path)
         except qcow2.Qcow2Error as e:
             layer.problem = f"not a usable qcow2 image: {e}"
-            return layer
+            return True
         layer.size = hdr.size
         layer.bitmaps = hdr.bitmaps
         if hdr.marked_corrupt:
             layer.problem = "qcow2 image is marked corrupt (run qemu-img check -r all)"
-            return layer
+            return True
         if hdr.external_data_file:
             layer.problem = "qcow2 images with an external data file are not supported"
-            return layer
+            return True
         if hdr.backing_file:
             layer.backing_path = os.path.normpath(os.path.join(os.path.dirname(path), hdr.backing_file))
             layer.backing_format = hdr.backing_format
             if _PROTOCOL.match(hdr.backing_file):
                 layer.problem = f"backing file {hdr.backing_file!r} is not a plain file name"
+    return False
+
+
+def read_layer(path: str, fmt: str) -> Layer:
+    """Read one image's metadata; problems are recorded, never raised."""
+    layer = Layer(path=path, format=fmt, real=os.path.realpath(path))
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        layer.problem = f"cannot open: {e.strerror}"
+        return layer
+    layer.mtime_ns = st.st_mtime_ns
+    layer.ctime_ns = st.st_ctime_ns
+    layer.pin = (st.st_dev, st.st_ino)
+    try:
+        if _read_header(layer, path, fmt, st):
+            return layer
+    except Exception as e:  # a parser's oversight on a crafted file: a problem, never a traceback
+        log.debug("reading the header of %s failed", path, exc_info=True)
+        layer.problem = f"not a usable {fmt} image: cannot read its header ({type(e).__name__}: {e})"
+        return layer
     if locked_for_write(path):
         layer.problem = "in use: a running VM (or another qemu) has it open for writing"
     return layer

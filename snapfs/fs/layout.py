@@ -53,7 +53,8 @@ def disk_signature(disk) -> tuple:
     """What a disk's views depend on: each layer's file (as found and its
     inode), times, size, backing file, bitmaps and problem, and how the chain ends."""
     return (disk.complete, disk.cut_reason, tuple(
-        (lay.path, lay.format, lay.pin, lay.mtime_ns, lay.size, lay.backing_path, lay.backing_format,
+        (lay.path, lay.format, lay.pin, lay.mtime_ns, lay.ctime_ns, lay.size, lay.backing_path,
+         lay.backing_format,
          lay.problem, tuple((b.name, b.flags, b.granularity) for b in lay.bitmaps))
         for lay in disk.chain))
 

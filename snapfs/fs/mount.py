@@ -72,9 +72,11 @@ async def serve(args, ready=None) -> None:
         # The kernel checks every access against the owner, group and mode
         # each node takes from its images (fs/access.py), for the mounting
         # user too: a mount never widens access.
-        # fsname: the source, as mount(8), findmnt and fstab know it. Views
-        # never need devices, set-uid or execution.
-        fsname = what.replace("\\", "\\\\").replace(",", "\\,")
+        # fsname: the source as given, as mount(8), findmnt and fstab know it
+        # (fuse takes ASCII options only: "snapfs" otherwise). Views never
+        # need devices, set-uid or execution.
+        given = args.images if images is not None else what
+        fsname = given.replace("\\", "\\\\").replace(",", "\\,") if given.isascii() else "snapfs"
         options = {f"fsname={fsname}", "subtype=snapfs", "default_permissions", "nosuid", "nodev",
                    "noexec"}
         if not args.rw:
@@ -90,7 +92,7 @@ async def serve(args, ready=None) -> None:
                        "log": getattr(args, "log", None)}, f)
         try:
             pyfuse3.init(ops, mountpoint, options)
-        except RuntimeError as e:
+        except (RuntimeError, UnicodeError) as e:
             raise MountError(f"cannot mount {mountpoint}: {e}{_fuse_hint()}") from None
         gone = trio.Event()  # the mount left this process's mount table
         try:
