@@ -2,6 +2,7 @@
 snapfs degrades gracefully on an unpatched pyfuse3."""
 
 import errno
+import hashlib
 import os
 import subprocess
 import sys
@@ -25,6 +26,20 @@ def _wait_mounted(path, proc, timeout=20):
 def test_patched_pyfuse3_is_installed():
     assert hasattr(pyfuse3.Operations, "lseek")
     assert hasattr(pyfuse3.Operations, "fallocate")
+
+
+def test_pyfuse3_is_built_from_the_current_patches():
+    """make setup rebuilds pyfuse3 when a patch changes (the read-reply GIL release too)."""
+    patches = [os.path.join(REPO, "mount-helpers", p) for p in
+               ("pyfuse3-lseek-fallocate.patch", "pyfuse3-read-nogil.patch")]
+    h = hashlib.sha256()
+    for p in patches:
+        with open(p, "rb") as f:
+            h.update(f.read())
+    stamp = os.path.join(REPO, ".venv", ".pyfuse3-patches")
+    assert os.path.exists(stamp), "pyfuse3 was not built by this make setup: run make setup"
+    with open(stamp) as f:
+        assert f.read().strip() == h.hexdigest(), "pyfuse3 was built from other patches: run make setup"
 
 
 def test_lseek_and_fallocate_reach_python(tmp_path):
