@@ -518,3 +518,37 @@ def test_a_view_that_fails_hides_its_qcow2(failing, mount, first):
     assert "00-good.qcow2" in os.listdir(m / "good.qcow2/chain")
     r = run("qemu-img", "compare", m / "good.qcow2/chain/00-good.qcow2", failing / "good.qcow2", check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_layer_whose_layer_beneath_has_no_view_has_no_qcow2(tmp_path, mount):
+    """Its .qcow2 would have to name the image's own backing file, here one outside DIR that
+    snapfs refused to follow: it is not offered, with the reason; its .raw is."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    base = create(outside / "base.qcow2", 4 * MiB)
+    qemu_io(base, "write -P 0x71 0 1M")
+    d = tmp_path / "images"
+    d.mkdir()
+    top = create(d / "top.qcow2", backing=str(base))
+    qemu_io(top, "write -P 0x72 1M 1M")
+    m = mount(d)
+    layers = m / "top.qcow2/layers"
+    assert sorted(os.listdir(layers)) == ["00-top.map.json", "00-top.raw"]
+    assert errno_of(os.stat, os.path.join(layers, "00-top.qcow2")) == errno.ENOENT
+    assert (f"top.qcow2/layers/00-top.qcow2: not offered: a layer's .qcow2 names the .qcow2 of the "
+            f"layer beneath it, and {base} has no layer view") in m.status()
+    # Followed when allowed: the chain of .qcow2 files is complete again.
+    m2 = mount(d, "--allow-outside-backing", name="mnt2")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("00-base.qcow2", "01-top.qcow2"):
+        run("cp", m2 / f"top.qcow2/layers/{name}", copy / name)
+    qemu_img("compare", copy / "01-top.qcow2", top)
+
+
+def errno_of(fn, *args):
+    try:
+        fn(*args)
+    except OSError as e:
+        return e.errno
+    return None

@@ -73,6 +73,10 @@ class MapFile(ViewNode):
 class Qcow2File(ViewNode):
     """``NAME.qcow2``: the view as a qcow2 image composed from its map (``views/qcow2.py``)."""
 
+    @property
+    def hidden(self) -> bool:
+        return super().hidden or self.view.qcow2_problem is not None
+
 
 class StatusFile(Node):
     """``.snapfs-status`` at the root: what the mount could not offer, and why."""
@@ -115,6 +119,8 @@ class Status:
         problems = list(self.problems)
         problems += [(f"{v.disk.relpath}/{v.folder}/{v.filename}", v.problem)
                      for v in self.views if v.problem is not None]
+        problems += [(f"{v.disk.relpath}/{v.folder}/{v.qcow2_filename}", v.qcow2_problem)
+                     for v in self.views if v.problem is None and v.qcow2_problem is not None]
         if not problems:
             lines.append("every view is available")
         else:

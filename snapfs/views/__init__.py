@@ -140,6 +140,11 @@ class View:
         return None
 
     @property
+    def qcow2_problem(self) -> str | None:
+        """Why the view has no ``.qcow2`` (its ``.raw`` is still offered), or None."""
+        return None
+
+    @property
     def qcow2_backed(self) -> bool:
         """The ``.qcow2`` lies on something (its backing file, or the backup it is rebased onto)."""
         return self.qcow2_backing() is not None

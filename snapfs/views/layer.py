@@ -21,17 +21,23 @@ class LayerView(View):
         return ex.ExtentMap(self.size, ext, is_data=lambda e: not e.hole, reads_zero=lambda e: e.zero)
 
     def qcow2_backing(self):
-        """The ``.qcow2`` of the layer beneath, same folder, relative; else the image's own backing file.
+        """The ``.qcow2`` of the layer beneath: same folder, relative name, format qcow2.
 
         A name with a colon gets ``./`` (qemu would take ``name:`` for a protocol).
         """
-        if not self.layer.backing_path:
+        if not self.layer.backing_path or self.below is None:
             return None
-        if self.below is None:
-            # The layer beneath has no view (it cannot be read): name the image itself.
-            return self.layer.backing_path, self.layer.backing_format
         name = self.below.qcow2_filename
         return ("./" + name if ":" in name else name), "qcow2"
+
+    @property
+    def qcow2_problem(self):
+        if self.layer.backing_path and self.below is None:
+            # Naming the image's own backing file instead would hand a path
+            # snapfs may have refused to follow to whoever opens the copy.
+            return (f"not offered: a layer's .qcow2 names the .qcow2 of the layer beneath it, and "
+                    f"{self.layer.backing_path} has no layer view (see its own line)")
+        return None
 
     def fill_spec(self):
         """The chain down from this layer, if every layer beneath has a view."""

@@ -54,6 +54,7 @@ the arithmetic, and qemu judges the files composed (tests tiers 1 and 3).
 from __future__ import annotations
 
 import bisect
+import os
 import struct
 import sys
 from array import array
@@ -169,7 +170,7 @@ class Qcow2Image:
         self.view_size = size
         self.size = _ceil(size, 512) * 512  # qemu's virtual size: whole sectors
         self.backing = backing
-        if backing is not None and len(backing[0].encode()) > MAX_BACKING_NAME:
+        if backing is not None and len(os.fsencode(backing[0])) > MAX_BACKING_NAME:
             raise ValueError(f"backing file name too long: {backing[0]!r}")
         self.backed = backing is not None if backed is None else backed
         self.clusters = _ceil(self.size, CLUSTER)
@@ -225,7 +226,7 @@ class Qcow2Image:
         exts = b""
         name = b""
         if self.backing is not None:
-            name = self.backing[0].encode()
+            name = os.fsencode(self.backing[0])  # file names need not be UTF-8
             fmt = self.backing[1].encode()
             exts += _EXT.pack(EXT_BACKING_FORMAT, len(fmt)) + fmt + bytes(-len(fmt) % 8)
         exts += _EXT.pack(0, 0)
