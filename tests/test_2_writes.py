@@ -494,6 +494,49 @@ async def test_a_read_while_the_map_is_being_brought_up_to_date_sees_the_write(t
         await ops.release(fh)
 
 
+async def test_a_qcow2_open_under_way_keeps_the_writer_out(tmp_path):
+    """A .qcow2 is laid out from the map when it opens: a writer that came while
+    the open waits for the map (block status) must not get the image (EBUSY)."""
+    image = WritableImage([(MiB, "data", True), (MiB, "hole", False)])
+    mount = WriteMount(tmp_path, image)
+    async with mount.running() as ops:
+        image.gate = threading.Event()  # block status waits for it
+        got, writer = [], []
+
+        async def open_qcow2():
+            got.append(await mount.open(CHAIN + ".qcow2"))
+
+        async def open_writer():
+            writer.append(await fails(mount.open(CHAIN + ".raw", os.O_WRONLY)))
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as n:
+                n.start_soon(open_qcow2)
+                await wait_all_tasks_blocked()  # the open waits in block status
+                n.start_soon(open_writer)
+                await wait_all_tasks_blocked()
+                image.gate.set()
+        assert writer == ["EBUSY"]
+        fh = got[0]
+        with trio.fail_after(5):
+            assert await fails(mount.open(LAYER + ".raw", os.O_WRONLY)) == "EBUSY"
+        assert "is open: it reads the image as it is until closed" in await mount.status_text()
+        head = await mount.read(fh, 0, 4096)
+        assert head[:4] == b"QFI\xfb"
+        # Its server was never stopped under it (no writer evicted it).
+        assert [p.alive for p in mount.backend.started(mount.spec(CHAIN))] == [True]
+        await ops.release(fh)
+        await mount.settle()
+        w = await mount.open(CHAIN + ".raw", os.O_WRONLY)
+        await ops.write(w, MiB, b"\6" * BLOCK)
+        # While written, the .qcow2 does not open.
+        with trio.fail_after(5):
+            assert await fails(mount.open(CHAIN + ".qcow2")) == "EBUSY"
+        await ops.release(w)
+        await mount.settle()
+        assert mount.pool.writers == {}
+
+
 # -- O_TRUNC, truncate(0) ------------------------------------------------------------
 
 async def test_truncating_a_layer_that_holds_data_is_eperm(tmp_path):

@@ -75,7 +75,7 @@ class Handle:
     """
 
     def __init__(self, node: Node, server: Server | None = None, data: bytes | None = None,
-                 writing: bool = False, qcow2=None, fill: Server | None = None):
+                 writing: bool = False, qcow2=None, fill: Server | None = None, qcow2_map=None):
         self.node = node
         self.server = server
         self.data = data
@@ -83,6 +83,7 @@ class Handle:
         self.wrote = False  # changed the image since the last flush
         self.qcow2 = qcow2
         self.fill = fill
+        self.qcow2_map = qcow2_map  # the map the layout was made from
 
 
 class Operations(pyfuse3.Operations):
@@ -97,6 +98,7 @@ class Operations(pyfuse3.Operations):
         self.status = status
         self.attrs = Attributes(tree, pool, status)
         self._handles: dict[int, Handle] = {}
+        self._qcow2_opening: dict[str, int] = {}  # image -> .qcow2 opens on their way
         self._fh = itertools.count(1)
         pool.on_written = self._written
 
@@ -201,11 +203,14 @@ class Operations(pyfuse3.Operations):
             # The map comes from the read-only export, before a writer claims the image.
             await self.attrs.fresh_map(view)
             if writing:
-                qcow2 = self._qcow2_open_on(view.spec.image)
-                if qcow2 is not None:
-                    raise Busy(f"{self._path(qcow2.node)} is open: it must read the image as it is "
-                               "until closed")
+                self._check_no_qcow2(view.spec.image)
                 server = await self.pool.acquire_writer(view.spec.for_writing(), adopt=view.spec)
+                try:
+                    # A .qcow2 open that began while the writer was claimed.
+                    self._check_no_qcow2(view.spec.image)
+                except Busy:
+                    self.pool.release(server)
+                    raise
                 # Files that read this view move to its writer (rsync --inplace
                 # reads the file it then writes).
                 for other in self._handles.values():
@@ -241,21 +246,45 @@ class Operations(pyfuse3.Operations):
         # The chunk cache serves repeated reads.
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
-    def _qcow2_open_on(self, image: str) -> Handle | None:
-        """An open ``.qcow2`` file that reads ``image``, if any."""
+    def _check_no_qcow2(self, image: str) -> None:
+        """Busy while a ``.qcow2`` reads ``image`` (or is being opened on it):
+        its layout must stay true until it is closed."""
+        if self._qcow2_opening.get(image):
+            raise Busy(f"a .qcow2 file of {image} is being opened")
         for h in self._handles.values():
             if h.qcow2 is not None and any(s is not None and s.spec.socket is None and s.spec.image == image
                                            for s in (h.server, h.fill)):
-                return h
-        return None
+                raise Busy(f"{self._path(h.node)} is open: it reads the image as it is until closed")
 
     async def _open_qcow2(self, fh: int, node: Qcow2File):
-        """A ``.qcow2`` file: its layout is fixed at open, from the view's map then."""
+        """A ``.qcow2`` file: its layout is fixed at open, from the view's map then.
+
+        From the first step on, a writer of its image is kept out (``_check_no_qcow2``).
+        """
         view = node.view
+        images = {s.image for s in view.qcow2_specs() if s.socket is None}
+        for image in images:
+            self._qcow2_opening[image] = self._qcow2_opening.get(image, 0) + 1
         try:
-            await self.attrs.fresh_map(view)
-            image = view.qcow2_image()
+            return await self._open_qcow2_counted(fh, node, view)
+        finally:
+            for image in images:
+                self._qcow2_opening[image] -= 1
+                if not self._qcow2_opening[image]:
+                    del self._qcow2_opening[image]
+
+    async def _open_qcow2_counted(self, fh: int, node: Qcow2File, view):
+        try:
+            m = await self.attrs.fresh_map(view)
             server = await self.pool.acquire(view.spec)
+            # A writer that was closing may have stopped meanwhile: its map then was forgotten.
+            try:
+                while view.map is not m or view.stale:
+                    m = await self.attrs.fresh_map(view)
+            except BaseException:
+                self.pool.release(server)
+                raise
+            image = view.qcow2_image()
             fill = None
             try:
                 if image.has_fill:
@@ -272,7 +301,7 @@ class Operations(pyfuse3.Operations):
             if e.errno in (errno.EBUSY, errno.EIO):
                 self._refuse(node, e.errno, e.reason)
             raise
-        self._handles[fh] = Handle(node, server=server, qcow2=image, fill=fill)
+        self._handles[fh] = Handle(node, server=server, qcow2=image, fill=fill, qcow2_map=m)
         # Direct I/O as for the view: cp's 4 MiB reads arrive whole.
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
@@ -287,7 +316,7 @@ class Operations(pyfuse3.Operations):
             if n and p.fill:
                 parts.append(await h.fill.pread(n, p.start))
             elif n:
-                parts.append(await self._read(h, h.server, p.start, n))
+                parts.append(await self._read(h, h.server, p.start, n, h.qcow2_map))
             if n < p.length:
                 parts.append(_zeros(p.length - n))  # the last cluster, past the guest's end
         if len(parts) == 1:
@@ -322,9 +351,10 @@ class Operations(pyfuse3.Operations):
                 await trio.sleep(0.01)
         raise pyfuse3.FUSEError(errno.EBUSY)
 
-    async def _read(self, h: Handle, srv: Server, off: int, size: int):
+    async def _read(self, h: Handle, srv: Server, off: int, size: int, m=None):
         view = h.node.view
-        m = await self._map(h)
+        if m is None:
+            m = await self._map(h)
         if srv.spec.writable:
             # No chunk cache beside a writer: every read asks the image.
             parts = [_zeros(length) if zero else await srv.pread(length, start)
