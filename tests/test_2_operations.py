@@ -52,6 +52,7 @@ from snapfs.nbd import contexts
 from snapfs.nbd.chunks import CHUNK
 from snapfs.nbd.pool import ServerPool
 from snapfs.sources.imagedir import disk_views
+from snapfs.views import link_layers
 
 KiB, MiB = 1 << 10, 1 << 20
 ALLOC, DEPTH, DIRTY = contexts.BASE_ALLOCATION, contexts.ALLOCATION_DEPTH, contexts.dirty_context("b1")
@@ -223,6 +224,7 @@ class Mount:
                         bitmaps=[auto], mtime_ns=2)]
         views, missing = disk_views(Disk("vm/top.qcow2", layers, complete=True))
         assert not missing
+        link_layers(views)
         self.views = {f"{v.disk.relpath}/{v.folder}/{v.basename}": v for v in views}
         self.tree = Tree()
         self.tree.add_status()

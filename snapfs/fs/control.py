@@ -10,6 +10,7 @@ sends it and prints the answer. A libvirt mount refreshes one domain
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -99,6 +100,14 @@ async def wait_closed(ops: Operations, prefix: str) -> int:
     return busy
 
 
+RETIRED = ("changed since the mount (or the last refresh): laid out anew once its open files are "
+           "closed (snapfs refresh)")
+
+
+def _nested(a: str, b: str) -> bool:
+    return a.startswith(b + "/") or b.startswith(a + "/")
+
+
 class ImageRefresher:
     """``snapfs refresh MOUNTPOINT`` of an image-directory mount: scan it again.
 
@@ -130,19 +139,41 @@ class ImageRefresher:
             scan = await trio.to_thread.run_sync(
                 lambda: ImageDirectory(self.root, allow_outside=self.allow_outside).scan())
             new = {d.relpath: d for d in scan.disks}
-            replace, busy = [], []
+            candidates = []
             for rel in sorted(set(self.disks) | set(new)):
                 old, disk = self.disks.get(rel), new.get(rel)
                 if old is not None and disk is not None and old.signature == disk_signature(disk):
                     continue
+                candidates.append((rel, old, disk))
+            # Before anything waits: the views of a disk that changed take no new
+            # opens (their maps may no longer be true); open files read on.
+            for _, old, _ in candidates:
+                for v in old.views if old is not None else ():
+                    if v.problem is None:
+                        v.problem = RETIRED
+                        self._invalidate(v)
+            replace, busy, waiting = [], [], []
+            for rel, old, disk in candidates:
                 if old is not None and (n := await wait_closed(self.ops, rel)):
                     busy.append(f"{rel} ({n} file(s) open)")
+                    waiting.append(rel)
                     continue
                 replace.append((rel, old, disk))
+            # A disk whose directory lies inside a waiting one's (or holds it) waits with it.
+            for rel, old, disk in list(replace):
+                if any(_nested(rel, w) for w in waiting):
+                    replace.remove((rel, old, disk))
+                    busy.append(f"{rel} (inside {next(w for w in waiting if _nested(rel, w))}, which waits)")
             staying = {s for rel, e in self.disks.items() if rel not in {r for r, _, _ in replace}
                        for v in e.views for s in v.specs()}
             await self.pool.discard({s for _, old, _ in replace if old is not None
                                      for v in old.views for s in v.specs()} - staying)
+            # Block status read before is stale for every image of a disk laid out anew,
+            # whoever else reads it (a base shared with a disk that waits).
+            for _, old, disk in replace:
+                for d in (old.disk if old is not None else None, disk):
+                    for lay in d.chain if d is not None else ():
+                        self.pool.forget_runs(lay.node[0])
             added = removed = changed = 0
             for rel, old, disk in replace:
                 if old is not None:
@@ -176,6 +207,19 @@ class ImageRefresher:
                 break
             node = self.tree.remove(self._path(parent))
 
+    def _invalidate(self, view) -> None:
+        """The kernel forgets the names of a view's files (lookups come back: ENOENT)."""
+        node = self.tree.root
+        for part in f"{view.disk.relpath}/{view.folder}".split("/"):
+            node = getattr(node, "children", {}).get(part)
+            if node is None:
+                return
+        for name in (view.filename, view.qcow2_filename, view.map_filename):
+            try:
+                pyfuse3.invalidate_entry_async(node.inode, os.fsencode(name), ignore_enoent=True)
+            except Exception:
+                log.debug("invalidating %s failed", name, exc_info=True)
+
     def _path(self, node) -> str:
         parts = []
         while node is not None and node.parent is not None:
@@ -204,15 +248,20 @@ class Inotify:
         self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.fd < 0:
             err = ctypes.get_errno()
-            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}"
+                          + (" (fs.inotify.max_user_instances reached)" if err == errno.EMFILE else ""))
+        self.unwatched: dict[str, str] = {}
         self.add_all()
 
     def add_all(self) -> None:
-        """Watch the root and every directory under it (new ones after each rescan)."""
+        """Watch the root and every directory under it (new ones before each rescan)."""
+        self.unwatched = {}
         for dirpath, dirnames, _ in os.walk(self.root):
             dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
             if self._libc.inotify_add_watch(self.fd, os.fsencode(dirpath), WATCH_EVENTS | _IN_ONLYDIR) < 0:
-                log.debug("cannot watch %s: %s", dirpath, os.strerror(ctypes.get_errno()))
+                err = ctypes.get_errno()
+                self.unwatched[dirpath] = os.strerror(err) + (
+                    " (fs.inotify.max_user_watches reached)" if err == errno.ENOSPC else "")
 
     def drain(self) -> bool:
         """Read every pending event; True if there was any."""
@@ -234,15 +283,15 @@ class Inotify:
         os.close(self.fd)
 
 
-async def watch_images(refresher: ImageRefresher) -> None:
+async def watch_images(refresher: ImageRefresher, watch: Inotify) -> None:
     """``--watch``: rescan the image directory after each burst of changes.
 
     A rescan waits for WATCH_QUIET seconds without events; disks left as they
     were because their files were open are tried again every WATCH_RETRY
     seconds until they are closed.
     """
-    watch = Inotify(refresher.root)
     log.info("watching %s for changes", refresher.root)
+    _report_unwatched(refresher, watch)
     try:
         while True:
             if refresher.pending:
@@ -255,15 +304,29 @@ async def watch_images(refresher: ImageRefresher) -> None:
                     await watch.wait()
                 if quiet.cancelled_caught:
                     break
+            # New directories are watched before the scan: nothing made in them is missed.
+            await trio.to_thread.run_sync(watch.add_all)
+            _report_unwatched(refresher, watch)
             try:
                 await refresher.refresh()
             except ControlError as e:
                 log.info("%s", e)
             except Exception:
                 log.exception("rescan of %s failed", refresher.root)
-            watch.add_all()
     finally:
         watch.close()
+
+
+def _report_unwatched(refresher: ImageRefresher, watch: Inotify) -> None:
+    notes = [n for n in refresher.status.notes if not n.startswith("--watch: ")]
+    if watch.unwatched:
+        path, why = next(iter(watch.unwatched.items()))
+        msg = (f"--watch: {len(watch.unwatched)} directory(ies) not watched, changes there need "
+               f"snapfs refresh: {path}: {why}")
+        if msg not in refresher.status.notes:
+            log.warning("%s", msg)
+        notes.append(msg)
+    refresher.status.notes = notes
 
 
 async def control_server(path: str, refresher: Refresher, *, task_status=trio.TASK_STATUS_IGNORED):

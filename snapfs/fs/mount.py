@@ -29,7 +29,7 @@ from ..errors import MountError, SourceError
 from ..nbd.pool import ServerPool
 from ..nbd.qemu import stop_leftovers
 from ..runtime import find_mount, is_mounted, mount_device, pid_alive, runtime_base
-from .control import ImageRefresher, Refresher, control_server, watch_images
+from .control import ImageRefresher, Inotify, Refresher, control_server, watch_images
 from .layout import build_tree, layout
 from .operations import HAS_LSEEK, Operations
 from .tree import Status, Tree
@@ -85,6 +85,12 @@ async def serve(args, ready=None) -> None:
             options.add("allow_other")
         if args.debug_fuse:
             options.add("debug")
+        watch = None
+        if getattr(args, "watch", False) and images is not None:
+            try:
+                watch = Inotify(images)
+            except OSError as e:
+                raise MountError(f"--watch: cannot watch {images}: {e.strerror or e}") from None
         control = os.path.join(rundir, "control.sock")
         with open(os.path.join(rundir, "mount.json"), "w") as f:
             json.dump({"mountpoint": mountpoint, "pid": os.getpid(), "source": what,
@@ -104,8 +110,8 @@ async def serve(args, ready=None) -> None:
                 else:
                     refresher = ImageRefresher(images, args.allow_outside_backing, tree, status, ops,
                                                pool, disks)
-                    if getattr(args, "watch", False):
-                        nursery.start_soon(watch_images, refresher)
+                    if watch is not None:
+                        nursery.start_soon(watch_images, refresher, watch)
                 await nursery.start(control_server, control, refresher)
                 nursery.start_soon(_watch_mount, mountpoint, gone, nursery.cancel_scope)
                 log.info("mounted %s on %s%s", what, mountpoint, " (writable: --rw)" if args.rw else "")

@@ -99,14 +99,18 @@ class Operations(pyfuse3.Operations):
         self.attrs = Attributes(tree, pool, status)
         self._handles: dict[int, Handle] = {}
         self._qcow2_opening: dict[str, int] = {}  # image -> .qcow2 opens on their way
+        self._opening: dict[str, int] = {}  # disk relpath -> opens on their way (snapfs refresh)
         self._fh = itertools.count(1)
         pool.on_written = self._written
 
     def open_files(self, prefix: str) -> int:
-        """How many files of the disk ``prefix``, or of disks under ``prefix/``, are open."""
-        return sum(1 for h in self._handles.values() if isinstance(h.node, ViewNode)
-                   and (h.node.view.disk.relpath == prefix
-                        or h.node.view.disk.relpath.startswith(prefix + "/")))
+        """How many files of the disk ``prefix``, or of disks under ``prefix/``, are open
+        (or being opened)."""
+        def under(rel):
+            return rel == prefix or rel.startswith(prefix + "/")
+        return (sum(1 for h in self._handles.values() if isinstance(h.node, ViewNode)
+                    and under(h.node.view.disk.relpath))
+                + sum(n for rel, n in self._opening.items() if under(rel)))
 
     # -- attributes -------------------------------------------------------
 
@@ -185,6 +189,18 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def open(self, inode, flags, ctx):
         node = self._node(inode)
+        rel = node.view.disk.relpath if isinstance(node, ViewNode) else None
+        if rel is None:
+            return await self._open(node, flags)
+        self._opening[rel] = self._opening.get(rel, 0) + 1
+        try:
+            return await self._open(node, flags)
+        finally:
+            self._opening[rel] -= 1
+            if not self._opening[rel]:
+                del self._opening[rel]
+
+    async def _open(self, node: Node, flags: int):
         if isinstance(node, Directory):
             raise pyfuse3.FUSEError(errno.EISDIR)
         writing = flags & os.O_ACCMODE != os.O_RDONLY
