@@ -644,13 +644,20 @@ def main(argv=None) -> int:
     if not os.access(SNAPFS, os.X_OK):
         print(f"bench: {SNAPFS} not found; run make setup", file=sys.stderr)
         return 1
-    tmp = tempfile.mkdtemp(prefix="snapfs-bench-", dir="/var/tmp")
+    return run_steps(Bench, "snapfs-bench-", args.reps, args.steps,
+                     build=any(s != "many" for s in args.steps), log_tail_steps=("snapfs", "seqread", "many"))
+
+
+def run_steps(bench_cls, prefix: str, reps: int, steps, build: bool = True, log_tail_steps=None) -> int:
+    """Build the image, run each ``step_NAME`` of a bench, report, clean up; the exit status
+    (2 for a copy that differs from its source, 1 for a step that failed)."""
+    tmp = tempfile.mkdtemp(prefix=prefix, dir="/var/tmp")
     bench = None
     try:
-        bench = Bench(tmp, args.reps)
-        if any(s != "many" for s in args.steps):
+        bench = bench_cls(tmp, reps)
+        if build:
             bench.build_image()
-        for step in args.steps:
+        for step in steps:
             try:
                 getattr(bench, f"step_{step}")()
             except (StepError, OSError) as e:
@@ -658,7 +665,7 @@ def main(argv=None) -> int:
                 if not isinstance(e, StepError):
                     traceback.print_exc()
                 tail = read_tail(bench.snapfs_log)
-                if step in ("snapfs", "seqread", "many") and tail:
+                if tail and (log_tail_steps is None or step in log_tail_steps):
                     log(f"snapfs log tail:\n{tail}")
         bench.report()
     except KeyboardInterrupt:
@@ -673,7 +680,6 @@ def main(argv=None) -> int:
         print("\nERRORS:\n  " + "\n  ".join(bench.errors), file=sys.stderr)
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

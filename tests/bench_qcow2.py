@@ -65,9 +65,7 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import traceback
 
 from bench import (
     DATA_SIZE,
@@ -78,12 +76,11 @@ from bench import (
     MiB,
     StepError,
     _sigterm,
-    cleanup,
     find_snapfs_pid,
     log,
     qemu_nbd_children,
-    read_tail,
     run,
+    run_steps,
 )
 
 DEFAULT_REPS = 9
@@ -331,36 +328,8 @@ def main(argv=None) -> int:
     if not os.access(SNAPFS, os.X_OK):
         print(f"bench: {SNAPFS} not found; run make setup", file=sys.stderr)
         return 1
-    tmp = tempfile.mkdtemp(prefix="snapfs-bench-qcow2-", dir="/var/tmp")
-    bench = None
-    try:
-        bench = Qcow2Bench(tmp, args.reps)
-        bench.build_image()
-        steps = ["copies"] + (["stat"] if args.stat else [])
-        for step in steps:
-            try:
-                getattr(bench, f"step_{step}")()
-            except (StepError, OSError) as e:
-                bench.error(f"step {step} failed: {e}")
-                if not isinstance(e, StepError):
-                    traceback.print_exc()
-                tail = read_tail(bench.snapfs_log)
-                if tail:
-                    log(f"snapfs log tail:\n{tail}")
-        bench.report()
-    except KeyboardInterrupt:
-        log("interrupted; cleaning up")
-        return 130
-    finally:
-        cleanup(tmp, bench)
-    if bench.mismatches:
-        print("\nDATA MISMATCH:\n  " + "\n  ".join(bench.mismatches), file=sys.stderr)
-        return 1
-    if bench.errors:
-        print("\nERRORS:\n  " + "\n  ".join(bench.errors), file=sys.stderr)
-        return 1
-    return 0
-
+    steps = ["copies"] + (["stat"] if args.stat else [])
+    return run_steps(Qcow2Bench, "snapfs-bench-qcow2-", args.reps, steps)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -74,6 +74,20 @@ def merge_dicts(extents, keys):
     return out
 
 
+def walkthrough(path):
+    """``{step: [sh blocks]}`` of a document's "## Walk-through" section (``### N.`` headings):
+    the tests run the docs' commands as written."""
+    with open(path) as f:
+        text = f.read()
+    section = text[text.index("## Walk-through"):]
+    end = section.find("\n## ", 1)
+    section = section if end < 0 else section[:end]
+    steps = {}
+    for m in re.finditer(r"^### (\d+)\.(.*?)(?=^### |\Z)", section, re.S | re.M):
+        steps[m[1]] = re.findall(r"```sh\n(.*?)```", m[2], re.S)
+    return steps
+
+
 def qemu_map(image, shared=False):
     """qemu-img map of ``image``; ``shared``: -U, beside a writer that holds it."""
     return json.loads(qemu_img("map", "--output=json", *(["-U"] if shared else []), image).stdout)

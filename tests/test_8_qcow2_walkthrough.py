@@ -16,24 +16,11 @@ import os
 import re
 
 import libvirt
-from conftest import LOG_RECORD, REPO, MiB, json_layer, qemu_img, run
+from conftest import LOG_RECORD, REPO, MiB, json_layer, qemu_img, run, walkthrough
 from libvirt_env import DiskSpec, TestDomain
 
 DOC = os.path.join(REPO, "docs", "qcow2.md")
 CLUSTER = 64 * 1024
-
-
-def walkthrough():
-    """``{step: [sh blocks]}`` of the "## Walk-through" section (``### N.`` headings)."""
-    with open(DOC) as f:
-        text = f.read()
-    section = text[text.index("## Walk-through"):]
-    end = section.find("\n## ", 1)
-    section = section if end < 0 else section[:end]
-    steps = {}
-    for m in re.finditer(r"^### (\d+)\.(.*?)(?=^### |\Z)", section, re.S | re.M):
-        steps[m[1]] = re.findall(r"```sh\n(.*?)```", m[2], re.S)
-    return steps
 
 
 class Shell:
@@ -101,7 +88,7 @@ def total(extents, pred):
 # -- flows 1 and 2: every .qcow2 checked; a copied chain of layers boots ---------------------
 
 def test_check_every_qcow2_then_copy_the_layers_and_boot_them(conn, d, tmp_path):
-    steps = walkthrough()
+    steps = walkthrough(DOC)
     assert sorted(steps) == ["1", "2", "3"], steps.keys()
     (helpers, check_blk), (copy_blk, boot_blk) = steps["1"], steps["2"]
     backup = os.path.join(d, "backup")  # flow 2 starts a VM from it: qemu must reach it
@@ -171,7 +158,7 @@ def test_check_every_qcow2_then_copy_the_layers_and_boot_them(conn, d, tmp_path)
 # -- flow 3: a full backup and incrementals from .qcow2 files ---------------------------------
 
 def test_full_and_incremental_backups_from_qcow2_files(conn, d, tmp_path):
-    helper, full_blk, inc2_blk, inc3_blk, restore_blk = walkthrough()["3"]
+    helper, full_blk, inc2_blk, inc3_blk, restore_blk = walkthrough(DOC)["3"]
     backup = tmp_path / "backup"
     example = 'qemu-img convert -O qcow2 "$BACKUP/vda.3.qcow2" /var/lib/libvirt/images/vda-restored.qcow2'
     assert restore_blk.strip() == example, restore_blk

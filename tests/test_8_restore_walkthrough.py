@@ -33,6 +33,7 @@ from conftest import (
     qemu_io,
     run,
     seek_walk,
+    walkthrough,
 )
 from libvirt_env import DiskSpec, TestDomain
 
@@ -41,19 +42,6 @@ LIBVIRT_DOC = os.path.join(REPO, "docs", "libvirt.md")
 SIZE = 64 * MiB
 CLUSTER = 64 * 1024
 LAYERS = ("00-base", "01-snap1", "02-vda")
-
-
-def walkthrough(path):
-    """``{step: [sh blocks]}`` of a document's "## Walk-through" section (``### N.`` headings)."""
-    with open(path) as f:
-        text = f.read()
-    section = text[text.index("## Walk-through"):]
-    end = section.find("\n## ", 1)
-    section = section if end < 0 else section[:end]
-    steps = {}
-    for m in re.finditer(r"^### (\d+)\.(.*?)(?=^### |\Z)", section, re.S | re.M):
-        steps[m[1]] = re.findall(r"```sh\n(.*?)```", m[2], re.S)
-    return steps
 
 
 def libvirt_helpers():
