@@ -171,8 +171,18 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-def qemu_nbd_children(pid: int) -> int:
-    """qemu-nbd processes started by pid (a multithreaded process: all its tasks)."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process used so far (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int, comm: str) -> list[int]:
+    """Children of pid (all its tasks) whose command is ``comm``."""
     kids = []
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
@@ -180,14 +190,20 @@ def qemu_nbd_children(pid: int) -> int:
                 kids += f.read().split()
     except OSError:
         pass
-    count = 0
+    out = []
     for kid in kids:
         try:
             with open(f"/proc/{kid}/comm") as f:
-                count += f.read().strip() == "qemu-nbd"
+                if f.read().strip() == comm:
+                    out.append(int(kid))
         except OSError:
             pass
-    return count
+    return out
+
+
+def qemu_nbd_children(pid: int) -> int:
+    """qemu-nbd processes started by pid (a multithreaded process: all its tasks)."""
+    return len(child_pids(pid, "qemu-nbd"))
 
 
 class Sampler(threading.Thread):
@@ -246,6 +262,7 @@ class Bench:
         self.snapfs_log = os.path.join(tmp, "snapfs.log")
         self.results: dict[str, Result] = {}
         self.rss: dict[str, float] = {}
+        self.cpu: dict[str, list[tuple[float, float]]] = {}  # result name -> (snapfs, qemu-nbd) CPU s per run
         self.max_qemu_nbd: int | None = None
         self.mismatches: list[str] = []
         self.errors: list[str] = []     # tool failures worth a non-zero exit
@@ -448,23 +465,32 @@ class Bench:
     def view(self, kind: str) -> str:
         return os.path.join(self.mnt, DISK_NAME + ".qcow2", kind, f"00-{DISK_NAME}.raw")
 
-    def fresh_snapfs(self, fn) -> float:
-        """Run fn() (returning seconds) on a new snapfs mount: a cold page cache."""
-        with self.snapfs(self.imgdir, self.mnt, rss_key="8 GiB disk"):
-            return fn()
+    def fresh_snapfs(self, fn, cpu_key: str | None = None) -> float:
+        """Run fn() (returning seconds) on a new snapfs mount: a cold page cache.
+
+        cpu_key: record the CPU seconds snapfs and its qemu-nbd processes used for it.
+        """
+        with self.snapfs(self.imgdir, self.mnt, rss_key="8 GiB disk") as pid:
+            before = cpu_seconds(pid)
+            t = fn()
+            if cpu_key is not None:
+                # The servers started for fn() are still up (they stop when idle).
+                nbd = sum(cpu_seconds(k) for k in child_pids(pid, "qemu-nbd"))
+                self.cpu.setdefault(cpu_key, []).append((cpu_seconds(pid) - before, nbd))
+            return t
 
     def step_snapfs(self) -> None:
         log("snapfs views (remounted before every run)...")
         cp = self.add("snapfs layer view: cp", "cp", DATA_SIZE)
         cat = self.add("snapfs chain view: cat", "cat", DISK_SIZE)
         self.repeat(cp, lambda: self.fresh_snapfs(
-            lambda: self.timed_cp(self.view("layers"), "snapfs layer view")))
-        self.repeat(cat, lambda: self.fresh_snapfs(lambda: self.timed_cat(self.view("chain"))))
+            lambda: self.timed_cp(self.view("layers"), "snapfs layer view"), cp.name))
+        self.repeat(cat, lambda: self.fresh_snapfs(lambda: self.timed_cat(self.view("chain")), cat.name))
 
     def step_seqread(self) -> None:
         log(f"snapfs sequential reads of the data in {CHUNK // MiB} MiB chunks...")
         res = self.add("snapfs layer view: read data", "read", DATA_SIZE)
-        self.repeat(res, lambda: self.fresh_snapfs(lambda: self.read_extents(self.view("layers"))))
+        self.repeat(res, lambda: self.fresh_snapfs(lambda: self.read_extents(self.view("layers")), res.name))
 
     def read_extents(self, path: str) -> float:
         buf = bytearray(CHUNK)
@@ -560,6 +586,16 @@ class Bench:
               f"ratios compare best times)")
         for key, mb in self.rss.items():
             print(f"snapfs max RSS ({key}): {mb:.1f} MB")
+        if self.cpu:
+            print()
+            print(f"{'CPU seconds per GiB read (medians)':44} {'snapfs':>8} {'qemu-nbd':>9}")
+            for key, runs in self.cpu.items():
+                gib = self.results[key].nbytes / GiB
+                snap = statistics.median(a for a, _ in runs) / gib
+                nbd = statistics.median(b for _, b in runs) / gib
+                print(f"{key:44} {snap:8.2f} {nbd:9.2f}")
+            print(f"(GiB: what the reader got, {DATA_SIZE // MiB} MiB of data for cp and read, the "
+                  f"{DISK_SIZE // GiB} GiB disk for cat; /proc/PID/stat utime + stime)")
         if self.max_qemu_nbd is not None:
             print(f"max qemu-nbd processes during ls -lR: {self.max_qemu_nbd}")
         print()
