@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo
 
-.PHONY: setup demo demo-libvirt test bench clean umount-demo
+.PHONY: setup demo demo-libvirt test bench bench-scale clean umount-demo
 
 setup:
 	mount-helpers/setup
@@ -25,6 +25,9 @@ bench: setup
 	$(PY) tests/bench_libvirt.py
 	$(PY) tests/bench_restore.py
 	$(PY) tests/bench_qcow2.py
+
+bench-scale: setup
+	$(PY) tests/bench_scale.py
 
 umount-demo:
 	@if [ -d $(DEMO_DIR)/mnt ] && findmnt -rn --mountpoint "$$(cd $(DEMO_DIR)/mnt && pwd)" >/dev/null; then \
