@@ -205,28 +205,18 @@ class ImageRefresher:
                 log.debug("invalidating %s failed", rel, exc_info=True)
             if parent is self.tree.root or parent.children:
                 break
-            node = self.tree.remove(self._path(parent))
+            node = self.tree.remove(parent.path)
 
     def _invalidate(self, view) -> None:
         """The kernel forgets the names of a view's files (lookups come back: ENOENT)."""
-        node = self.tree.root
-        for part in f"{view.disk.relpath}/{view.folder}".split("/"):
-            node = getattr(node, "children", {}).get(part)
-            if node is None:
-                return
+        node = self.tree.find(f"{view.disk.relpath}/{view.folder}")
+        if node is None:
+            return
         for name in (view.filename, view.qcow2_filename, view.map_filename):
             try:
                 pyfuse3.invalidate_entry_async(node.inode, os.fsencode(name), ignore_enoent=True)
             except Exception:
                 log.debug("invalidating %s failed", name, exc_info=True)
-
-    def _path(self, node) -> str:
-        parts = []
-        while node is not None and node.parent is not None:
-            parts.append(node.name)
-            node = node.parent
-        return "/".join(reversed(parts))
-
 
 # inotify(7): what changes an image directory's disks. Opens for reading
 # (qemu-nbd's) and writes still going on are not events: a tool's close is.

@@ -162,16 +162,9 @@ class Operations(pyfuse3.Operations):
 
     # -- files ------------------------------------------------------------
 
-    def _path(self, node: Node) -> str:
-        parts = []
-        while node is not None and node.parent is not None:
-            parts.append(node.name)
-            node = node.parent
-        return "/".join(reversed(parts))
-
     def _refuse(self, node: Node, err: int, reason: str):
         """Refuse a request: the reason to the log and the status file, the errno to the caller."""
-        self.status.refuse(self._path(node), reason)
+        self.status.refuse(node.path, reason)
         raise pyfuse3.FUSEError(err)
 
     def _writable_view(self, node: Node):
@@ -270,7 +263,7 @@ class Operations(pyfuse3.Operations):
         for h in self._handles.values():
             if h.qcow2 is not None and any(s is not None and s.spec.socket is None and s.spec.image == image
                                            for s in (h.server, h.fill)):
-                raise Busy(f"{self._path(h.node)} is open: it reads the image as it is until closed")
+                raise Busy(f"{h.node.path} is open: it reads the image as it is until closed")
 
     async def _open_qcow2(self, fh: int, node: Qcow2File):
         """A ``.qcow2`` file: its layout is fixed at open, from the view's map then.
@@ -401,7 +394,7 @@ class Operations(pyfuse3.Operations):
         try:
             await h.server.pwrite(buf if n == len(buf) else bytes(buf[:n]), off)
         except SnapfsError as e:
-            self.status.refuse(self._path(h.node), f"a write at {off} failed: {e.reason}")
+            self.status.refuse(h.node.path, f"a write at {off} failed: {e.reason}")
             raise
         finally:
             # Even a failed write may have changed part of the area.
@@ -475,7 +468,7 @@ class Operations(pyfuse3.Operations):
             try:
                 await h.server.flush()
             except SnapfsError as e:
-                self.status.refuse(self._path(h.node), f"flush failed: {e.reason}")
+                self.status.refuse(h.node.path, f"flush failed: {e.reason}")
                 raise
             h.server.closing = True
             if h.wrote:

@@ -43,6 +43,16 @@ class Node:
     def hidden(self) -> bool:
         return self.removed
 
+    @property
+    def path(self) -> str:
+        """The node's path relative to the mount's root."""
+        parts = []
+        node = self
+        while node is not None and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return "/".join(reversed(parts))
+
 
 class Directory(Node):
     def __init__(self, inode, name, parent):
@@ -163,13 +173,20 @@ class Tree:
             node = child
         return node
 
-    def remove(self, path: str) -> Directory | None:
-        """Take the directory at ``path`` out of the tree; its inodes stay, removed."""
+    def find(self, path: str) -> Node | None:
+        """The node at a relative path, or None."""
         node = self.root
         for part in [p for p in path.split("/") if p]:
             node = node.children.get(part) if isinstance(node, Directory) else None
             if node is None:
                 return None
+        return node
+
+    def remove(self, path: str) -> Directory | None:
+        """Take the directory at ``path`` out of the tree; its inodes stay, removed."""
+        node = self.find(path)
+        if node is None or node is self.root:
+            return None
         del node.parent.children[node.name]
         stack = [node]
         while stack:
