@@ -676,17 +676,21 @@ def _sigterm(signum, frame):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _sigterm)
-    if not os.access(SNAPFS, os.X_OK):
-        print(f"bench: {SNAPFS} not found; run make setup", file=sys.stderr)
-        return 1
     return run_steps(Bench, "snapfs-bench-", args.reps, args.steps,
                      build=any(s != "many" for s in args.steps), log_tail_steps=("snapfs", "seqread", "many"))
 
 
-def run_steps(bench_cls, prefix: str, reps: int, steps, build: bool = True, log_tail_steps=None) -> int:
+def run_steps(bench_cls, prefix: str, reps: int, steps, build: bool = True, log_tail_steps=None,
+              snapfs: str | None = SNAPFS) -> int:
     """Build the image, run each ``step_NAME`` of a bench, report, clean up; the exit status
-    (2 for a copy that differs from its source, 1 for a step that failed)."""
+    (2 for a copy that differs from its source, 1 for a step that failed).
+
+    snapfs: the command the bench needs (None: the bench finds its own).
+    """
+    signal.signal(signal.SIGTERM, _sigterm)
+    if snapfs is not None and not os.access(snapfs, os.X_OK):
+        print(f"bench: {snapfs} not found; run make setup", file=sys.stderr)
+        return 1
     tmp = tempfile.mkdtemp(prefix=prefix, dir="/var/tmp")
     bench = None
     try:

@@ -61,7 +61,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -75,7 +74,6 @@ from bench import (
     GiB,
     MiB,
     StepError,
-    _sigterm,
     find_snapfs_pid,
     log,
     qemu_nbd_children,
@@ -324,10 +322,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _sigterm)
-    if not os.access(SNAPFS, os.X_OK):
-        print(f"bench: {SNAPFS} not found; run make setup", file=sys.stderr)
-        return 1
     steps = ["copies"] + (["stat"] if args.stat else [])
     return run_steps(Qcow2Bench, "snapfs-bench-qcow2-", args.reps, steps)
 

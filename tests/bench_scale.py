@@ -66,7 +66,7 @@ import tempfile
 import threading
 import time
 
-from bench import MiB, StepError, _sigterm, find_snapfs_pid, fuse_unmount, is_mounted, log, run, run_steps
+from bench import MiB, StepError, find_snapfs_pid, fuse_unmount, is_mounted, log, run, run_steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -808,8 +808,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _sigterm)
-    return run_steps(functools.partial(ScaleBench, args=args), "snapfs-bench-scale-", args.reps, args.steps)
+    # --src may name another checkout: the bench finds its snapfs itself.
+    return run_steps(functools.partial(ScaleBench, args=args), "snapfs-bench-scale-", args.reps, args.steps,
+                     snapfs=None)
 
 
 if __name__ == "__main__":
