@@ -88,6 +88,20 @@ def walkthrough(path):
     return steps
 
 
+def processes() -> dict[int, list[str]]:
+    """Every process's argv, by pid (those that end meanwhile are left out)."""
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")[:-1]
+        except OSError:
+            continue
+        if argv:
+            out[int(pid)] = argv
+    return out
+
+
 def qemu_map(image, shared=False):
     """qemu-img map of ``image``; ``shared``: -U, beside a writer that holds it."""
     return json.loads(qemu_img("map", "--output=json", *(["-U"] if shared else []), image).stdout)

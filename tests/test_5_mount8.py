@@ -20,7 +20,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import REPO, MiB, create, qemu_img, qemu_io, run
+from conftest import REPO, MiB, create, processes, qemu_img, qemu_io, run
 
 SIZE = 8 * MiB
 FSTAB_MARK = "# snapfs test entry"
@@ -60,14 +60,8 @@ def expected_digest(image, tmp) -> str:
 def leftovers(needle: str) -> list[str]:
     """snapfs and qemu-nbd processes whose command line names ``needle``."""
     out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
+    for pid, argv in processes().items():
+        cmd = " ".join(argv)
         if needle in cmd and ("snapfs" in cmd or "qemu-nbd" in cmd):
             out.append(f"{pid}: {cmd}")
     return out

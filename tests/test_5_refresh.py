@@ -15,7 +15,7 @@ import os
 import time
 
 import pytest
-from conftest import REPO, SNAPFS, MiB, create, expected_allocation_map, json_layer, qemu_img, qemu_io, run
+from conftest import REPO, SNAPFS, MiB, create, expected_allocation_map, json_layer, processes, qemu_img, qemu_io, run
 
 SIZE = 16 * MiB
 
@@ -57,20 +57,12 @@ def wait_idle(images, timeout=10):
     """No qemu-nbd of the mount holds an image of ``images`` (for qemu-img's write lock)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        busy = [p for p in os.listdir("/proc") if p.isdigit() and _cmd_has(p, str(images))]
+        busy = [pid for pid, argv in processes().items()
+                if argv[0].startswith("qemu-nbd") and any(str(images) in a for a in argv)]
         if not busy:
             return
         time.sleep(0.05)
     raise AssertionError(f"qemu-nbd still holds images of {images}")
-
-
-def _cmd_has(pid, needle):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().decode(errors="replace")
-    except OSError:
-        return False
-    return cmd.startswith("qemu-nbd") and needle in cmd
 
 
 @pytest.fixture

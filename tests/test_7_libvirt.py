@@ -29,6 +29,7 @@ from conftest import (
     expected_dirty_map,
     json_layer,
     merge_dicts,
+    processes,
     qemu_img,
     run,
     seek_walk,
@@ -532,13 +533,8 @@ def test_refresh_keeps_what_other_domains_share(conn, d, mount, tmp_path):
 def base_servers(path):
     """pids of qemu-nbd serving ``path`` alone."""
     out = []
-    for pid in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if cmd and os.path.basename(cmd[0]) == "qemu-nbd" and any(
+    for pid, cmd in processes().items():
+        if os.path.basename(cmd[0]) == "qemu-nbd" and any(
                 a.startswith("json:") and path in a and '"backing": null' in a for a in cmd):
             out.append(int(pid))
     return sorted(out)
