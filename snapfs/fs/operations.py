@@ -18,6 +18,7 @@ the log and the status file (``Status.refuse``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
@@ -52,6 +53,20 @@ _ZEROS = memoryview(bytes(1 << 20))
 
 def _zeros(length: int):
     return _ZEROS[:length] if length <= len(_ZEROS) else bytes(length)
+
+
+@contextlib.contextmanager
+def _counted(counts: dict, keys):
+    """Count ``keys`` in ``counts`` while the block runs (opens under way)."""
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    try:
+        yield
+    finally:
+        for k in keys:
+            counts[k] -= 1
+            if not counts[k]:
+                del counts[k]
 
 
 def _boundary(fn):
@@ -182,16 +197,8 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def open(self, inode, flags, ctx):
         node = self._node(inode)
-        rel = node.view.disk.relpath if isinstance(node, ViewNode) else None
-        if rel is None:
+        with _counted(self._opening, [node.view.disk.relpath] if isinstance(node, ViewNode) else []):
             return await self._open(node, flags)
-        self._opening[rel] = self._opening.get(rel, 0) + 1
-        try:
-            return await self._open(node, flags)
-        finally:
-            self._opening[rel] -= 1
-            if not self._opening[rel]:
-                del self._opening[rel]
 
     async def _open(self, node: Node, flags: int):
         if isinstance(node, Directory):
@@ -271,16 +278,8 @@ class Operations(pyfuse3.Operations):
         From the first step on, a writer of its image is kept out (``_check_no_qcow2``).
         """
         view = node.view
-        images = {s.image for s in view.qcow2_specs() if s.socket is None}
-        for image in images:
-            self._qcow2_opening[image] = self._qcow2_opening.get(image, 0) + 1
-        try:
+        with _counted(self._qcow2_opening, {s.image for s in view.qcow2_specs() if s.socket is None}):
             return await self._open_qcow2_counted(fh, node, view)
-        finally:
-            for image in images:
-                self._qcow2_opening[image] -= 1
-                if not self._qcow2_opening[image]:
-                    del self._qcow2_opening[image]
 
     async def _open_qcow2_counted(self, fh: int, node: Qcow2File, view):
         try:
