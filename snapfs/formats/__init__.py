@@ -136,14 +136,20 @@ def locked_for_write(path: str) -> bool:
     except OSError:
         return False
     try:
+        return fd_locked_for_write(fd)
+    finally:
+        os.close(fd)
+
+
+def fd_locked_for_write(fd: int) -> bool:
+    """``locked_for_write`` of an open file."""
+    try:
         # struct flock on Linux x86_64/aarch64: short, short, off_t, off_t, pid_t.
         req = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _LOCK_BYTE_WRITE, 1, 0)
         res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, req)
         return struct.unpack("hhqqi4x", res)[0] != fcntl.F_UNLCK
     except OSError:
         return False
-    finally:
-        os.close(fd)
 
 
 def _device_size(path: str) -> int:

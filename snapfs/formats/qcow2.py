@@ -70,6 +70,14 @@ class Qcow2Header:
     autoclear: int
     bitmaps: list[Bitmap] = field(default_factory=list)
     data_file: str | None = None
+    # Where the active tables are (block status read from the file: status.py).
+    l1_size: int = 0
+    l1_offset: int = 0
+    nb_snapshots: int = 0
+    snapshots_offset: int = 0
+    refcount_order: int = 4
+    refcount_table_offset: int = 0
+    refcount_table_clusters: int = 0
 
     @property
     def external_data_file(self) -> bool:
@@ -132,8 +140,9 @@ def _parse(f, buf: bytes, file_size: int) -> Qcow2Header:
 
     incompat = compat = autoclear = 0
     header_len = 72
+    refcount_order = 4
     if version == 3:
-        incompat, compat, autoclear, _refcount_order, header_len = struct.unpack_from(">QQQII", buf, 72)
+        incompat, compat, autoclear, refcount_order, header_len = struct.unpack_from(">QQQII", buf, 72)
         if header_len < 104 or header_len > cluster_size:
             raise Qcow2Error(f"invalid header length {header_len}")
     if incompat & ~INCOMPAT_KNOWN:
@@ -148,7 +157,10 @@ def _parse(f, buf: bytes, file_size: int) -> Qcow2Header:
         except UnicodeDecodeError:
             raise Qcow2Error("backing file name is not UTF-8") from None
 
-    hdr = Qcow2Header(version, size, cluster_size, backing_file, None, incompat, autoclear)
+    hdr = Qcow2Header(version, size, cluster_size, backing_file, None, incompat, autoclear,
+                      l1_size=l1_size, l1_offset=l1_off, nb_snapshots=nb_snapshots,
+                      snapshots_offset=snap_off, refcount_order=refcount_order,
+                      refcount_table_offset=rc_off, refcount_table_clusters=rc_clusters)
     bitmaps_ext = None
     pos = header_len
     end = min(len(buf), cluster_size)

@@ -67,7 +67,8 @@ async def serve(args, ready=None) -> None:
                    "SEEK_HOLE/SEEK_DATA see every file as all data")
             log.warning(msg)
             status.notes.append(msg)
-        pool = ServerPool(rundir, connections=args.connections, idle_timeout=args.idle_timeout)
+        pool = ServerPool(rundir, connections=args.connections, idle_timeout=args.idle_timeout,
+                          local_status=not args.rw)
         ops = Operations(tree, pool, status)
         # The kernel checks every access against the owner, group and mode
         # each node takes from its images (fs/access.py), for the mounting

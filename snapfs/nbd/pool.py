@@ -27,7 +27,9 @@ import trio
 
 from ..errors import Busy, TransportError, Unavailable
 from ..extents import Run
+from ..formats import status as local
 from .chunks import ChunkCache
+from .contexts import ALLOCATION_DEPTH, BASE_ALLOCATION
 from .qemu import START_TIMEOUT, QemuNBD
 from .spec import ExportSpec
 
@@ -251,8 +253,14 @@ class ServerPool:
     idle servers.
     """
 
-    def __init__(self, rundir: str, connections: int = 4, idle_timeout: float = 2.0, backend=None):
+    def __init__(self, rundir: str, connections: int = 4, idle_timeout: float = 2.0, backend=None,
+                 local_status: bool = False):
         self.rundir = rundir
+        # Read the block status of plain qcow2 and raw images from the files
+        # (formats/status.py) instead of starting qemu-nbd; not in --rw
+        # mounts, where a writer's qemu-nbd may hold tables not yet written.
+        self.local_status = local_status
+        self._layer_status: dict[tuple, local.LayerStatus | None] = {}
         self.backend = backend or QemuBackend()
         self.connections = connections
         self.idle_timeout = idle_timeout
@@ -419,6 +427,8 @@ class ServerPool:
         """Block status read before ``image`` was written is stale."""
         for spec in [s for s in self._runs if s.socket is None and s.image == image]:
             del self._runs[spec]
+        for key in [k for k in self._layer_status if k[0] == image]:
+            del self._layer_status[key]
 
     async def block_status(self, spec: ExportSpec, size: int) -> dict[str, list[Run]]:
         """Block status of a whole export, read once per mount.
@@ -432,12 +442,43 @@ class ServerPool:
             return runs
         async with self._runs_locks.setdefault(spec, trio.Lock()):
             runs = self._runs.get(spec)
+            if runs is None and self.local_status and spec.socket is None:
+                runs = await trio.to_thread.run_sync(self._local_runs, spec, size)
+                if runs is not None:
+                    self._runs[spec] = runs
             if runs is None:
                 srv = await self.acquire(spec)
                 try:
                     runs = self._runs[spec] = await srv.block_status(size)
                 finally:
                     self.release(srv, linger=False)
+        return runs
+
+    def _local_runs(self, spec: ExportSpec, size: int) -> dict[str, list[Run]] | None:
+        """The runs qemu-nbd would report for ``spec``, read from the image files;
+        None when qemu must be asked (formats/status.py says when). In a worker thread."""
+        if spec.snapshot is not None or spec.bitmap is not None or spec.writable:
+            return None
+        layers = []
+        for (path, fmt), pin in zip(spec.layers, spec.pins or [None] * len(spec.layers), strict=True):
+            key = (path, fmt, pin)
+            if key not in self._layer_status:
+                try:
+                    self._layer_status[key] = local.layer_status(path, fmt, pin)
+                except local.NotPlain as e:
+                    log.debug("block status of %s: asking qemu (%s)", path, e)
+                    self._layer_status[key] = None
+            if self._layer_status[key] is None:
+                return None
+            layers.append(self._layer_status[key])
+        try:
+            alloc, depth = local.export_runs(layers, size)
+        except local.NotPlain as e:
+            log.debug("block status of %s: asking qemu (%s)", spec.describe(), e)
+            return None
+        runs = {BASE_ALLOCATION: alloc}
+        if ALLOCATION_DEPTH in spec.contexts:
+            runs[ALLOCATION_DEPTH] = depth
         return runs
 
     async def discard(self, specs) -> None:

@@ -1,0 +1,206 @@
+"""Tier 3: block status read from the image files equals what qemu-nbd reports.
+
+``formats/status.py`` answers for plain qcow2 and raw images so that a
+listing does not start a qemu-nbd per export. Here every export of a set of
+images is asked both ways, through the pool (``ServerPool.block_status``,
+once with ``local_status`` and once with qemu-nbd), and the runs of every
+metadata context must be equal, run for run. The images cover each kind of
+L2 entry (data, zero with and without an offset, compressed, unallocated,
+discarded), cluster sizes from 512 B to 2 MiB, sizes that end inside a
+cluster, several L2 tables with gaps in L1, three-layer chains with zeros
+over data, raw bases with holes, and a raw file beneath qcow2.
+
+Images qemu must be asked about (``None`` from the file reader) are listed
+too, each with the reason it is left to qemu, and are checked to fall back:
+the answer is still qemu's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+import trio
+from conftest import create, qemu_img, qemu_io
+
+from snapfs.formats import status as local
+from snapfs.nbd.pool import ServerPool
+from snapfs.nbd.spec import ExportSpec
+
+MiB = 1 << 20
+
+
+def pin(path):
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
+
+
+def spec(*layers):
+    """An export of ``(path, format)`` layers, top first, pinned as scanned."""
+    return ExportSpec(tuple((str(p), f) for p, f in layers), pins=tuple(pin(p) for p, _ in layers))
+
+
+async def both(tmp_path, specs):
+    """For each spec: (runs read from the files or None, runs from qemu-nbd)."""
+    out = []
+    for s in specs:
+        size = qemu_size(s.layers[0])
+        fast = ServerPool(str(tmp_path), local_status=True)
+        slow = ServerPool(str(tmp_path), local_status=False)
+        async with trio.open_nursery() as n:
+            await n.start(slow.run)
+            theirs = await slow.block_status(s, size)
+            n.cancel_scope.cancel()
+        mine = await trio.to_thread.run_sync(fast._local_runs, s, size)
+        out.append((mine, theirs))
+    return out
+
+
+def qemu_size(layer):
+    path, fmt = layer
+    return json.loads(qemu_img("info", "-f", fmt, "--output=json", path).stdout)["virtual-size"]
+
+
+@pytest.fixture
+def plain(tmp_path):
+    """Images the file reader answers for, and the exports to ask about."""
+    d = tmp_path / "img"
+    d.mkdir()
+    exports = []
+
+    # One layer: every kind of L2 entry.
+    a = create(d / "kinds.qcow2", 8 * MiB)
+    qemu_io(a, "write -P 1 0 256k", "write -z 256k 128k", "write -P 2 1M 64k",
+            "write -P 3 2M 1M", "discard 2M 512k", "write -z -u 4M 64k", "write -P 4 7M 1M")
+    exports.append(spec((a, "qcow2")))
+
+    # Compressed clusters.
+    src = create(d / "src.qcow2", 4 * MiB)
+    qemu_io(src, "write -P 5 0 1M", "write -P 0 2M 64k", "write -P 6 3M 64k")
+    comp = str(d / "comp.qcow2")
+    qemu_img("convert", "-c", "-O", "qcow2", src, comp)
+    qemu_io(comp, "write -P 7 512k 64k", "write -z 3M 64k")
+    exports.append(spec((comp, "qcow2")))
+
+    # Small and large clusters, sizes that end inside a cluster, several L2
+    # tables (4 KiB clusters: one L2 table covers 2 MiB) with gaps in L1.
+    for name, cs, size, cmds in [
+        ("c512.qcow2", 512, 3 * MiB + 1536, ["write -P 1 0 4k", "write -z 1M 1k", "write -P 2 3M 1536"]),
+        ("c4k.qcow2", 4096, 20 * MiB + 4096, ["write -P 1 0 12k", "write -P 2 9M 4k", "write -z 9M 4k",
+                                              "write -P 3 20M 4k", "write -P 4 6M 1M"]),
+        ("c2m.qcow2", 2 * MiB, 9 * MiB, ["write -P 1 512 512", "write -z 4M 2M", "write -P 2 8M 1M"]),
+    ]:
+        p = str(d / name)
+        qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs}", p, str(size))
+        qemu_io(p, *cmds)
+        exports.append(spec((p, "qcow2")))
+
+    # A chain: raw base with holes, qcow2 layers with zeros over data and
+    # data over zeros, a 4 KiB-cluster layer over a 64 KiB one.
+    raw = d / "base.raw"
+    with open(raw, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(MiB)
+        f.write(b"r" * (2 * MiB))
+        f.seek(6 * MiB)
+        f.write(b"s" * 4096)
+    mid = create(d / "mid.qcow2", backing="base.raw", backing_fmt="raw")
+    qemu_io(mid, "write -z 1M 64k", "write -P 8 4M 1M", "write -z 7M 1M", "discard 4M 64k")
+    top = str(d / "top.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "mid.qcow2", "-F", "qcow2",
+             top)
+    qemu_io(top, "write -P 9 1M 4k", "write -z 4M 8k", "write -P 10 7M 4k", "write -P 11 6M 4k")
+    exports += [spec((raw, "raw")), spec((mid, "qcow2")), spec((top, "qcow2")),
+                spec((mid, "qcow2"), (raw, "raw")), spec((top, "qcow2"), (mid, "qcow2")),
+                spec((top, "qcow2"), (mid, "qcow2"), (raw, "raw"))]
+
+    # A qcow2 chain with no raw file in it; an empty image; an all-data raw file.
+    q0 = create(d / "q0.qcow2", 4 * MiB)
+    qemu_io(q0, "write -P 1 0 1M", "write -z 2M 1M")
+    q1 = create(d / "q1.qcow2", backing="q0.qcow2")
+    qemu_io(q1, "write -z 0 64k", "write -P 2 2M 64k", "write -P 3 3M 64k")
+    empty = create(d / "empty.qcow2", 0)
+    full = d / "full.raw"
+    full.write_bytes(os.urandom(MiB))
+    exports += [spec((q1, "qcow2"), (q0, "qcow2")), spec((q0, "qcow2")), spec((empty, "qcow2")),
+                spec((full, "raw"))]
+    return exports
+
+
+async def test_plain_images_answer_as_qemu_does(tmp_path, plain):
+    for s, (mine, theirs) in zip(plain, await both(tmp_path, plain), strict=True):
+        assert mine is not None, f"{s.describe()} was left to qemu"
+        assert mine == theirs, s.describe()
+
+
+@pytest.fixture
+def left_to_qemu(tmp_path):
+    """Images qemu is asked about, each with what makes it so."""
+    d = tmp_path / "img"
+    d.mkdir()
+    out = {}
+
+    def img(name, *opts, size=4 * MiB, cmds=("write -P 1 0 64k", "write -z 1M 64k")):
+        p = str(d / name)
+        args = ["create", "-q", "-f", "qcow2"]
+        for o in opts:
+            args += ["-o", o]
+        qemu_img(*args, p, str(size))
+        qemu_io(p, *cmds)
+        return p
+
+    out["version 2"] = spec((img("v2.qcow2", "compat=0.10"), "qcow2"))
+    out["extended L2"] = spec((img("ext.qcow2", "extended_l2=on"), "qcow2"))
+    p = img("snap.qcow2")
+    qemu_img("snapshot", "-c", "s1", p)
+    out["internal snapshot"] = spec((p, "qcow2"))
+    out["metadata preallocation"] = spec((img("prealloc.qcow2", "preallocation=metadata"), "qcow2"))
+    small = img("small.qcow2", size=MiB, cmds=("write -P 1 0 64k", "write -z 512k 64k"))
+    big = str(d / "big.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "small.qcow2", "-F", "qcow2", big, str(4 * MiB))
+    out["a shorter backing file"] = spec((big, "qcow2"), (small, "qcow2"))
+    odd = d / "odd.raw"
+    odd.write_bytes(b"x" * 1000)
+    out["raw size no multiple of 512"] = spec((odd, "raw"))
+    return out
+
+
+async def test_images_left_to_qemu(tmp_path, left_to_qemu):
+    results = await both(tmp_path, list(left_to_qemu.values()))
+    for why, (mine, theirs) in zip(left_to_qemu, results, strict=True):
+        assert mine is None, f"{why}: answered from the file"
+        assert theirs  # qemu answers
+
+
+async def test_an_image_locked_for_writing_is_left_to_qemu(tmp_path):
+    p = create(tmp_path / "busy.qcow2", 4 * MiB)
+    qemu_io(p, "write -P 1 0 64k")
+    s = spec((p, "qcow2"))
+    pool = ServerPool(str(tmp_path), local_status=True)
+    assert await trio.to_thread.run_sync(pool._local_runs, s, 4 * MiB) is not None
+    sock = tmp_path / "vm.sock"
+    vm = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", sock, p], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            assert vm.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(local.NotPlain, match="locked for writing"):
+            local.layer_status(p, "qcow2", pin(p))
+    finally:
+        vm.terminate()
+        vm.wait()
+
+
+def test_a_replaced_file_is_left_to_qemu(tmp_path):
+    p = create(tmp_path / "a.qcow2", MiB)
+    old = pin(p)
+    os.replace(create(tmp_path / "b.qcow2", MiB), p)  # another inode: both existed at once
+    with pytest.raises(local.NotPlain):
+        local.layer_status(p, "qcow2", old)
+    os.symlink(p, tmp_path / "link.qcow2")
+    with pytest.raises(local.NotPlain):
+        local.layer_status(str(tmp_path / "link.qcow2"), "qcow2", None)
