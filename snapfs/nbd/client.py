@@ -31,6 +31,10 @@ class Connection:
         self.contexts = contexts
         self._h = nbd.NBD()
         try:
+            # libnbd zeroes each read buffer before the server fills it, in
+            # case a reply is short; a short reply fails the read anyway, and
+            # the memset cost 5% of snapfs's CPU in a copy.
+            self._h.set_pread_initialize(False)
             for ctx in contexts:
                 self._h.add_meta_context(ctx)
             self._h.set_export_name(export)
