@@ -599,33 +599,50 @@ class Bench:
         if self.max_qemu_nbd is not None:
             print(f"max qemu-nbd processes during ls -lR: {self.max_qemu_nbd}")
         print()
-        print("targets (best times):")
+        print("targets:")
         for name, ok in self.targets():
             print(f"  {'n/a ' if ok is None else 'PASS' if ok else 'MISS'}  {name}")
 
     def targets(self) -> list[tuple[str, bool | None]]:
-        def best(name):
+        def times(name):
             r = self.results.get(name)
-            return r.best if r and r.times else None
+            return r.times if r and r.times else None
+
+        def best(name):
+            t = times(name)
+            return min(t) if t else None
+
+        def median(name):
+            t = times(name)
+            return statistics.median(t) if t else None
 
         def check(cond, *values):
             return None if any(v is None for v in values) else cond(*values)
 
         nbdcopy = best("nbdcopy (limit)")
-        qsd_cp, qsd_cat = best("qsd FUSE export: cp"), best("qsd FUSE export: cat")
-        cp, cat = best("snapfs layer view: cp"), best("snapfs chain view: cat")
-        read = best("snapfs layer view: read data")
+        qsd_cp, qsd_cat = "qsd FUSE export: cp", "qsd FUSE export: cat"
+        cp, cat = "snapfs layer view: cp", "snapfs chain view: cat"
+        read = "snapfs layer view: read data"
+        floor = "local raw file: cp (reference)"
         ready, ls = best(f"{MANY_DISKS}x{MANY_LAYERS}: mount ready"), best(f"{MANY_DISKS}x{MANY_LAYERS}: first ls -lR")
         rss = max(self.rss.values()) if self.rss else None
         label = f"{MANY_DISKS}x{MANY_LAYERS}"
         return [
-            ("cp of snapfs layer view <= 1.3x nbdcopy", check(lambda a, b: a <= 1.3 * b, cp, nbdcopy)),
-            ("cp of snapfs layer view faster than qsd cp", check(lambda a, b: a < b, cp, qsd_cp)),
-            ("cat of snapfs chain view faster than qsd cat", check(lambda a, b: a < b, cat, qsd_cat)),
-            ("sequential reads >= 1 GB/s", check(lambda t: DATA_SIZE / t >= 1e9, read)),
+            # Reads at the speed of the data (medians; "every run": the slowest
+            # snapfs run against the fastest qsd run).
+            ("cp of snapfs layer view <= 2x the local copy (medians)",
+             check(lambda a, b: a <= 2 * b, median(cp), median(floor))),
+            ("cp of snapfs layer view faster than qsd cp in every run",
+             check(lambda a, b: max(a) < min(b), times(cp), times(qsd_cp))),
+            ("sequential reads >= 1.5 GB/s (median)", check(lambda t: DATA_SIZE / t >= 1.5e9, median(read))),
+            ("cat of snapfs chain view <= 0.4x qsd cat (medians)",
+             check(lambda a, b: a <= 0.4 * b, median(cat), median(qsd_cat))),
+            # Earlier targets (best times).
+            ("cp of snapfs layer view <= 1.3x nbdcopy (best)", check(lambda a, b: a <= 1.3 * b, best(cp), nbdcopy)),
+            ("sequential reads >= 1 GB/s (best)", check(lambda t: DATA_SIZE / t >= 1e9, best(read))),
             ("snapfs max RSS < 150 MB", check(lambda m: m < 150, rss)),
-            (f"{label} mount ready < 2 s", check(lambda t: t < 2, ready)),
-            (f"{label} ls -lR < 10 s", check(lambda t: t < 10, ls)),
+            (f"{label} mount ready < 2 s (best)", check(lambda t: t < 2, ready)),
+            (f"{label} ls -lR < 10 s (best)", check(lambda t: t < 10, ls)),
         ]
 
 

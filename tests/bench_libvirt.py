@@ -132,6 +132,11 @@ def main(argv=None) -> int:
     print(f"(runs: {args.reps}; MB/s = data moved / best; the dirty view holds 256 MiB of changed "
           "data and 128 MiB of changed zeros, which move no data)")
     print(f"(VM: {accelerator(conn.getURI())[1]})")
+    cp = statistics.median(rows["snapfs chain/current.raw: cp"])
+    nbdcopy = statistics.median(rows["nbdcopy job export to null (limit)"])
+    print("\ntargets (medians):")
+    print(f"  {'PASS' if cp <= 2 * nbdcopy else 'MISS'}  cp of chain/current.raw <= 2x nbdcopy of the "
+          f"job's export ({cp / nbdcopy:.2f}x)")
     return 0
 
 
