@@ -25,9 +25,9 @@ What qemu-nbd reports, as read from qemu's sources (``block/qcow2.c``
 
 A data cluster reads as zero in one more case: when qemu looks through it
 into the image file and the file has a hole there. qemu looks through when
-it guesses the image was preallocated with metadata: more clusters in use
-(a non-zero refcount) than the file has allocated, by a ninth and at least
-two (``qcow2_detect_metadata_preallocation``). The same guess is made here;
+it guesses the image was preallocated with metadata: at least a ninth (and
+at least two) more clusters in use (a non-zero refcount) than the file has
+allocated (``qcow2_detect_metadata_preallocation``). The same guess is made here;
 when it says preallocated, only images whose every data cluster lies in
 data of the file are answered, so looking through changes nothing. Also left to qemu (``None``): version 2 images,
 extended L2 entries, internal snapshots, a dirty or corrupt flag, an
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import functools
 import os
 import stat
 import struct
@@ -65,7 +66,12 @@ OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L1_RESERVED = 0x7F000000000001FF
 L2_RESERVED = 0x3F000000000001FE
 
-INCOMPAT_PLAIN = 1 << 3  # compression type: any; the rest is left to qemu
+INCOMPAT_PLAIN = 1 << 3  # compression type (zstd); the rest is left to qemu
+AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+
+# A map this fragmented is left to qemu rather than kept in a worker thread's
+# lists (a crafted 384 KiB file can describe millions of runs).
+MAX_RUNS = 1 << 20
 
 MAX_L1_BYTES = 32 << 20  # qemu's QCOW_MAX_L1_SIZE
 
@@ -113,7 +119,8 @@ def _open(path: str, pin: tuple[int, int] | None) -> int:
     try:
         if pin is not None:
             check_pinned(path, pin)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO swapped in after the check must not block the open.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as e:
         raise NotPlain(f"cannot open: {e.strerror}") from None
     try:
@@ -134,23 +141,29 @@ def layer_status(path: str, fmt: str, pin: tuple[int, int] | None) -> LayerStatu
     """What each area of one image holds; NotPlain when qemu must be asked."""
     fd = _open(path, pin)
     try:
-        size = os.fstat(fd).st_size
-        if fmt == "raw":
-            if size % 512:
-                raise NotPlain("size is no multiple of 512")
-            kinds: list = []
-            pos = 0
-            for a, b in _data_segments(fd, size):
-                _add(kinds, pos, a - pos, ZERO)
-                _add(kinds, a, b - a, DATA)
-                pos = b
-            _add(kinds, pos, size - pos, ZERO)
-            return LayerStatus(size, kinds)
-        if fmt == "qcow2":
-            return _qcow2_status(fd, size)
-        raise NotPlain(f"format {fmt}")
+        return _layer_status(fd, fmt)
+    except OSError as e:
+        raise NotPlain(f"reading the image: {e.strerror}") from None
     finally:
         os.close(fd)
+
+
+def _layer_status(fd: int, fmt: str) -> LayerStatus:
+    size = os.fstat(fd).st_size
+    if fmt == "raw":
+        if size % 512:
+            raise NotPlain("size is no multiple of 512")
+        kinds: list = []
+        pos = 0
+        for a, b in _data_segments(fd, size):
+            _add(kinds, pos, a - pos, ZERO)
+            _add(kinds, a, b - a, DATA)
+            pos = b
+        _add(kinds, pos, size - pos, ZERO)
+        return LayerStatus(size, kinds)
+    if fmt == "qcow2":
+        return _qcow2_status(fd, size)
+    raise NotPlain(f"format {fmt}")
 
 
 def _pread(fd: int, length: int, offset: int) -> bytes:
@@ -176,6 +189,12 @@ def _qcow2_status(fd: int, file_size: int) -> LayerStatus:
         raise NotPlain(f"version {hdr.version}, incompatible features 0x{hdr.incompatible:x}")
     if hdr.nb_snapshots or hdr.snapshots_offset % cs:
         raise NotPlain("internal snapshots")
+    if hdr.autoclear & AUTOCLEAR_DATA_FILE_RAW:
+        raise NotPlain("data-file-raw")  # qemu refuses it without a data file
+    header_length = struct.unpack_from(">I", head, 100)[0]
+    ctype = head[104] if header_length > 104 else 0
+    if (ctype, bool(hdr.incompatible & INCOMPAT_PLAIN)) not in ((0, False), (1, True)):
+        raise NotPlain(f"compression type {ctype}")  # qemu refuses the mismatch
     if hdr.size % 512:
         raise NotPlain("size is no multiple of 512")
     per_l2 = cs // 8
@@ -207,10 +226,16 @@ def _qcow2_status(fd: int, file_size: int) -> LayerStatus:
         if table.count(0) == len(table):
             _add(kinds, first * cs, n * cs, UNALLOCATED)
             continue
+        kind = _uniform(table, n, cs.bit_length() - 1)
+        if kind == ZERO or kind == DATA and segments is None:
+            _add(kinds, first * cs, n * cs, kind)
+            continue
         l2 = array("Q", table)
         if sys.byteorder == "little":
             l2.byteswap()
         _l2_kinds(kinds, first, l2, cs, segments, starts, file_size)
+        if len(kinds) > MAX_RUNS:
+            raise NotPlain("more than a million runs")
     end = hdr.size
     if kinds and kinds[-1][0] + kinds[-1][1] > end:
         s, _n, k = kinds.pop()
@@ -250,6 +275,42 @@ def _l2_kinds(kinds: list, first: int, l2, cs: int, segments, starts, file_size:
     _add(kinds, run_start * cs, (first + len(l2) - run_start) * cs, run_kind)
 
 
+@functools.lru_cache(maxsize=None)
+def _masked(mask: int) -> bytes:
+    """A bytes.translate table: 0 where ``byte & mask`` is 0, else 1."""
+    return bytes(int(bool(b & mask)) for b in range(256))
+
+
+def _uniform(table: bytes, n: int, cluster_bits: int) -> int | None:
+    """DATA or ZERO when every entry of an L2 table is a plain data cluster,
+    resp. a zero cluster (what metadata preallocation writes), else None.
+
+    Checked on columns of bytes, not entry by entry (a large allocated disk
+    has millions of entries): byte 0 of each big-endian entry holds bits
+    56-63 (COPIED, compressed, reserved), byte 7 bits 0-7 (the zero flag and
+    reserved bits), bytes 6 and 5 the offset's low bits, which alignment
+    wants zero."""
+    if table[0::8].translate(_masked(0x7F)).count(0) != n:  # at most COPIED
+        return None
+    for byte, lo in ((6, 8), (5, 16)):
+        bits = min(8, cluster_bits - lo)
+        if bits > 0 and table[byte::8].translate(_masked((1 << bits) - 1)).count(0) != n:
+            return None
+    low = table[7::8]
+    if low.count(1) == n:
+        return ZERO  # the zero flag, with or without an offset
+    if low.count(0) != n:
+        return None
+    # No zero flag: data, unless an offset is 0 (unallocated).
+    for empty in (bytes(8), b"\x80" + bytes(7)):
+        pos = table.find(empty)
+        while pos >= 0:
+            if pos % 8 == 0:
+                return None
+            pos = table.find(empty, pos + 1)
+    return DATA
+
+
 _REFCOUNT_ARRAYS = {3: "B", 4: "H", 5: "I", 6: "Q"}
 
 
@@ -277,7 +338,7 @@ def _preallocated(fd: int, hdr, file_size: int) -> bool:
         n = min(per_block, end_cluster - k * per_block)
         block = array(code, _pread(fd, n << hdr.refcount_order >> 3, off))
         used += n - block.count(0)
-        if used > threshold:
+        if used >= threshold:
             return True
     return False
 

@@ -45,6 +45,12 @@ RELEASE_WAIT = 1.0
 WRITER_STOP_WAIT = 30.0
 
 
+def _layer_keys(spec: ExportSpec) -> list[tuple]:
+    """``(path, format, pin)`` of each layer of an export, top first."""
+    pins = spec.pins or (None,) * len(spec.layers)
+    return [(path, fmt, pin) for (path, fmt), pin in zip(spec.layers, pins, strict=True)]
+
+
 class QemuBackend:
     """How the pool starts servers and connects: qemu-nbd and libnbd.
 
@@ -261,6 +267,7 @@ class ServerPool:
         # mounts, where a writer's qemu-nbd may hold tables not yet written.
         self.local_status = local_status
         self._layer_status: dict[tuple, local.LayerStatus | None] = {}
+        self._forgotten = 0  # forget_runs calls so far
         self.backend = backend or QemuBackend()
         self.connections = connections
         self.idle_timeout = idle_timeout
@@ -429,6 +436,7 @@ class ServerPool:
             del self._runs[spec]
         for key in [k for k in self._layer_status if k[0] == image]:
             del self._layer_status[key]
+        self._forgotten += 1
 
     async def block_status(self, spec: ExportSpec, size: int) -> dict[str, list[Run]]:
         """Block status of a whole export, read once per mount.
@@ -443,9 +451,15 @@ class ServerPool:
         async with self._runs_locks.setdefault(spec, trio.Lock()):
             runs = self._runs.get(spec)
             if runs is None and self.local_status and spec.socket is None:
-                runs = await trio.to_thread.run_sync(self._local_runs, spec, size)
-                if runs is not None:
-                    self._runs[spec] = runs
+                # The cache is only touched here, in trio's thread; what a
+                # refresh forgot meanwhile (forget_runs) is not kept.
+                generation = self._forgotten
+                known = {k: self._layer_status[k] for k in _layer_keys(spec) if k in self._layer_status}
+                runs, new = await trio.to_thread.run_sync(self._local_runs, spec, size, known)
+                if generation == self._forgotten:
+                    self._layer_status.update(new)
+                    if runs is not None:
+                        self._runs[spec] = runs
             if runs is None:
                 srv = await self.acquire(spec)
                 try:
@@ -454,32 +468,37 @@ class ServerPool:
                     self.release(srv, linger=False)
         return runs
 
-    def _local_runs(self, spec: ExportSpec, size: int) -> dict[str, list[Run]] | None:
-        """The runs qemu-nbd would report for ``spec``, read from the image files;
-        None when qemu must be asked (formats/status.py says when). In a worker thread."""
+    def _local_runs(self, spec: ExportSpec, size: int, known: dict) -> tuple[dict | None, dict]:
+        """The runs qemu-nbd would report for ``spec``, read from the image files
+        (None when qemu must be asked: formats/status.py says when), and the
+        layers' statuses read for it. In a worker thread: ``known`` is a copy of
+        what was read before, and the caller keeps what is new."""
         if spec.snapshot is not None or spec.bitmap is not None or spec.writable:
-            return None
-        layers = []
-        for (path, fmt), pin in zip(spec.layers, spec.pins or [None] * len(spec.layers), strict=True):
-            key = (path, fmt, pin)
-            if key not in self._layer_status:
+            return None, {}
+        layers, new = [], {}
+        for key in _layer_keys(spec):
+            path, fmt, pin = key
+            if key in known:
+                status = known[key]
+            else:
                 try:
-                    self._layer_status[key] = local.layer_status(path, fmt, pin)
+                    status = local.layer_status(path, fmt, pin)
                 except local.NotPlain as e:
                     log.debug("block status of %s: asking qemu (%s)", path, e)
-                    self._layer_status[key] = None
-            if self._layer_status[key] is None:
-                return None
-            layers.append(self._layer_status[key])
+                    status = None
+                new[key] = status
+            if status is None:
+                return None, new
+            layers.append(status)
         try:
             alloc, depth = local.export_runs(layers, size)
         except local.NotPlain as e:
             log.debug("block status of %s: asking qemu (%s)", spec.describe(), e)
-            return None
+            return None, new
         runs = {BASE_ALLOCATION: alloc}
         if ALLOCATION_DEPTH in spec.contexts:
             runs[ALLOCATION_DEPTH] = depth
-        return runs
+        return runs, new
 
     async def discard(self, specs) -> None:
         """Stop the servers of exports that are gone (a finished backup job)."""
