@@ -20,9 +20,11 @@ is a report, not a pytest test. Two steps:
     mount log's "qemu-nbd pid N serves" lines too (at the cost of the
     logging). Every view has three files (``NAME.raw``, ``NAME.qcow2``,
     ``NAME.map.json``) and the first stat of any of them needs the view's
-    map: one block-status read from a qemu-nbd per distinct export, 9 per disk
-    here (5 single layers, 4 chains of two or more layers; the base's chain
-    and layer views share one).
+    map: one block status per distinct export, 9 per disk here (5 single
+    layers, 4 chains of two or more layers; the base's chain and layer views
+    share one). These images are plain qcow2, so snapfs reads every map from
+    the files (docs/design.md, "Maps without qemu") and the listing starts no
+    qemu-nbd; the ``exports`` step measures what asking qemu costs instead.
 
 ``exports``
     What one export's block status costs outside snapfs, for N exports (200,
