@@ -7,6 +7,7 @@ chain and layer views (a layer alone is opened with ``"backing": null``), and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -52,6 +53,22 @@ def create(path, size=None, backing=None, backing_fmt="qcow2", fmt="qcow2"):
         args.append(str(size))
     qemu_img(*args)
     return str(path)
+
+
+@contextlib.contextmanager
+def running_writer(image, sock):
+    """A writable qemu-nbd on ``image``: it holds the image as a running VM
+    holds its active layer (qemu's write lock), until the block ends."""
+    vm = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", str(sock), str(image)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            assert vm.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        yield vm
+    finally:
+        vm.terminate()
+        vm.wait()
 
 
 def json_layer(path, fmt="qcow2"):

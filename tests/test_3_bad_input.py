@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import MiB, create, json_layer, qemu_img, qemu_io, run, seek_walk
+from conftest import MiB, create, json_layer, qemu_img, qemu_io, run, running_writer, seek_walk
 
 
 def _set_ext_type(path, old, new):
@@ -147,13 +147,7 @@ def test_image_in_use_by_a_writer(tmp_path, mount):
     qemu_io(base, "write -P 0x33 0 1M")
     top = create(d / "top.qcow2", backing="base.qcow2")
     # A writable qemu-nbd stands in for a running VM writing its active layer.
-    sock = tmp_path / "vm.sock"
-    vm = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", sock, top], stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
-            assert vm.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
+    with running_writer(top, tmp_path / "vm.sock"):
         m = mount(d)
         assert "top.qcow2: in use" in m.status()
         layers = sorted(os.listdir(m / "top.qcow2/layers"))
@@ -161,9 +155,6 @@ def test_image_in_use_by_a_writer(tmp_path, mount):
         assert sorted(os.listdir(m / "top.qcow2/chain")) == ["00-base.map.json", "00-base.qcow2", "00-base.raw"]
         # The backing layer of the running VM reads fine.
         run("qemu-img", "compare", "-f", "raw", m / "top.qcow2/layers/00-base.raw", base)
-    finally:
-        vm.terminate()
-        vm.wait()
 
 
 NAMES = ['vm "quoted", with: colon é', "disk a,b:c 'q'.qcow2", "base, x:y ü.qcow2"]

@@ -20,11 +20,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 
 import pytest
 import trio
-from conftest import create, qemu_img, qemu_io
+from conftest import create, qemu_img, qemu_io, running_writer
 
 from snapfs.formats import status as local
 from snapfs.nbd.pool import ServerPool
@@ -183,18 +182,9 @@ async def test_an_image_locked_for_writing_is_left_to_qemu(tmp_path):
     s = spec((p, "qcow2"))
     pool = ServerPool(str(tmp_path), local_status=True)
     assert (await trio.to_thread.run_sync(pool._local_runs, s, 4 * MiB, {}))[0] is not None
-    sock = tmp_path / "vm.sock"
-    vm = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", sock, p], stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
-            assert vm.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
+    with running_writer(p, tmp_path / "vm.sock"):
         with pytest.raises(local.NotPlain, match="locked for writing"):
             local.layer_status(p, "qcow2", pin(p))
-    finally:
-        vm.terminate()
-        vm.wait()
 
 
 def test_a_replaced_file_is_left_to_qemu(tmp_path):
