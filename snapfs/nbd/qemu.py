@@ -47,9 +47,9 @@ def _reason_from_stderr(text: str) -> Unavailable:
 # qemu-nbd allocates a buffer for every read it serves (2 MiB for snapfs's
 # chunks). glibc serves each allocation above 128 KiB with a fresh mmap(), so
 # every request page-faults and zeroes its buffer anew: that was more than
-# half of qemu-nbd's CPU during a copy (0.86 s per GiB read; 0.35 s with
-# these glibc tunables, which keep the buffers on the heap as
-# chunks.tune_malloc does for snapfs itself).
+# half of qemu-nbd's CPU during a copy (0.85 s per GiB read; about 0.4 s
+# with these glibc tunables, which keep the buffers on the heap as
+# chunks.tune_malloc does for snapfs itself; make bench prints both).
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=67108864"
 
 
