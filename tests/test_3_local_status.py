@@ -292,3 +292,33 @@ async def test_random_images_answer_as_qemu_does(tmp_path):
             answered += 1
             assert mine == theirs, s.describe()
     assert answered >= len(exports) // 2, f"only {answered} of {len(exports)} answered from the files"
+
+
+def test_a_listing_starts_no_qemu_nbd(tmp_path, mount):
+    """The point of reading maps from the files: ``ls -lR`` of plain images
+    (sizes, st_blocks, the .qcow2 sizes, the maps) starts no qemu-nbd; the
+    first read does."""
+    d = tmp_path / "img"
+    d.mkdir()
+    with open(d / "base.raw", "wb") as f:
+        f.truncate(4 * MiB)
+        f.seek(MiB)
+        f.write(b"r" * MiB)
+    mid = create(d / "mid.qcow2", backing="base.raw", backing_fmt="raw")
+    qemu_io(mid, "write -P 1 0 64k", "write -z 1M 64k")
+    top = create(d / "top.qcow2", backing="mid.qcow2")
+    qemu_io(top, "write -P 2 2M 64k")
+    m = mount(d, "--debug")
+    files = 0
+    for root, _dirs, names in os.walk(m.path):
+        for name in names:
+            os.stat(os.path.join(root, name))
+            files += 1
+            if name.endswith(".map.json"):
+                with open(os.path.join(root, name)) as f:
+                    json.load(f)
+    assert files >= 3 * 6  # chain/ and layers/ of top.qcow2: 3 views, 3 files each
+    assert "starting ['qemu-nbd'" not in m.log
+    with open(m / "top.qcow2/chain/02-top.raw", "rb") as f:
+        assert f.read(1) == b"\x01"
+    assert "starting ['qemu-nbd'" in m.log
