@@ -230,10 +230,16 @@ def _qcow2_status(fd: int, file_size: int) -> LayerStatus:
         if kind == ZERO or kind == DATA and segments is None:
             _add(kinds, first * cs, n * cs, kind)
             continue
-        l2 = array("Q", table)
-        if sys.byteorder == "little":
-            l2.byteswap()
-        _l2_kinds(kinds, first, l2, cs, segments, starts, file_size)
+        # Entry by entry, but not through runs of 64 empty entries.
+        for b in range(0, n, 64):
+            part = table[b * 8:(b + 64) * 8]
+            if part.count(0) == len(part):
+                _add(kinds, (first + b) * cs, len(part) // 8 * cs, UNALLOCATED)
+                continue
+            l2 = array("Q", part)
+            if sys.byteorder == "little":
+                l2.byteswap()
+            _l2_kinds(kinds, first + b, l2, cs, segments, starts, file_size)
         if len(kinds) > MAX_RUNS:
             raise NotPlain("more than a million runs")
     end = hdr.size
