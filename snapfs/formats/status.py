@@ -27,14 +27,17 @@ A data cluster reads as zero in one more case: when qemu looks through it
 into the image file and the file has a hole there. qemu looks through when
 it guesses the image was preallocated with metadata: at least a ninth (and
 at least two) more clusters in use (a non-zero refcount) than the file has
-allocated (``qcow2_detect_metadata_preallocation``). The same guess is made here;
-when it says preallocated, only images whose every data cluster lies in
-data of the file are answered, so looking through changes nothing. Also left to qemu (``None``): version 2 images,
-extended L2 entries, internal snapshots, a dirty or corrupt flag, an
-external data file, encryption, any entry with reserved bits or an
-unaligned offset, a chain whose layers differ in size (qemu reports the
-area past a short backing file as allocated zeros), a raw file whose size is
-no multiple of 512, block devices, a file system without SEEK_DATA, a file
+allocated (``qcow2_detect_metadata_preallocation``). The same guess is made
+here; when it says preallocated, only images whose every data cluster lies
+in data of the file are answered, so looking through changes nothing.
+
+Also left to qemu (``NotPlain``): version 2 images, extended L2 entries,
+internal snapshots, a dirty or corrupt flag, an external data file (or
+data-file-raw without one), encryption, a compression type its flag does not
+match, any entry with reserved bits or an unaligned offset, more than a
+million runs, a chain whose layers differ in size (qemu reports the area
+past a short backing file as allocated zeros), a raw file whose size is no
+multiple of 512, block devices, a file system without SEEK_DATA, a file
 locked for writing, and a file that is not the one scanned (its pin). qemu
 then reports what it reports, errors included.
 """
@@ -103,6 +106,8 @@ def _data_segments(fd: int, end: int) -> list[tuple[int, int]]:
     out = []
     pos = 0
     while pos < end:
+        if len(out) > MAX_RUNS:
+            raise NotPlain("more than a million runs")
         try:
             data = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as e:
