@@ -78,6 +78,7 @@ class Qcow2Header:
     refcount_order: int = 4
     refcount_table_offset: int = 0
     refcount_table_clusters: int = 0
+    compression_type: int = 0  # 0 zlib, 1 zstd (the byte at 104, in a long enough header)
 
     @property
     def external_data_file(self) -> bool:
@@ -101,13 +102,22 @@ def read_header(path: str | os.PathLike) -> Qcow2Header:
     """Parse a qcow2 header; raise Qcow2Error for anything qemu would refuse."""
     try:
         with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
-            buf = f.read(HEADER_READ)
-            if len(buf) >= 24:
-                cluster_bits = struct.unpack_from(">I", buf, 20)[0]
-                if 9 <= cluster_bits <= 21 and (1 << cluster_bits) > len(buf):
-                    buf += f.read((1 << cluster_bits) - len(buf))
-            return _parse(f, buf, file_size)
+            return read_header_from(f)
+    except OSError as e:
+        raise Qcow2Error(f"cannot read: {e.strerror}") from None
+
+
+def read_header_from(f) -> Qcow2Header:
+    """``read_header`` of a file open for reading in binary mode."""
+    try:
+        file_size = os.fstat(f.fileno()).st_size
+        f.seek(0)
+        buf = f.read(HEADER_READ)
+        if len(buf) >= 24:
+            cluster_bits = struct.unpack_from(">I", buf, 20)[0]
+            if 9 <= cluster_bits <= 21 and (1 << cluster_bits) > len(buf):
+                buf += f.read((1 << cluster_bits) - len(buf))
+        return _parse(f, buf, file_size)
     except OSError as e:
         raise Qcow2Error(f"cannot read: {e.strerror}") from None
     except struct.error:
@@ -160,7 +170,8 @@ def _parse(f, buf: bytes, file_size: int) -> Qcow2Header:
     hdr = Qcow2Header(version, size, cluster_size, backing_file, None, incompat, autoclear,
                       l1_size=l1_size, l1_offset=l1_off, nb_snapshots=nb_snapshots,
                       snapshots_offset=snap_off, refcount_order=refcount_order,
-                      refcount_table_offset=rc_off, refcount_table_clusters=rc_clusters)
+                      refcount_table_offset=rc_off, refcount_table_clusters=rc_clusters,
+                      compression_type=buf[104] if header_len > 104 else 0)
     bitmaps_ext = None
     pos = header_len
     end = min(len(buf), cluster_size)

@@ -49,14 +49,13 @@ import errno
 import functools
 import os
 import stat
-import struct
 import sys
 from array import array
 from dataclasses import dataclass
 
 from ..extents import STATE_HOLE, STATE_ZERO, Run
 from . import check_pinned, fd_locked_for_write
-from .qcow2 import Qcow2Error, _parse
+from .qcow2 import Qcow2Error, read_header_from
 
 # What an area of one layer is (the rows of the table above).
 UNALLOCATED, ZERO, DATA = 0, 1, 2
@@ -179,15 +178,10 @@ def _pread(fd: int, length: int, offset: int) -> bytes:
 
 
 def _qcow2_status(fd: int, file_size: int) -> LayerStatus:
-    head = os.pread(fd, 64 << 10, 0)
-    if len(head) >= 24:
-        bits = struct.unpack_from(">I", head, 20)[0]
-        if 9 <= bits <= 21 and (1 << bits) > len(head):
-            head += os.pread(fd, (1 << bits) - len(head), len(head))
     try:
         with os.fdopen(os.dup(fd), "rb") as f:
-            hdr = _parse(f, head, file_size)
-    except (Qcow2Error, struct.error) as e:
+            hdr = read_header_from(f)
+    except Qcow2Error as e:
         raise NotPlain(f"header: {e}") from None
     cs = hdr.cluster_size
     if hdr.version != 3 or hdr.incompatible & ~INCOMPAT_PLAIN or hdr.refcount_order > 6:
@@ -196,8 +190,7 @@ def _qcow2_status(fd: int, file_size: int) -> LayerStatus:
         raise NotPlain("internal snapshots")
     if hdr.autoclear & AUTOCLEAR_DATA_FILE_RAW:
         raise NotPlain("data-file-raw")  # qemu refuses it without a data file
-    header_length = struct.unpack_from(">I", head, 100)[0]
-    ctype = head[104] if header_length > 104 else 0
+    ctype = hdr.compression_type
     if (ctype, bool(hdr.incompatible & INCOMPAT_PLAIN)) not in ((0, False), (1, True)):
         raise NotPlain(f"compression type {ctype}")  # qemu refuses the mismatch
     if hdr.size % 512:
