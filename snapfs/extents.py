@@ -31,7 +31,7 @@ import errno
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from .errors import Refused
 
@@ -41,7 +41,43 @@ STATE_ZERO = 2
 # "qemu:dirty-bitmap:NAME": bit 0 set where the bitmap has the area dirty.
 STATE_DIRTY = 1
 
-Run = tuple[int, int, int]
+
+
+class Run(NamedTuple):
+    """An area with the flags one metadata context reports for it (or, for
+    the code that builds runs of its own, a kind: a layer's cluster state, a
+    composed qcow2 file's cluster kind, a written area)."""
+
+    start: int
+    length: int
+    flags: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+def add_run(runs: list[Run], start: int, length: int, flags: int) -> None:
+    """Append ``[start, start + length)`` to ``runs``, sorted by start, merging it
+    into the last run when the flags are equal and the two touch or overlap.
+
+    Every list of runs snapfs builds grows through here: block status replies,
+    a layer's clusters, a composed qcow2 file's clusters, the unions and
+    splices below, the areas a writer changed (which may overlap)::
+
+        runs     | a:1 | b:2 |
+        add            [c:2 ]      ->  | a:1 |  b+c:2  |
+        add                     [d:2]  ->  | a:1 |  b+c:2  |d:2|   (a gap: no merge)
+    """
+    if length <= 0:
+        return
+    if runs:
+        last = runs[-1]
+        if last.flags == flags and last.start <= start <= last.start + last.length:
+            end = max(last.start + last.length, start + length)
+            runs[-1] = Run(last.start, end - last.start, flags)
+            return
+    runs.append(Run(start, length, flags))
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,11 +144,7 @@ def union_runs(size: int, *run_lists: Sequence[Run]) -> list[Run]:
     """
     out: list[Run] = []
     for start, length, flags in zip_runs(size, *run_lists):
-        f = STATE_DIRTY if any(x & STATE_DIRTY for x in flags) else 0
-        if out and out[-1][2] == f:
-            out[-1] = (out[-1][0], out[-1][1] + length, f)
-        else:
-            out.append((start, length, f))
+        add_run(out, start, length, STATE_DIRTY if any(x & STATE_DIRTY for x in flags) else 0)
     return out
 
 
@@ -128,24 +160,15 @@ def splice_runs(runs: Sequence[Run], start: int, end: int, new: Sequence[Run]) -
         result    |  a  |b| x | y |b|  c  |     (b|x or y|b merged when equal)
     """
     out: list[Run] = []
-
-    def add(s: int, n: int, f: int) -> None:
-        if n <= 0:
-            return
-        if out and out[-1][2] == f and out[-1][0] + out[-1][1] == s:
-            out[-1] = (out[-1][0], out[-1][1] + n, f)
-        else:
-            out.append((s, n, f))
-
     for s, n, f in runs:
         if s < start:
-            add(s, min(s + n, start) - s, f)
+            add_run(out, s, min(s + n, start) - s, f)
     for s, n, f in new:
-        add(s, n, f)
+        add_run(out, s, n, f)
     for s, n, f in runs:
         if s + n > end:
             lo = max(s, end)
-            add(lo, s + n - lo, f)
+            add_run(out, lo, s + n - lo, f)
     return out
 
 

@@ -53,7 +53,7 @@ import sys
 from array import array
 from dataclasses import dataclass
 
-from ..extents import STATE_HOLE, STATE_ZERO, Run
+from ..extents import STATE_HOLE, STATE_ZERO, Run, add_run
 from . import check_pinned, fd_locked_for_write
 from .qcow2 import Qcow2Error, read_header_from
 
@@ -87,17 +87,7 @@ class LayerStatus:
     """What each area of one image holds: ``(start, length, kind)`` runs covering ``[0, size)``."""
 
     size: int
-    kinds: list[tuple[int, int, int]]
-
-
-def _add(out: list, start: int, length: int, kind: int) -> None:
-    if length <= 0:
-        return
-    if out and out[-1][2] == kind and out[-1][0] + out[-1][1] == start:
-        s, n, _ = out[-1]
-        out[-1] = (s, n + length, kind)
-    else:
-        out.append((start, length, kind))
+    kinds: list[Run]  # flags: UNALLOCATED, ZERO or DATA
 
 
 def _data_segments(fd: int, end: int) -> list[tuple[int, int]]:
@@ -160,10 +150,10 @@ def _layer_status(fd: int, fmt: str) -> LayerStatus:
         kinds: list = []
         pos = 0
         for a, b in _data_segments(fd, size):
-            _add(kinds, pos, a - pos, ZERO)
-            _add(kinds, a, b - a, DATA)
+            add_run(kinds, pos, a - pos, ZERO)
+            add_run(kinds, a, b - a, DATA)
             pos = b
-        _add(kinds, pos, size - pos, ZERO)
+        add_run(kinds, pos, size - pos, ZERO)
         return LayerStatus(size, kinds)
     if fmt == "qcow2":
         return _qcow2_status(fd, size)
@@ -216,23 +206,23 @@ def _qcow2_status(fd: int, file_size: int) -> LayerStatus:
             raise NotPlain(f"reserved bits in L1 entry {i}")
         l2_off = l1e & OFFSET_MASK
         if l2_off == 0:
-            _add(kinds, first * cs, n * cs, UNALLOCATED)
+            add_run(kinds, first * cs, n * cs, UNALLOCATED)
             continue
         if l2_off % cs or l2_off + n * 8 > file_size:
             raise NotPlain(f"L1 entry {i} points outside the file")
         table = _pread(fd, n * 8, l2_off)
         if table.count(0) == len(table):
-            _add(kinds, first * cs, n * cs, UNALLOCATED)
+            add_run(kinds, first * cs, n * cs, UNALLOCATED)
             continue
         kind = _uniform(table, n, cs.bit_length() - 1)
         if kind == ZERO or kind == DATA and segments is None:
-            _add(kinds, first * cs, n * cs, kind)
+            add_run(kinds, first * cs, n * cs, kind)
             continue
         # Entry by entry, but not through runs of 64 empty entries.
         for b in range(0, n, 64):
             part = table[b * 8:(b + 64) * 8]
             if part.count(0) == len(part):
-                _add(kinds, (first + b) * cs, len(part) // 8 * cs, UNALLOCATED)
+                add_run(kinds, (first + b) * cs, len(part) // 8 * cs, UNALLOCATED)
                 continue
             l2 = array("Q", part)
             if sys.byteorder == "little":
@@ -243,7 +233,7 @@ def _qcow2_status(fd: int, file_size: int) -> LayerStatus:
     end = hdr.size
     if kinds and kinds[-1][0] + kinds[-1][1] > end:
         s, _n, k = kinds.pop()
-        _add(kinds, s, end - s, k)
+        add_run(kinds, s, end - s, k)
     return LayerStatus(hdr.size, kinds)
 
 
@@ -274,9 +264,9 @@ def _l2_kinds(kinds: list, first: int, l2, cs: int, segments, starts, file_size:
                     raise NotPlain(f"cluster {first + j} lies in a hole of the file")
         if kind != run_kind:
             if run_kind is not None:
-                _add(kinds, run_start * cs, (first + j - run_start) * cs, run_kind)
+                add_run(kinds, run_start * cs, (first + j - run_start) * cs, run_kind)
             run_kind, run_start = kind, first + j
-    _add(kinds, run_start * cs, (first + len(l2) - run_start) * cs, run_kind)
+    add_run(kinds, run_start * cs, (first + len(l2) - run_start) * cs, run_kind)
 
 
 @functools.lru_cache(maxsize=None)
@@ -376,7 +366,7 @@ def export_runs(layers: list[LayerStatus], size: int) -> tuple[list[Run], list[R
             if kind != UNALLOCATED:
                 flags, d = (0 if kind == DATA else hole), i + 1
                 break
-        _add(alloc, pos, end - pos, flags)
-        _add(depth, pos, end - pos, d)
+        add_run(alloc, pos, end - pos, flags)
+        add_run(depth, pos, end - pos, d)
         pos = end
     return alloc, depth

@@ -11,7 +11,7 @@ import errno
 from typing import Callable
 
 from ..errors import TransportError
-from ..extents import Run
+from ..extents import Run, add_run
 
 BASE_ALLOCATION = "base:allocation"
 ALLOCATION_DEPTH = "qemu:allocation-depth"
@@ -64,11 +64,7 @@ def read_block_status(size: int, contexts: tuple[str, ...], request: Callable,
             pos += length
             if end <= start:
                 continue
-            if out and out[-1][2] == flags and out[-1][0] + out[-1][1] == start:
-                s, n, _ = out[-1]
-                out[-1] = (s, n + end - start, flags)
-            else:
-                out.append((start, end - start, flags))
+            add_run(out, start, end - start, flags)
             covered[metacontext] = end
         return 0
 

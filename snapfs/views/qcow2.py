@@ -102,21 +102,16 @@ def _kind(mask: int, backed: bool) -> int:
     return DATA if mask & 1 << DATA else ZERO
 
 
-def cluster_runs(size: int, extents, backed: bool) -> list[tuple[int, int, int]]:
+def cluster_runs(size: int, extents, backed: bool) -> list[ex.Run]:
     """``(first cluster, count, kind)`` covering every guest cluster, merged.
 
     extents: the view's map (sorted, covering ``[0, size)``). backed: the
     composed file has (or will be rebased onto) something beneath it.
     """
-    out: list[tuple[int, int, int]] = []
+    out: list[ex.Run] = []
 
     def emit(c: int, n: int, kind: int) -> None:
-        if n <= 0:
-            return
-        if out and out[-1][2] == kind and out[-1][0] + out[-1][1] == c:
-            out[-1] = (out[-1][0], out[-1][1] + n, kind)
-        else:
-            out.append((c, n, kind))
+        ex.add_run(out, c, n, kind)
 
     pending_c, pending_mask = -1, 0  # the cluster the last extent ended in
     for e in extents:
