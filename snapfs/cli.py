@@ -291,6 +291,7 @@ def _refresh(args) -> int:
 def _foreground(args) -> int:
     import trio
 
+    from .config import MountConfig
     from .errors import MountError
     from .fs.mount import serve
     from .nbd.chunks import tune_malloc
@@ -304,7 +305,7 @@ def _foreground(args) -> int:
             os.close(ready_fd)
 
     try:
-        trio.run(serve, args, ready)
+        trio.run(serve, MountConfig.from_args(args), ready)
     except MountError as e:
         if ready_fd is not None:
             os.write(ready_fd, f"ERR {e}\n".encode())
@@ -316,28 +317,21 @@ def _foreground(args) -> int:
 
 def _detach(args) -> int:
     """Start the foreground process detached; return when it says the mount is live."""
+    import dataclasses
+
+    from .config import MountConfig
     from .errors import MountError
     from .runtime import runtime_base
     try:
         base = runtime_base()
     except MountError as e:
         return _fail(str(e))
-    logfile = args.log or os.path.join(
-        base, "snapfs-" + os.path.abspath(args.mountpoint).strip("/").replace("/", "_") + ".log")
+    config = MountConfig.from_args(args)
+    logfile = config.log or os.path.join(
+        base, "snapfs-" + os.path.abspath(config.mountpoint).strip("/").replace("/", "_") + ".log")
     r, w = os.pipe()
-    cmd = [sys.executable, "-m", "snapfs", "mount", "--foreground", "--ready-fd", str(w),
-           "--connections", str(args.connections),
-           "--idle-timeout", str(args.idle_timeout), "--log", logfile]
-    cmd += ["--images", args.images] if args.images is not None else ["--connect", args.connect]
-    for name in args.domain or ():
-        cmd += ["--domain", name]
-    for opt in ("since", "checkpoint"):
-        if getattr(args, opt):
-            cmd += ["--" + opt, getattr(args, opt)]
-    for flag in ("debug", "allow_other", "allow_outside_backing", "rw", "watch"):
-        if getattr(args, flag):
-            cmd.append("--" + flag.replace("_", "-"))
-    cmd += ["--", args.mountpoint]
+    cmd = [sys.executable, "-m", "snapfs", "mount", "--foreground", "--ready-fd", str(w)]
+    cmd += dataclasses.replace(config, log=logfile).argv()
     with open(logfile, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 pass_fds=(w,), start_new_session=True)
@@ -345,7 +339,7 @@ def _detach(args) -> int:
     with os.fdopen(r) as f:
         line = f.readline().strip()
     if line == "OK":
-        print(f"snapfs: mounted {args.images or args.connect} on {args.mountpoint} (log: {logfile})")
+        print(f"snapfs: mounted {config.label} on {config.mountpoint} (log: {logfile})")
         return 0
     if line.startswith("ERR "):
         proc.wait()

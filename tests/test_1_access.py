@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 from snapfs.fs.access import LIST, READ, SEARCH, Facts, access, parents
+from snapfs.hosts.local import LOCAL
 
 NOBODY = 65534
 
@@ -71,7 +72,7 @@ def test_missing_file_grants_nothing(tmp_path):
 def test_parents_as_found_and_as_resolved(tmp_path):
     (tmp_path / "real").mkdir()
     os.symlink(tmp_path / "real", tmp_path / "link")
-    got = parents(str(tmp_path / "link" / "disk.qcow2"))
+    got = parents(str(tmp_path / "link" / "disk.qcow2"), LOCAL)
     assert got[:2] == [str(tmp_path / "link"), str(tmp_path)]
     assert str(tmp_path / "real") in got and "/" in got
 

@@ -18,6 +18,7 @@ from conftest import MiB, create, qemu_img, qemu_io, run
 
 from snapfs.formats import format_by_name, json_node, read_layer, single, vmdk
 from snapfs.formats.chain import Chains
+from snapfs.hosts.local import LOCAL
 from snapfs.sources.imagedir import ImageDirectory
 
 
@@ -62,7 +63,7 @@ def write(path, data):
 
 
 def cid_of(path):
-    return read_layer(str(path), "vmdk").cid
+    return read_layer(str(path), "vmdk", LOCAL).cid
 
 
 def poke(path, offset, fmt, *values):
@@ -91,7 +92,7 @@ def test_vmdk_matches_qemu(tmp_path, size, opts):
     assert vmdk.read_header(base).parent is None and vmdk.read_header(base).parent_cid == vmdk.NO_PARENT
     assert vmdk.read_header(top).parent == "base.vmdk" == info(top, "vmdk")["backing-filename"]
     assert vmdk.read_header(top).parent_cid == vmdk.read_header(base).cid
-    layer = read_layer(top, "vmdk")
+    layer = read_layer(top, "vmdk", LOCAL)
     assert layer.problem is None
     assert (layer.backing_path, layer.backing_format) == (str(tmp_path / "base.vmdk"), "vmdk")
 
@@ -104,8 +105,8 @@ def test_vmdk_written_and_stream_converted(tmp_path):
     conv = tmp_path / "conv.vmdk"
     qemu_img("convert", "-f", "vmdk", "-O", "vmdk", "-o", "subformat=streamOptimized", base, conv)
     for path in (base, str(conv)):
-        assert read_layer(path, "vmdk").problem is None
-        assert read_layer(path, "vmdk").size == info(path, "vmdk")["virtual-size"]
+        assert read_layer(path, "vmdk", LOCAL).problem is None
+        assert read_layer(path, "vmdk", LOCAL).size == info(path, "vmdk")["virtual-size"]
     assert vmdk.read_header(conv).compressed
 
 
@@ -121,7 +122,7 @@ SINGLES = [
 @pytest.mark.parametrize("fmt,opts", SINGLES)
 def test_single_layer_formats_match_qemu(tmp_path, fmt, opts, size):
     path = make(tmp_path / f"d.{fmt}", fmt, size, *opts)
-    layer = read_layer(path, fmt)
+    layer = read_layer(path, fmt, LOCAL)
     assert layer.problem is None
     assert layer.size == info(path, fmt)["virtual-size"]
     assert layer.backing_path is None and layer.bitmaps == []
@@ -131,7 +132,7 @@ def test_single_layer_formats_match_qemu(tmp_path, fmt, opts, size):
 def test_large_vpc_sizes(tmp_path, size):
     for opts in ((), ("force_size=on",)):
         path = make(tmp_path / "d.vhd", "vpc", size, *opts)
-        assert read_layer(path, "vpc").size == info(path, "vpc")["virtual-size"]
+        assert read_layer(path, "vpc", LOCAL).size == info(path, "vpc")["virtual-size"]
 
 
 # -- which file is which format ------------------------------------------------------
@@ -159,20 +160,20 @@ def test_format_by_name_and_header(tmp_path):
                    "f.vhd": "vpc", "g.vpc": "vpc", "vmdk-in.img": "raw", "vmdk-in.raw": "raw",
                    "vmdk-no-suffix": None, "qcow2-in.vmdk": "vmdk", "qcow2-in.img": "qcow2"}
     assert format_by_name(str(tmp_path / "x.vmdk"), by_name_only=True) == "vmdk"
-    assert "no VMDK sparse extent header" in read_layer(str(tmp_path / "qcow2-in.vmdk"), "vmdk").problem
-    assert read_layer(str(tmp_path / "vmdk-in.img"), "raw").problem is None
+    assert "no VMDK sparse extent header" in read_layer(str(tmp_path / "qcow2-in.vmdk"), "vmdk", LOCAL).problem
+    assert read_layer(str(tmp_path / "vmdk-in.img"), "raw", LOCAL).problem is None
 
 
 def test_json_node_spells_vmdk_backing():
-    node = json.loads(json_node([("/d/top.vmdk", "vmdk"), ("/d/base.vmdk", "vmdk")])[5:])
+    node = json.loads(json_node([("/d/top.vmdk", "vmdk"), ("/d/base.vmdk", "vmdk")], LOCAL.protocol_driver)[5:])
     assert node["driver"] == "vmdk" and node["backing"]["driver"] == "vmdk"
     assert node["backing"]["backing"] is None
-    alone = json.loads(json_node([("/d/top.vmdk", "vmdk")])[5:])
+    alone = json.loads(json_node([("/d/top.vmdk", "vmdk")], LOCAL.protocol_driver)[5:])
     assert alone["backing"] is None
-    mixed = json.loads(json_node([("/d/top.qcow2", "qcow2"), ("/d/base.vdi", "vdi")])[5:])
+    mixed = json.loads(json_node([("/d/top.qcow2", "qcow2"), ("/d/base.vdi", "vdi")], LOCAL.protocol_driver)[5:])
     assert mixed["backing"] == {"driver": "vdi", "file": {"driver": "file", "filename": "/d/base.vdi"}}
     with pytest.raises(ValueError):
-        json_node([("/d/top.vhdx", "vhdx"), ("/d/base.vmdk", "vmdk")])
+        json_node([("/d/top.vhdx", "vhdx"), ("/d/base.vmdk", "vmdk")], LOCAL.protocol_driver)
 
 
 # -- refused VMDK files ----------------------------------------------------------------
@@ -237,7 +238,7 @@ def test_bad_vmdk_is_refused(tmp_path, case):
     build, reason = BAD_VMDK[case]
     path = str(build(tmp_path))
     assert format_by_name(path) == "vmdk"
-    layer = read_layer(path, "vmdk")
+    layer = read_layer(path, "vmdk", LOCAL)
     assert layer.problem is not None and layer.problem.startswith("not a usable vmdk image: ")
     assert reason in layer.problem, layer.problem
 
@@ -245,9 +246,9 @@ def test_bad_vmdk_is_refused(tmp_path, case):
 def test_descriptor_file_names_its_extents(tmp_path):
     """A refused descriptor file records the extent files it names (parts of it, not disks)."""
     for sub, ext in (("monolithicFlat", "-flat"), ("twoGbMaxExtentSparse", "-s001")):
-        layer = read_layer(str(_descriptor_file(tmp_path, sub)), "vmdk")
+        layer = read_layer(str(_descriptor_file(tmp_path, sub)), "vmdk", LOCAL)
         assert layer.extent_paths == (str(tmp_path / f"{sub}{ext}.vmdk"),)
-    assert read_layer(make(tmp_path / "one.vmdk", "vmdk", MiB), "vmdk").extent_paths == ()
+    assert read_layer(make(tmp_path / "one.vmdk", "vmdk", MiB), "vmdk", LOCAL).extent_paths == ()
 
 
 def test_qemu_refuses_what_is_refused_here(tmp_path):
@@ -337,7 +338,7 @@ def test_bad_single_layer_images_are_refused(tmp_path, case):
     fmt, build, reason = BAD_SINGLE[case]
     path = str(build(tmp_path))
     assert format_by_name(path) == fmt
-    layer = read_layer(path, fmt)
+    layer = read_layer(path, fmt, LOCAL)
     assert layer.problem is not None and layer.problem.startswith(f"not a usable {fmt} image: ")
     assert reason in layer.problem, layer.problem
 
@@ -446,7 +447,7 @@ def test_chains_reads_a_vmdk_parent_as_vmdk(tmp_path):
     top = make(tmp_path / "t.vmdk", "vmdk", MiB)
     edit_descriptor(top, lambda t: set_field(set_field(t, "parentFileNameHint", '"p.img"'), "parentCID",
                                              f"{cid_of(tmp_path / 'p.img'):08x}"))
-    chains = Chains()
+    chains = Chains(LOCAL)
     chain, cut = chains.chain(chains.layer(top, "vmdk"))
     assert cut is None
     assert [(lay.name, lay.format) for lay in chain] == [("p.img", "vmdk"), ("t.vmdk", "vmdk")]
@@ -463,7 +464,7 @@ def test_truncated_images_are_problems_never_tracebacks(tmp_path, name, cut):
         data = f.read(cut)
     path = tmp_path / name
     path.write_bytes(data)
-    layer = read_layer(str(path), fmt)
+    layer = read_layer(str(path), fmt, LOCAL)
     assert layer.problem, layer
 
 
@@ -474,4 +475,4 @@ def test_crafted_offsets_past_any_file_are_problems(tmp_path):
     data = bytearray(path.read_bytes())
     data[16:24] = (2**64 - 1).to_bytes(8, "big")  # the dynamic header's offset, in the footer copy at 0
     path.write_bytes(bytes(data))
-    assert read_layer(str(path), "vpc").problem
+    assert read_layer(str(path), "vpc", LOCAL).problem

@@ -1,10 +1,11 @@
-"""The package's shape: pure modules stay pure, and no module imports itself back.
+"""The package's shape: pure modules stay pure, no module imports itself back,
+and the FUSE side knows no kind of source and no server's state.
 
 Pure modules (formats, sources' rules, views, extents, errors, runtime, the
-tree and layout, the NBD specs and pool logic) must load neither pyfuse3 nor
-libnbd nor libvirt, so their tests run without them; only the modules named
-in ``IMPURE`` may. Every module is checked, so a new one is pure unless it
-is added here on purpose.
+tree and layout, the NBD specs and pool logic, the data services) must load
+neither pyfuse3 nor libnbd nor libvirt, so their tests run without them;
+only the modules named in ``IMPURE`` may. Every module is checked, so a new
+one is pure unless it is added here on purpose.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ PACKAGE = os.path.join(REPO, "snapfs")
 IMPURE = {
     "snapfs.fs.operations": {"pyfuse3"},  # the FUSE handlers
     "snapfs.fs.attrs": {"pyfuse3"},  # builds pyfuse3.EntryAttributes
+    "snapfs.fs.handles": {"pyfuse3"},  # open files answer with FUSE errnos
     "snapfs.fs.control": {"pyfuse3"},  # invalidates entries after a refresh
     "snapfs.fs.mount": {"pyfuse3"},  # the FUSE session
     "snapfs.nbd.client": {"nbd"},  # the one importer of libnbd
@@ -85,14 +87,24 @@ def _imports(path: str, name: str, is_pkg: bool) -> set[str]:
     return out
 
 
-def test_no_import_cycles():
+def _path(name: str) -> tuple[str, bool]:
+    rel = name.replace(".", os.sep)
+    is_pkg = os.path.isdir(os.path.join(REPO, rel))
+    return (os.path.join(REPO, rel, "__init__.py") if is_pkg else os.path.join(REPO, rel + ".py")), is_pkg
+
+
+def _graph() -> dict[str, set[str]]:
     names = modules()
     graph = {}
     for name in names:
-        rel = name.replace(".", os.sep)
-        is_pkg = os.path.isdir(os.path.join(REPO, rel))
-        path = os.path.join(REPO, rel, "__init__.py") if is_pkg else os.path.join(REPO, rel + ".py")
+        path, is_pkg = _path(name)
         graph[name] = {m for m in _imports(path, name, is_pkg) if m in names and m != name}
+    return graph
+
+
+def test_no_import_cycles():
+    names = modules()
+    graph = _graph()
     # Depth-first search for a back edge.
     state: dict[str, int] = {}
     cycles = []
@@ -111,3 +123,27 @@ def test_no_import_cycles():
             visit(n, [n])
     assert cycles == []
     assert "snapfs.runtime" in graph["snapfs.sources.backup"]  # the graph is really read
+
+
+# What a server's or a write session's state is made of: only nbd/ and data/ change it.
+SERVER_STATE = {"users", "closing", "changed", "dead", "retired", "process", "files", "ending", "server"}
+
+
+def test_the_fuse_side_knows_no_kind_of_source_and_sets_no_server_state():
+    graph = _graph()
+    fs = [n for n in graph if n.startswith("snapfs.fs.")]
+    concrete = {n for n in graph if n.startswith("snapfs.sources.") and n != "snapfs.sources.base"}
+    assert {n: sorted(graph[n] & concrete) for n in fs if graph[n] & concrete} == {}
+    assert "snapfs.sources.base" in graph["snapfs.fs.layout"]  # the graph is really read
+    stores = {}
+    for name in fs:
+        tree = ast.parse(open(_path(name)[0]).read())
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            for t in targets:
+                for a in ast.walk(t):
+                    if isinstance(a, ast.Attribute) and isinstance(a.ctx, ast.Store) and a.attr in SERVER_STATE \
+                            and not (isinstance(a.value, ast.Name) and a.value.id == "self"):
+                        stores.setdefault(name, []).append(f"line {a.lineno}: .{a.attr}")
+    assert stores == {}

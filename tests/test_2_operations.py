@@ -1,12 +1,13 @@
 """Tier 2: the FUSE handlers, called directly under trio, over a fake NBD side.
 
-No mount, no qemu. ``Operations`` gets a tree and views built as ``fs.layout``
-builds them (``disk_views`` of a two-layer qcow2 disk whose top holds bitmap
-``b1``; the image files exist in tmp_path, empty, because ``attrs.py`` stats
-them), and the ``ServerPool`` gets ``FakeBackend`` instead of qemu-nbd and
-libnbd. Everything above the backend is production code: the pool's start,
-idle stop and restart, the chunk cache, ``contexts.read_block_status`` (the
-fake's ``block_status`` calls it with a fake ``request``), views, extent maps.
+No mount, no qemu. A mount's parts are wired as ``fs.mount.Mount`` wires
+them, over one unit as the image-directory source makes it (``disk_unit`` of
+a two-layer qcow2 disk whose top holds bitmap ``b1``; the image files exist
+in tmp_path, empty, because ``attrs.py`` stats them), on a fake host
+(``FakeBackend``: a ``LocalHost`` whose qemu-nbd and libnbd are fakes).
+Everything above the host is production code: the pool's start, idle stop
+and restart, the chunk cache, ``contexts.read_block_status`` (the fake's
+``block_status`` calls it with a fake ``request``), views, extent maps.
 
 The fake serves every export as an ``Image``: areas ``(length, kind, dirty)``,
 kind ``data`` (random bytes), ``zero`` (allocated, reads as zeros) or ``hole``
@@ -35,6 +36,7 @@ import os
 import random
 import re
 import threading
+import types
 from contextlib import asynccontextmanager
 
 import pyfuse3
@@ -42,17 +44,18 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
+from snapfs.config import MountConfig
 from snapfs.errors import TransportError, Unavailable
 from snapfs.extents import STATE_HOLE, STATE_ZERO
 from snapfs.formats import Layer, qcow2
 from snapfs.formats.chain import Disk
-from snapfs.fs.operations import Operations
-from snapfs.fs.tree import ROOT_INODE, STATUS_NAME, Status, Tree
+from snapfs.fs import mount as fsmount
+from snapfs.fs.tree import ROOT_INODE, STATUS_NAME
+from snapfs.hosts.local import LocalHost
 from snapfs.nbd import contexts
 from snapfs.nbd.chunks import CHUNK
-from snapfs.nbd.pool import ServerPool
-from snapfs.sources.imagedir import disk_views
-from snapfs.views import link_layers
+from snapfs.sources.base import Scan
+from snapfs.sources.imagedir import disk_unit
 
 KiB, MiB = 1 << 10, 1 << 20
 ALLOC, DEPTH, DIRTY = contexts.BASE_ALLOCATION, contexts.ALLOCATION_DEPTH, contexts.dirty_context("b1")
@@ -188,15 +191,16 @@ class FakeConnection:
         return contexts.read_block_status(end, self.contexts, request, start)
 
 
-class FakeBackend:
-    """The pool's ``backend=``: an Image per spec (``images``), ``default`` for the rest."""
+class FakeBackend(LocalHost):
+    """The images' host, its qemu-nbd and libnbd faked: an Image per spec (``images``),
+    ``default`` for the rest."""
 
     def __init__(self, default):
         self.default = default
         self.images = {}
         self.processes: list[FakeProcess] = []
 
-    def process(self, spec, rundir, ident, connections):
+    def nbd_server(self, spec, rundir, ident, connections):
         p = FakeProcess(self.images.get(spec, self.default), spec, os.path.join(rundir, f"{ident}.sock"))
         self.processes.append(p)
         return p
@@ -209,32 +213,32 @@ class FakeBackend:
 
 
 class Mount:
-    """A disk ``vm/top.qcow2`` (base <- top, bitmap b1 in top): its ``disk_views`` put in a
-    tree and a status as ``fs.layout`` does, a pool over ``FakeBackend``, the Operations."""
+    """A disk ``vm/top.qcow2`` (base <- top, bitmap b1 in top) as an image-directory
+    source's unit, laid out in a mount wired as ``fs.mount.Mount`` does, on ``FakeBackend``."""
 
-    def __init__(self, tmp_path, image, idle_timeout=2.0):
+    def __init__(self, tmp_path, image, idle_timeout=2.0, backend=None, writable=False):
         d = tmp_path / "vm"
         d.mkdir()
         base, top = d / "base.qcow2", d / "top.qcow2"
         base.write_bytes(b"")
         top.write_bytes(b"")
+        self.backend = backend or FakeBackend(image)
         auto = qcow2.Bitmap("b1", qcow2.BITMAP_AUTO, 64 * KiB)
-        layers = [Layer(str(base), "qcow2", size=image.size, mtime_ns=1),
+        layers = [Layer(str(base), "qcow2", size=image.size, mtime_ns=1, host=self.backend),
                   Layer(str(top), "qcow2", size=image.size, backing_path=str(base), backing_format="qcow2",
-                        bitmaps=[auto], mtime_ns=2)]
-        views, missing = disk_views(Disk("vm/top.qcow2", layers, complete=True))
-        assert not missing
-        link_layers(views)
-        self.views = {f"{v.disk.relpath}/{v.folder}/{v.basename}": v for v in views}
-        self.tree = Tree()
-        self.tree.add_status()
-        self.status = Status(str(tmp_path))
-        for v in views:
-            self.tree.add_view(v)
-        self.status.views += views
-        self.backend = FakeBackend(image)
-        self.pool = ServerPool(str(tmp_path), connections=2, idle_timeout=idle_timeout, backend=self.backend)
-        self.ops = Operations(self.tree, self.pool, self.status)
+                        bitmaps=[auto], mtime_ns=2, host=self.backend)]
+        unit = disk_unit(str(tmp_path), Disk("vm/top.qcow2", layers, complete=True), writable)
+        assert not unit.missing
+        self.views = {f"{v.disk.relpath}/{v.folder}/{v.basename}": v for v in unit.views}
+        source = types.SimpleNamespace(label=str(tmp_path), host=self.backend)
+        config = MountConfig(mountpoint=str(tmp_path), sources=(), writable=writable, connections=2,
+                             idle_timeout=idle_timeout)
+        self.m = fsmount.Mount(config, str(tmp_path), [source])
+        self.m.catalog.lay_out(source, Scan(units={unit.key: unit}))
+        # The fake images' maps come from the fake qemu-nbd, not from the (empty) files.
+        self.m.block_status.from_files = False
+        self.tree, self.pool, self.ops = self.m.tree, self.m.pool, self.m.ops
+        self.writes, self.block_status = self.m.writes, self.m.block_status
 
     @asynccontextmanager
     async def running(self):
@@ -348,7 +352,7 @@ async def test_maps_do_not_depend_on_how_the_server_splits_replies(tmp_path, rep
             await ops.release(fh)
             # The runs behind the map: merged, clipped at the end, nothing twice.
             view = mount.views[name]
-            runs = await mount.pool.block_status(view.spec, view.size)  # kept from the map
+            runs = await mount.block_status.runs(view.spec, view.size)  # kept from the map
             assert runs == {ctx: image.runs[ctx] for ctx in view.spec.contexts}
         assert await ops.getxattr((await mount.lookup(DIRTYV + ".raw")).st_ino, b"user.snapfs.bitmap", None) == b"b1"
     # One request per export for a server that answers in full; more for the others.

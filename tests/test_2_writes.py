@@ -1,8 +1,8 @@
 """Tier 2: the write side of ``--rw`` mounts, the handlers called directly over a fake NBD side.
 
 The disk, tree and handlers are test_2_operations's (``Mount``: ``vm/top.qcow2``,
-base <- top, bitmap b1 in top), built as ``fs.layout`` builds a ``--rw`` mount:
-``Tree(writable=True)`` and ``views.mark_writable``. The fake learns to write:
+base <- top, bitmap b1 in top), built as a ``--rw`` mount builds them
+(``writable=True``: ``views.mark_writable``). The fake learns to write:
 
 - ``WritableImage``: content and allocation kept per 64 KiB block (a qcow2
   cluster), so block status follows the writes: a write makes its blocks data
@@ -16,8 +16,8 @@ base <- top, bitmap b1 in top), built as ``fs.layout`` builds a ``--rw`` mount:
   host disk does (the connection stays up); ``image.die_at_write`` kills the
   server under the next write (the connection is reset).
 
-Everything above the backend is production code: the pool's writers, the
-views' ``changed``/``refresh``, the handlers.
+Everything above the host is production code: the write sessions, the
+pool, the handlers.
 """
 
 import errno
@@ -49,10 +49,9 @@ from test_2_operations import (  # noqa: F401 (_logs: the log check, autouse)
 from trio.testing import wait_all_tasks_blocked
 
 from snapfs.errors import TransportError
-from snapfs.fs.operations import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
-from snapfs.fs.tree import STATUS_NAME, Tree
+from snapfs.fs.handles import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+from snapfs.fs.tree import STATUS_NAME
 from snapfs.nbd import contexts
-from snapfs.views import mark_writable
 
 KiB, MiB = 1 << 10, 1 << 20
 BLOCK = 64 * KiB
@@ -187,7 +186,7 @@ class WritableConnection(FakeConnection):
 
 
 class WritableBackend(FakeBackend):
-    def process(self, spec, rundir, ident, connections):
+    def nbd_server(self, spec, rundir, ident, connections):
         p = WritableProcess(self.images.get(spec, self.default), spec, os.path.join(rundir, f"{ident}.sock"))
         self.processes.append(p)
         return p
@@ -201,19 +200,10 @@ class WritableBackend(FakeBackend):
 
 
 class WriteMount(Mount):
-    """test_2_operations's Mount as a ``--rw`` mount (``fs.layout.build_tree`` with writable)."""
+    """test_2_operations's Mount as a ``--rw`` mount."""
 
     def __init__(self, tmp_path, image, idle_timeout=2.0):
-        super().__init__(tmp_path, image, idle_timeout)
-        views = list(self.views.values())
-        mark_writable(views)
-        self.tree = Tree(writable=True)
-        self.tree.add_status()
-        for v in views:
-            self.tree.add_view(v)
-        self.backend = WritableBackend(image)
-        self.pool = type(self.pool)(str(tmp_path), connections=2, idle_timeout=idle_timeout, backend=self.backend)
-        self.ops = type(self.ops)(self.tree, self.pool, self.status)
+        super().__init__(tmp_path, image, idle_timeout, backend=WritableBackend(image), writable=True)
         self.image = image
         self.top = self.spec(CHAIN).image  # the image the writable views write
 
@@ -421,7 +411,7 @@ async def test_other_views_of_the_image_are_busy_while_it_is_written(tmp_path):
         fh = await mount.open(LAYER + ".raw", os.O_WRONLY)
         await ops.release(fh)
         await mount.settle()
-        assert mount.pool.writers == {}
+        assert mount.writes.sessions == {}
 
 
 # -- right after the writer's last close ---------------------------------------------
@@ -534,7 +524,7 @@ async def test_a_qcow2_open_under_way_keeps_the_writer_out(tmp_path):
             assert await fails(mount.open(CHAIN + ".qcow2")) == "EBUSY"
         await ops.release(w)
         await mount.settle()
-        assert mount.pool.writers == {}
+        assert mount.writes.sessions == {}
 
 
 # -- O_TRUNC, truncate(0) ------------------------------------------------------------
@@ -553,7 +543,7 @@ async def test_truncating_a_layer_that_holds_data_is_eperm(tmp_path):
         assert f"{LAYER}.raw: truncating a layer that holds data ({BLOCK} bytes, the first at {MiB})" in status
         assert "restore a layer into a fresh one" in status
         await mount.settle()
-        assert mount.backend.alive() == [] and mount.pool.writers == {}
+        assert mount.backend.alive() == [] and mount.writes.sessions == {}
 
 
 async def test_truncating_an_empty_layer_changes_nothing_and_the_chain_view_reads_zero(tmp_path):

@@ -2,8 +2,8 @@
 
 ``formats/status.py`` answers for plain qcow2 and raw images so that a
 listing does not start a qemu-nbd per export. Here every export of a set of
-images is asked both ways, through the pool (``ServerPool.block_status``,
-once with ``local_status`` and once with qemu-nbd), and the runs of every
+images is asked both ways, through the block status service
+(``data.status.BlockStatus``, once from the files and once from qemu-nbd), and the runs of every
 metadata context must be equal, run for run. The images cover each kind of
 L2 entry (data, zero with and without an offset, compressed, unallocated,
 discarded), cluster sizes from 512 B to 2 MiB, sizes that end inside a
@@ -25,7 +25,9 @@ import pytest
 import trio
 from conftest import create, qemu_img, qemu_io, running_writer
 
+from snapfs.data.status import BlockStatus
 from snapfs.formats import status as local
+from snapfs.hosts.local import LOCAL
 from snapfs.nbd.pool import ServerPool
 from snapfs.nbd.spec import ExportSpec
 
@@ -39,7 +41,7 @@ def pin(path):
 
 def spec(*layers):
     """An export of ``(path, format)`` layers, top first, pinned as scanned."""
-    return ExportSpec(tuple((str(p), f) for p, f in layers), pins=tuple(pin(p) for p, _ in layers))
+    return ExportSpec(tuple((str(p), f) for p, f in layers), pins=tuple(pin(p) for p, _ in layers), host=LOCAL)
 
 
 async def both(tmp_path, specs):
@@ -47,13 +49,14 @@ async def both(tmp_path, specs):
     out = []
     for s in specs:
         size = qemu_size(s.layers[0])
-        fast = ServerPool(str(tmp_path), local_status=True)
-        slow = ServerPool(str(tmp_path), local_status=False)
+        pool = ServerPool(str(tmp_path))
+        fast = BlockStatus(pool, from_files=True)
+        slow = BlockStatus(pool, from_files=False)
         async with trio.open_nursery() as n:
-            await n.start(slow.run)
-            theirs = await slow.block_status(s, size)
+            await n.start(pool.run)
+            theirs = await slow.runs(s, size)
             n.cancel_scope.cancel()
-        mine, _ = await trio.to_thread.run_sync(fast._local_runs, s, size, {})
+        mine, _ = await trio.to_thread.run_sync(fast.from_images, s, size, {})
         out.append((mine, theirs))
     return out
 
@@ -180,8 +183,8 @@ async def test_an_image_locked_for_writing_is_left_to_qemu(tmp_path):
     p = create(tmp_path / "busy.qcow2", 4 * MiB)
     qemu_io(p, "write -P 1 0 64k")
     s = spec((p, "qcow2"))
-    pool = ServerPool(str(tmp_path), local_status=True)
-    assert (await trio.to_thread.run_sync(pool._local_runs, s, 4 * MiB, {}))[0] is not None
+    status = BlockStatus(ServerPool(str(tmp_path)), from_files=True)
+    assert (await trio.to_thread.run_sync(status.from_images, s, 4 * MiB, {}))[0] is not None
     with running_writer(p, tmp_path / "vm.sock"):
         with pytest.raises(local.NotPlain, match="locked for writing"):
             local.layer_status(p, "qcow2", pin(p))

@@ -80,6 +80,7 @@ class Layer:
     still that one only).
     extent_paths: the files a (refused) VMDK descriptor file names: parts
     of it, not disks of their own.
+    host: the machine the file is on (``hosts/``); paths are paths there.
     """
 
     path: str
@@ -96,6 +97,7 @@ class Layer:
     cid: int | None = None
     parent_cid: int | None = None
     extent_paths: tuple[str, ...] = ()
+    host: object = field(default=None, compare=False, repr=False)
 
     @property
     def node(self) -> tuple[str, str]:
@@ -108,11 +110,11 @@ class Layer:
         return os.path.basename(self.path)
 
 
-def format_by_name(path: str, by_name_only: bool = False) -> str | None:
+def format_by_name(path: str, by_name_only: bool = False, host=None) -> str | None:
     """The format of a file found in the directory, or None if it is no image.
 
     by_name_only: never open the file (a name without an image suffix is
-    then no image).
+    then no image). host: where the file is (``hosts/``), to read its header.
     """
     lower = path.lower()
     if lower.endswith(".raw"):
@@ -120,7 +122,7 @@ def format_by_name(path: str, by_name_only: bool = False) -> str | None:
     for suffix, fmt in NAMED_SUFFIXES.items():
         if lower.endswith(suffix):
             return fmt  # read_layer reports a missing header
-    if not by_name_only and qcow2.is_qcow2(path):
+    if not by_name_only and qcow2.is_qcow2(path, opener=host.open if host else qcow2.READ_BINARY):
         return "qcow2"
     if lower.endswith(".img"):
         return "raw"
@@ -152,30 +154,24 @@ def fd_locked_for_write(fd: int) -> bool:
         return False
 
 
-def _device_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-
-
-def _read_header(layer: Layer, path: str, fmt: str, st) -> bool:
+def _read_header(layer: Layer, path: str, fmt: str, st, host) -> bool:
     """Fill ``layer`` from the image's header; True when it turned out unusable."""
+    opener = host.open
     if fmt == "raw":
         # qemu serves a raw file in whole sectors: a partial last sector
         # reads as zeros up to the next multiple of 512.
         size = st.st_size
         if stat.S_ISBLK(st.st_mode):
             try:
-                size = _device_size(path)
+                with opener(path) as f:
+                    size = f.seek(0, os.SEEK_END)
             except OSError as e:
                 layer.problem = f"cannot open: {e.strerror}"
                 return True
         layer.size = (size + 511) // 512 * 512
     elif fmt == "vmdk":
         try:
-            hdr = vmdk.read_header(path)
+            hdr = vmdk.read_header(path, opener=opener)
         except vmdk.VmdkError as e:
             layer.problem = f"not a usable vmdk image: {e}"
             layer.extent_paths = tuple(os.path.normpath(os.path.join(os.path.dirname(path), x))
@@ -190,14 +186,14 @@ def _read_header(layer: Layer, path: str, fmt: str, st) -> bool:
                 layer.problem = f"parent file {hdr.parent!r} is not a plain file name"
     elif fmt in _SINGLE:
         try:
-            hdr = _SINGLE[fmt](path)
+            hdr = _SINGLE[fmt](path, opener)
         except single.HeaderError as e:
             layer.problem = f"not a usable {fmt} image: {e}"
             return True
         layer.size = hdr.size
     else:
         try:
-            hdr = qcow2.read_header(path)
+            hdr = qcow2.read_header(path, opener=opener)
         except qcow2.Qcow2Error as e:
             layer.problem = f"not a usable qcow2 image: {e}"
             return True
@@ -217,11 +213,11 @@ def _read_header(layer: Layer, path: str, fmt: str, st) -> bool:
     return False
 
 
-def read_layer(path: str, fmt: str) -> Layer:
-    """Read one image's metadata; problems are recorded, never raised."""
-    layer = Layer(path=path, format=fmt, real=os.path.realpath(path))
+def read_layer(path: str, fmt: str, host) -> Layer:
+    """Read one image's metadata on ``host`` (``hosts/``); problems are recorded, never raised."""
+    layer = Layer(path=path, format=fmt, real=host.realpath(path), host=host)
     try:
-        st = os.stat(path)
+        st = host.stat(path)
     except OSError as e:
         layer.problem = f"cannot open: {e.strerror}"
         return layer
@@ -229,21 +225,22 @@ def read_layer(path: str, fmt: str) -> Layer:
     layer.ctime_ns = st.st_ctime_ns
     layer.pin = (st.st_dev, st.st_ino)
     try:
-        if _read_header(layer, path, fmt, st):
+        if _read_header(layer, path, fmt, st, host):
             return layer
     except Exception as e:  # a parser's oversight on a crafted file: a problem, never a traceback
         log.debug("reading the header of %s failed", path, exc_info=True)
         layer.problem = f"not a usable {fmt} image: cannot read its header ({type(e).__name__}: {e})"
         return layer
-    if locked_for_write(path):
+    if host.locked_for_write(path):
         layer.problem = "in use: a running VM (or another qemu) has it open for writing"
     return layer
 
 
 _SINGLE = {
-    "vdi": single.read_vdi,
-    "vpc": single.read_vpc,
-    "vhdx": lambda path: single.read_vhdx(path, differencing_name=path.lower().endswith(".avhdx")),
+    "vdi": lambda path, opener: single.read_vdi(path, opener=opener),
+    "vpc": lambda path, opener: single.read_vpc(path, opener=opener),
+    "vhdx": lambda path, opener: single.read_vhdx(path, differencing_name=path.lower().endswith(".avhdx"),
+                                                  opener=opener),
 }
 
 
@@ -266,19 +263,12 @@ def has_allocation_depth(fmt: str) -> bool:
     return fmt in BACKED_FORMATS
 
 
-def protocol_driver(path: str) -> str:
-    """qemu's driver for a local path: ``host_device`` for block devices."""
-    try:
-        return "host_device" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
-    except OSError:
-        return "file"  # qemu reports the missing file
-
-
-def json_node(layers) -> str:
+def json_node(layers, protocol_driver) -> str:
     """The ``json:`` filename of ``layers`` (``(path, format)``, top first).
 
     The lowest qcow2 or vmdk layer gets ``"backing": null``, so one layer alone
-    is read without anything beneath it.
+    is read without anything beneath it. protocol_driver: the qemu driver of
+    a path (``file``, ``host_device``), from the host the images are on.
     """
     node = None
     for path, fmt in reversed(layers):

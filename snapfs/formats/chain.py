@@ -6,7 +6,6 @@ usable keeps its layer view. Pure: no pyfuse3, no libnbd.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from . import IMAGE_FORMATS, Layer, qcow2, read_layer, vmdk_parent_changed
@@ -33,31 +32,38 @@ class Disk:
     def top(self) -> Layer:
         return self.chain[-1]
 
+    @property
+    def host(self):
+        """The machine the disk's images are on (``hosts/``)."""
+        return self.top.host
+
 
 class Chains:
-    """Reads each image once and follows backing chains.
+    """Reads each image once and follows backing chains, on one host (``hosts/``).
 
     outside: called with a backing file's path; returns why it must not be
     followed (a path outside the image directory), or None.
     """
 
-    def __init__(self, outside=None):
+    def __init__(self, host, outside=None):
+        self.host = host
         self.outside = outside or (lambda path: None)
         self.layers: dict[str, Layer] = {}
 
     def layer(self, path: str, fmt: str) -> Layer:
-        key = os.path.realpath(path)
+        key = self.host.realpath(path)
         layer = self.layers.get(key)
         if layer is None or layer.format != fmt:
             # Found under another format by name; the naming image decides.
-            layer = read_layer(path, fmt)
+            layer = read_layer(path, fmt, self.host)
             self.layers.setdefault(key, layer)
         return layer
 
     def chain(self, top: Layer) -> tuple[list[Layer], str | None]:
         """The layers from the base up to ``top``, and why the chain was cut (or None)."""
         chain = [top]
-        seen = {os.path.realpath(top.path)}
+        host = self.host
+        seen = {host.realpath(top.path)}
         cut = None
         layer = top
         # A layer with a problem still names its backing file when its header
@@ -72,18 +78,18 @@ class Chains:
                 cut = f"backing file {bpath} has unsupported format {layer.backing_format!r}"
             elif (why := self.outside(bpath)) is not None:
                 cut = why
-            elif not os.path.exists(bpath):
+            elif not host.exists(bpath):
                 cut = f"backing file {bpath} is missing"
-            elif os.path.realpath(bpath) in seen:
+            elif host.realpath(bpath) in seen:
                 cut = f"backing chain loops at {bpath}"
             if cut:
                 break
             below = self.layer(bpath, layer.backing_format)
-            if below.format == "qcow2" and below.problem is None and not qcow2.is_qcow2(bpath):
+            if below.format == "qcow2" and below.problem is None and not qcow2.is_qcow2(bpath, host.open):
                 below.problem = "named as a qcow2 backing file but has no qcow2 header"
             if (cut := vmdk_parent_changed(layer, below)) is not None:
                 break
-            seen.add(os.path.realpath(bpath))
+            seen.add(host.realpath(bpath))
             chain.append(below)
             layer = below
         chain.reverse()

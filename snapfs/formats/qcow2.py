@@ -11,9 +11,13 @@ extensions and the bitmap directory are read; nothing here trusts guest data.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from dataclasses import dataclass, field
+
+# How a header is read: the image's host's ``open`` (``hosts/``); the local file by default.
+READ_BINARY = functools.partial(open, mode="rb")
 
 MAGIC = b"QFI\xfb"
 
@@ -89,19 +93,21 @@ class Qcow2Header:
         return bool(self.incompatible & INCOMPAT_CORRUPT)
 
 
-def is_qcow2(path: str | os.PathLike) -> bool:
+def is_qcow2(path: str | os.PathLike, opener=READ_BINARY) -> bool:
     """True if the file starts with the qcow2 magic."""
     try:
-        with open(path, "rb") as f:
+        with opener(path) as f:
             return f.read(4) == MAGIC
     except OSError:
         return False
 
 
-def read_header(path: str | os.PathLike) -> Qcow2Header:
-    """Parse a qcow2 header; raise Qcow2Error for anything qemu would refuse."""
+def read_header(path: str | os.PathLike, opener=READ_BINARY) -> Qcow2Header:
+    """Parse a qcow2 header; raise Qcow2Error for anything qemu would refuse.
+
+    opener: opens ``path`` for reading in binary (the image's host's ``open``)."""
     try:
-        with open(path, "rb") as f:
+        with opener(path) as f:
             return read_header_from(f)
     except OSError as e:
         raise Qcow2Error(f"cannot read: {e.strerror}") from None

@@ -12,10 +12,14 @@ Pure: no qemu, nothing of the guest's data is read.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import uuid
 from dataclasses import dataclass
+
+# How a header is read: the image's host's ``open`` (``hosts/``); the local file by default.
+READ_BINARY = functools.partial(open, mode="rb")
 
 SECTOR = 512
 
@@ -30,11 +34,13 @@ class Header:
     kind: str = ""  # "dynamic", "static", "fixed", ... for messages
 
 
-def _read(path, *ranges: tuple[int, int]) -> tuple[int, list[bytes]]:
-    """The file's size and the bytes at each ``(offset, length)``; negative offsets count from the end."""
+def _read(path, *ranges: tuple[int, int], opener=READ_BINARY) -> tuple[int, list[bytes]]:
+    """The file's size and the bytes at each ``(offset, length)``; negative offsets count from the end.
+
+    opener: opens ``path`` for reading in binary (the image's host's ``open``)."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with opener(path) as f:
+            size = f.seek(0, os.SEEK_END)
             out = []
             for off, n in ranges:
                 if off < 0:
@@ -59,16 +65,16 @@ VDI_BLOCKS_MAX = (0x80000000 - SECTOR) // 4
 _VDI = struct.Struct("<IIIII256sIIIIIIIQIIII16s16s16s16s")
 
 
-def is_vdi(path) -> bool:
+def is_vdi(path, opener=READ_BINARY) -> bool:
     try:
-        _, (buf,) = _read(path, (0, SECTOR))
+        _, (buf,) = _read(path, (0, SECTOR), opener=opener)
     except HeaderError:
         return False
     return len(buf) >= SECTOR and struct.unpack_from("<I", buf, 0x40)[0] == VDI_SIGNATURE
 
 
-def read_vdi(path) -> Header:
-    _, (buf,) = _read(path, (0, SECTOR))
+def read_vdi(path, opener=READ_BINARY) -> Header:
+    _, (buf,) = _read(path, (0, SECTOR), opener=opener)
     if len(buf) < SECTOR or struct.unpack_from("<I", buf, 0x40)[0] != VDI_SIGNATURE:
         raise HeaderError("no VDI header")
     (_sig, version, _hsize, itype, _iflags, _desc, off_bmap, off_data, _c, _h, _s, sector_size, _u,
@@ -108,21 +114,21 @@ VHDX_PARAMS_HAS_PARENT = 1 << 1
 VHDX_BLOCK_MIN, VHDX_BLOCK_MAX = 1 << 20, 256 << 20
 
 
-def is_vhdx(path) -> bool:
+def is_vhdx(path, opener=READ_BINARY) -> bool:
     try:
-        _, (buf,) = _read(path, (0, 8))
+        _, (buf,) = _read(path, (0, 8), opener=opener)
     except HeaderError:
         return False
     return buf == VHDX_SIGNATURE
 
 
-def read_vhdx(path, differencing_name: bool = False) -> Header:
+def read_vhdx(path, differencing_name: bool = False, opener=READ_BINARY) -> Header:
     """The virtual size from the metadata region; a differencing file is refused.
 
     The headers and the log are not read: a file whose log needs replaying
     (not closed cleanly) is refused by qemu when first opened, with its reason.
     """
-    _, (sig, rt) = _read(path, (0, 8), (VHDX_REGION_TABLE, 64 << 10))
+    _, (sig, rt) = _read(path, (0, 8), (VHDX_REGION_TABLE, 64 << 10), opener=opener)
     if sig != VHDX_SIGNATURE:
         raise HeaderError("no VHDX signature")
     if differencing_name:
@@ -142,7 +148,7 @@ def read_vhdx(path, differencing_name: bool = False) -> Header:
             metadata = offset
     if metadata is None:
         raise HeaderError("no metadata region")
-    _, (table,) = _read(path, (metadata, VHDX_METADATA_MAX))
+    _, (table,) = _read(path, (metadata, VHDX_METADATA_MAX), opener=opener)
     if len(table) < 32 or table[:8] != VHDX_METADATA_SIGNATURE:
         raise HeaderError("invalid metadata table")
     entries = struct.unpack_from("<H", table, 10)[0]
@@ -157,7 +163,7 @@ def read_vhdx(path, differencing_name: bool = False) -> Header:
     want = (VHDX_FILE_PARAMETERS, VHDX_VIRTUAL_DISK_SIZE, VHDX_LOGICAL_SECTOR_SIZE)
     if any(g not in items for g in want):
         raise HeaderError("required metadata missing")
-    _, (params, vsize, lsize) = _read(path, *((metadata + items[g], 8) for g in want))
+    _, (params, vsize, lsize) = _read(path, *((metadata + items[g], 8) for g in want), opener=opener)
     if len(params) < 8 or len(vsize) < 8 or len(lsize) < 4:
         raise HeaderError("metadata truncated")
     block_size, bits = struct.unpack_from("<II", params)
@@ -191,17 +197,17 @@ def _vhd_footer_ok(buf: bytes) -> bool:
     return (~(sum(buf[:64]) + sum(buf[68:SECTOR]))) & 0xFFFFFFFF == checksum
 
 
-def is_vpc(path) -> bool:
+def is_vpc(path, opener=READ_BINARY) -> bool:
     try:
-        _, (head, tail) = _read(path, (0, 8), (-SECTOR, 8))
+        _, (head, tail) = _read(path, (0, 8), (-SECTOR, 8), opener=opener)
     except HeaderError:
         return False
     return VHD_COOKIE in (head, tail)
 
 
-def read_vpc(path) -> Header:
+def read_vpc(path, opener=READ_BINARY) -> Header:
     """The footer at the start (dynamic) or the end (fixed), and qemu's idea of the size."""
-    file_size, (head, tail) = _read(path, (0, SECTOR), (-SECTOR, SECTOR))
+    file_size, (head, tail) = _read(path, (0, SECTOR), (-SECTOR, SECTOR), opener=opener)
     fixed = head[:8] != VHD_COOKIE
     footer = tail if fixed else head
     if footer[:8] != VHD_COOKIE:
@@ -229,7 +235,7 @@ def read_vpc(path) -> Header:
         raise HeaderError("image too large")
     if fixed:
         return Header(sectors * SECTOR, "fixed")
-    _, (dyn,) = _read(path, (data_offset, 1024))
+    _, (dyn,) = _read(path, (data_offset, 1024), opener=opener)
     if len(dyn) < 40 or dyn[:8] != b"cxsparse":
         raise HeaderError("invalid dynamic disk header")
     (table_offset,) = struct.unpack_from(">Q", dyn, 16)

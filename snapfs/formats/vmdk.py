@@ -24,10 +24,14 @@ data; qemu still reads every byte of it.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import struct
 from dataclasses import dataclass
+
+# How a header is read: the image's host's ``open`` (``hosts/``); the local file by default.
+READ_BINARY = functools.partial(open, mode="rb")
 
 MAGIC = b"KDMV"
 MAGIC_COWD = b"COWD"  # vmfsSparse (ESX 2) extents
@@ -78,20 +82,23 @@ class VmdkHeader:
     parent: str | None  # parentFileNameHint, as written
 
 
-def is_vmdk(path: str | os.PathLike) -> bool:
+def is_vmdk(path: str | os.PathLike, opener=READ_BINARY) -> bool:
     """True if the file starts with the sparse extent magic."""
     try:
-        with open(path, "rb") as f:
+        with opener(path) as f:
             return f.read(4) == MAGIC
     except OSError:
         return False
 
 
-def read_header(path: str | os.PathLike) -> VmdkHeader:
-    """Parse a monolithic VMDK; raise VmdkError for anything snapfs (or qemu) refuses."""
+def read_header(path: str | os.PathLike, opener=READ_BINARY) -> VmdkHeader:
+    """Parse a monolithic VMDK; raise VmdkError for anything snapfs (or qemu) refuses.
+
+    opener: opens ``path`` for reading in binary (the image's host's ``open``)."""
     try:
-        with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
+        with opener(path) as f:
+            file_size = f.seek(0, os.SEEK_END)
+            f.seek(0)
             head = f.read(SECTOR)
             if head[:4] != MAGIC:
                 raise VmdkError(*_not_sparse(head, f))

@@ -51,15 +51,15 @@ import os
 import stat
 import time
 
+from ..hosts.local import LOCAL
+from ..needs import LIST, READ, SEARCH, WRITE, parents
 from .tree import Node, Qcow2File, ViewFile, ViewNode
 
-# What a reader needs of a path: read a file, search a directory, list one;
-# what a writer needs: write the file (a writable view's top image).
-READ, SEARCH, LIST, WRITE = "read", "search", "list", "write"
+__all__ = ["LIST", "READ", "SEARCH", "WRITE", "Facts", "access", "node_needs", "parents"]
 
 
 class Facts:
-    """What the file system says of paths (stat, ACL, resolved parents), kept ``ttl`` seconds.
+    """What a host's file system says of paths (stat, ACL, resolved parents), kept ``ttl`` seconds.
 
     An ``ls -lR`` asks about the same directories for every node it lists;
     a second is long enough to ask the file system once per listing and
@@ -69,67 +69,45 @@ class Facts:
     def __init__(self, ttl: float = 1.0, clock=time.monotonic):
         self.ttl = ttl
         self.clock = clock
-        self._facts: dict[tuple[str, str], tuple[float, object]] = {}
+        self._facts: dict[tuple, tuple[float, object]] = {}
 
-    def _get(self, kind: str, path: str, fn):
+    def _get(self, kind: str, host, path: str, fn):
         now = self.clock()
-        hit = self._facts.get((kind, path))
+        key = (kind, id(host), path)
+        hit = self._facts.get(key)
         if hit is not None and now - hit[0] < self.ttl:
             return hit[1]
         if len(self._facts) > 65536:
             self._facts.clear()
         value = fn(path)
-        self._facts[(kind, path)] = (now, value)
+        self._facts[key] = (now, value)
         return value
 
-    def stat(self, path: str) -> os.stat_result | None:
-        return self._get("stat", path, _stat)
+    def stat(self, path: str, host=LOCAL) -> os.stat_result | None:
+        def get(p):
+            try:
+                return host.stat(p)
+            except OSError:
+                return None
+        return self._get("stat", host, path, get)
 
-    def has_acl(self, path: str) -> bool:
-        return self._get("acl", path, _has_acl)
+    def has_acl(self, path: str, host=LOCAL) -> bool:
+        return self._get("acl", host, path, host.has_acl)
 
-    def parents(self, path: str) -> list[str]:
-        return self._get("parents", path, parents)
-
-
-def _stat(path: str) -> os.stat_result | None:
-    try:
-        return os.stat(path)
-    except OSError:
-        return None
+    def parents(self, path: str, host=LOCAL) -> list[str]:
+        return self._get("parents", host, path, lambda p: parents(p, host))
 
 
-def parents(path: str) -> list[str]:
-    """Every directory above ``path``, as given and as resolved, nearest first."""
-    out: dict[str, None] = {}
-    for p in (os.path.abspath(path), os.path.realpath(path)):
-        d = os.path.dirname(p)
-        while True:
-            out.setdefault(d)
-            if d == "/":
-                break
-            d = os.path.dirname(d)
-    return list(out)
-
-
-def _has_acl(path: str) -> bool:
-    try:
-        os.getxattr(path, "system.posix_acl_access")
-        return True
-    except OSError:
-        return False
-
-
-def access(needs, facts: Facts | None = None) -> tuple[int, int, int]:
+def access(needs, facts: Facts | None = None, host=LOCAL) -> tuple[int, int, int]:
     """``(uid, gid, mode bits)`` for a node whose reader needs ``needs``.
 
-    needs: ``(path, READ | SEARCH | LIST | WRITE)`` pairs; the first decides owner
-    and group.
+    needs: ``(path, READ | SEARCH | LIST | WRITE)`` pairs on ``host``; the
+    first decides owner and group.
     """
     facts = facts or Facts(ttl=0)
     sts = []
     for path, need in needs:
-        st = facts.stat(path)
+        st = facts.stat(path, host)
         if st is None:
             return 0, 0, 0
         sts.append((st, need, path))
@@ -147,7 +125,7 @@ def access(needs, facts: Facts | None = None) -> tuple[int, int, int]:
             u, g, o = (7 if b & 1 else 0 for b in (u, g, o))
         elif need == LIST:
             u, g, o = (7 if b & 5 == 5 else 0 for b in (u, g, o))
-        if facts.has_acl(path):
+        if facts.has_acl(path, host):
             g = o = 0
         same_u, same_g = st.st_uid == uid, st.st_gid == gid
         owner &= u if same_u else g & o
@@ -169,7 +147,7 @@ def node_needs(node: Node, facts: Facts | None = None) -> tuple | None:
         for spec in view.qcow2_specs() if isinstance(node, Qcow2File) else view.specs():
             for path, _ in spec.layers:
                 files.setdefault(path)
-        dirs = {d: None for f in files for d in facts.parents(f) if d not in gated}
+        dirs = {d: None for f in files for d in facts.parents(f, node.host or LOCAL) if d not in gated}
         writes = ((view.spec.image, WRITE),) if isinstance(node, ViewFile) and view.writable else ()
         return tuple((f, READ) for f in files) + writes + tuple((d, SEARCH) for d in dirs)
     return node.paths

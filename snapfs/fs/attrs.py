@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import logging
 import stat
-from typing import TYPE_CHECKING
 
 import pyfuse3
-import trio
 
-from ..errors import Busy, Gone, Unavailable
+from ..data.maps import Maps
+from ..data.writes import Writes
+from ..errors import Busy
+from ..hosts.local import LOCAL
 from .access import Facts, access, node_needs
-from .tree import Directory, MapFile, Node, Qcow2File, Status, StatusFile, Tree, ViewFile, ViewNode
-
-if TYPE_CHECKING:
-    from ..nbd.pool import ServerPool
+from .layout import Catalog
+from .tree import Directory, MapFile, Node, Qcow2File, StatusFile, Tree, ViewFile, ViewNode
 
 log = logging.getLogger(__name__)
 
 FILE_MASK = 0o444  # views and files no one writes
-MAP_PREFETCH = 8  # maps read ahead at once
 WRITABLE_MASK = 0o666  # writable views of --rw mounts
 
 
@@ -35,7 +33,7 @@ def _ownership(tree: Tree, node: Node, facts: Facts | None) -> tuple[int, int, i
     needs = node_needs(node, facts)
     if needs is None:
         return tree.uid, tree.gid, 0o555
-    return access(needs, facts)
+    return access(needs, facts, node.host or LOCAL)
 
 
 def entry(tree: Tree, node: Node, size: int = 0, blocks: int = 0,
@@ -73,17 +71,14 @@ class Attributes:
     are answered at once (``known``), the others after the map is read.
     """
 
-    def __init__(self, tree: Tree, pool: ServerPool, status: Status):
+    def __init__(self, tree: Tree, catalog: Catalog, maps: Maps, writes: Writes, spawn):
         self.tree = tree
-        self.pool = pool
-        self.status = status
+        self.catalog = catalog
+        self.maps = maps
+        self.writes = writes
+        self.spawn = spawn  # starts a background task (map prefetch)
         self.facts = Facts()
         self._map_json: dict[object, tuple[object, bytes]] = {}  # view -> (its map, JSON)
-        # Servers started ahead for maps, at once. A start is mostly waiting
-        # (for the process, its socket, block status): more than one per core
-        # (bench-scale: first ls -lR of 1000 disks x 5 layers, 94 s with 2,
-        # 68 s with 8).
-        self._map_limiter = trio.CapacityLimiter(MAP_PREFETCH)
 
     def _content(self, node: Node, data: bytes, mtime_ns=None, timeout=300):
         return entry(self.tree, node, size=len(data), blocks=(len(data) + 511) // 512,
@@ -99,7 +94,7 @@ class Attributes:
         Views of an image a ``--rw`` mount writes are never cached by the
         kernel (timeout 0): their sizes on disk change with every write.
         """
-        if isinstance(node, ViewNode) and node.view.stale and not fresh:
+        if isinstance(node, ViewNode) and self.writes.stale(node.view) and not fresh:
             return None  # fresh: the caller just brought the map up to date
         if isinstance(node, ViewFile):
             view = node.view
@@ -122,7 +117,7 @@ class Attributes:
                                                            timeout=0 if node.view.mutable else 300)
         if isinstance(node, StatusFile):
             # Its content changes when views fail: never cache its attributes.
-            return self._content(node, self.status.render(), timeout=0)
+            return self._content(node, self.catalog.status_file(), timeout=0)
         return entry(self.tree, node, facts=self.facts)
 
     async def get(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -132,7 +127,7 @@ class Attributes:
                 if isinstance(node, MapFile):
                     await self.map_content(node)
                 else:
-                    await self.fresh_map(node.view)
+                    await self.maps.fresh(node.view)
             except Busy:
                 # Another view writes the image: what is known until it closes.
                 return self.quick(node)
@@ -153,30 +148,9 @@ class Attributes:
                           facts=self.facts)
         return attrs
 
-    async def load_map(self, view):
-        """The view's map; a view that cannot be served is gone (ENOENT)."""
-        try:
-            return await view.load_map(self.pool)
-        except Unavailable as e:
-            raise Gone(e.reason) from None
-
-    async def fresh_map(self, view):
-        """The view's map, up to date with what a writer changed (``View.refresh``)."""
-        if view.stale:
-            srv = self.pool.servers.get(view.spec.for_writing())
-            if srv is not None and srv.users:
-                try:
-                    return await view.refresh(srv)
-                except Unavailable:
-                    raise
-                except Exception as e:
-                    log.warning("%s: map not brought up to date (%s): it is read again", view.filename, e)
-            view.forget_map()
-        return await self.load_map(view)
-
     async def map_content(self, node: MapFile) -> bytes:
         view = node.view
-        m = await self.fresh_map(view)
+        m = await self.maps.fresh(view)
         data = self._json(view)
         if data is None:
             data = m.to_json()
@@ -194,20 +168,6 @@ class Attributes:
         """
         folders = [node] + [c for name, c in node.children.items()
                             if name in ("chain", "layers", "dirty") and isinstance(c, Directory)]
-        seen = set()
-        for folder in folders:
-            for child in folder.children.values():
-                view = getattr(child, "view", None)
-                if (isinstance(child, ViewFile) and view.map is None and not child.hidden
-                        and id(view) not in seen):
-                    seen.add(id(view))
-                    self.pool.spawn(self._load_map_quietly, view)
-
-    async def _load_map_quietly(self, view) -> None:
-        async with self._map_limiter:
-            try:
-                await view.load_map(self.pool)
-            except (Unavailable, Busy):
-                pass  # hidden now, its reason in the status file; or being written
-            except Exception:
-                log.exception("reading the map of %s failed", view.filename)
+        views = {id(c.view): c.view for folder in folders for c in folder.children.values()
+                 if isinstance(c, ViewFile) and not c.hidden}
+        self.maps.prefetch(views.values(), self.spawn)

@@ -1,114 +1,113 @@
-"""Laying a source's disks out in the mount's tree and status file.
+"""The catalog: every source's units laid out in the mount's tree.
 
-Pure: a source hands in disks and views, this decides where they go.
+A source hands in units (``sources/base.py``): directories with what reading
+them needs, views, what could not be offered. The catalog puts them in the
+tree (each source's under its own folder when a mount has several), keeps
+them by source and key for ``snapfs refresh``, and says what the status file
+lists. Pure: it knows no kind of source, and no FUSE.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
-from ..sources.imagedir import ImageDirectory, disk_views
-from ..views import link_layers, mark_writable
-from .access import LIST, READ, SEARCH, parents
-from .tree import Status, Tree
+from ..sources.base import Scan, Unit
+from ..views import View, escape_name
+from .tree import Directory, Status, Tree
 
 log = logging.getLogger(__name__)
 # What the status file says (views not offered, notes), logged as it is found.
 report = logging.getLogger("snapfs.report")
 
 
-def build_tree(images: str, allow_outside: bool, writable: bool = False) -> tuple[Tree, Status, dict]:
-    """Scan the image directory and lay out the mount (``writable``: a ``--rw`` mount).
+class Laid:
+    """One source as laid out: its units by key, and what it says of itself."""
 
-    Returns the tree, the status and the disks laid out: ``{relpath: DiskEntry}``
-    (``snapfs refresh`` compares a new scan with them).
-    """
-    scan = ImageDirectory(images, allow_outside=allow_outside).scan()
-    tree = Tree(writable)
-    status = Status(scan.root)
-    tree.add_status()
-    # The root needs what listing the image directory needs.
-    tree.root.paths = ((scan.root, LIST),) + tuple((d, SEARCH) for d in parents(scan.root))
-    disks = {disk.relpath: add_disk(tree, scan.root, disk) for disk in scan.disks}
-    set_status(status, scan, disks)
-    for path, reason in status.problems:
-        report.warning("not available: %s: %s", path, reason)
-    log.info("%d disk(s), %d view(s) from %s", len(scan.disks), len(status.views), scan.root)
-    return tree, status, disks
+    def __init__(self, source, prefix: str):
+        self.source = source
+        self.prefix = prefix  # "" or "NAME/": where its tree sits in the mount
+        self.units: dict[str, Unit] = {}
+        self.problems: list[tuple[str, str]] = []
+        self.notes: list[str] = []
 
 
-class DiskEntry:
-    """A disk of an image directory as laid out: its views, what it could not
-    offer, and what it was made from (``signature``)."""
+class Catalog:
+    """Every source's units in the tree, and the status file's content."""
 
-    def __init__(self, disk, views, missing):
-        self.disk = disk
-        self.views = views
-        self.missing = missing
-        self.signature = disk_signature(disk)
+    def __init__(self, tree: Tree, status: Status, sources: list):
+        self.tree = tree
+        self.status = status
+        self.laid = [Laid(s, "" if len(sources) == 1 else escape_name(s.label) + "/") for s in sources]
 
+    def of(self, source) -> Laid:
+        return next(lay for lay in self.laid if lay.source is source)
 
-def disk_signature(disk) -> tuple:
-    """What a disk's views depend on: each layer's file (as found and its
-    inode), times, size, backing file, bitmaps and problem, and how the chain ends."""
-    return (disk.complete, disk.cut_reason, tuple(
-        (lay.path, lay.format, lay.pin, lay.mtime_ns, lay.ctime_ns, lay.size, lay.backing_path,
-         lay.backing_format,
-         lay.problem, tuple((b.name, b.flags, b.granularity) for b in lay.bitmaps))
-        for lay in disk.chain))
+    def views(self) -> list[View]:
+        """Every view of the mount now."""
+        return [v for lay in self.laid for u in lay.units.values() for v in u.views]
 
+    def lay_out(self, source, scan: Scan) -> None:
+        """A source's first scan: its root, its units."""
+        lay = self.of(source)
+        root = self.tree.directory(lay.prefix)
+        root.paths, root.host = scan.root_needs, source.host
+        self.set_problems(lay, scan.problems, scan.notes)
+        for unit in scan.units.values():
+            self.add(lay, unit)
 
-def add_disk(tree: Tree, root: str, disk) -> DiskEntry:
-    """Lay out one disk of an image directory: its directory, folders and views."""
-    views, missing = disk_views(disk)
-    # Directories mirror the image directory's: they take its permissions.
-    parts = disk.relpath.split("/")[:-1]
-    for i in range(len(parts)):
-        rel = "/".join(parts[: i + 1])
-        tree.directory(rel).paths = ((os.path.join(root, rel), LIST),)
-    _disk_dirs(tree, disk)
-    link_layers(views)
-    if tree.writable:
-        mark_writable(views)
-    for view in views:
-        tree.add_view(view)
-    return DiskEntry(disk, views, missing)
+    def set_problems(self, lay: Laid, problems, notes) -> None:
+        """What a source says of itself, outside its units (logged once, when new)."""
+        for path, reason in problems:
+            if (path, reason) not in lay.problems:
+                report.warning("not available: %s%s: %s", lay.prefix, path, reason)
+        for note in notes:
+            if note not in lay.notes:
+                report.warning("%s", note)
+        lay.problems = list(problems)
+        lay.notes = list(notes)
 
+    def add(self, lay: Laid, unit: Unit) -> None:
+        """Put a unit in the tree."""
+        lay.units[unit.key] = unit
+        for rel, needs in unit.dirs:
+            node = self.tree.directory(lay.prefix + rel)
+            if needs is not None:
+                node.paths, node.host = needs, lay.source.host
+        for view in unit.views:
+            self.tree.add_view(view, lay.prefix)
+        for path, reason in unit.missing:
+            report.warning("not available: %s%s: %s", lay.prefix, path, reason)
+        for note in unit.notes:
+            report.warning("%s", note)
 
-def set_status(status: Status, scan, disks: dict) -> None:
-    """The status file's problems and views: the scan's, and each disk's."""
-    status.problems = [(p.path, p.reason) for p in scan.problems]
-    for entry in disks.values():
-        status.problems += entry.missing
-    status.views = [v for entry in disks.values() for v in entry.views]
+    def remove(self, lay: Laid, key: str, prune: bool) -> list[tuple[Directory, str]]:
+        """Take a unit out of the tree; ``prune``: directories left empty above it go too.
 
+        Returns ``(parent, name)`` of every entry removed, for the kernel to forget.
+        """
+        lay.units.pop(key, None)
+        removed = []
+        node = self.tree.remove(lay.prefix + key)
+        while node is not None:
+            parent = node.parent
+            removed.append((parent, node.name))
+            if not prune or parent is self.tree.root or parent.children:
+                break
+            node = self.tree.remove(parent.path)
+        return removed
 
-def layout(tree: Tree, status: Status, plan) -> None:
-    """Put one libvirt domain's plan into the tree and the status file."""
-    tree.directory(plan.dirname)
-    for rel in plan.disk_dirs:
-        for folder in ("chain", "layers", "dirty"):
-            tree.directory(f"{rel}/{folder}")
-    for disk in {id(v.disk): v.disk for v in plan.views}.values():
-        _disk_dirs(tree, disk)
-    link_layers(plan.views)
-    if tree.writable:
-        mark_writable(plan.views)
-    for view in plan.views:
-        tree.add_view(view)
-    status.replace(plan.dirname, plan.missing, plan.notes, plan.views)
-    for path, reason in plan.missing:
-        report.warning("not available: %s: %s", path, reason)
-    for note in plan.notes:
-        report.warning("%s", note)
-    log.info("domain %s: %d disk(s), %d view(s)%s", plan.name, len(plan.disk_dirs), len(plan.views),
-             " (running: read through a backup job)" if plan.running else "")
-
-
-def _disk_dirs(tree: Tree, disk) -> None:
-    """A disk's directory and folders: they show the leaf's names, and take its permissions."""
-    needs = ((disk.top.path, READ),) + tuple((d, SEARCH) for d in parents(disk.top.path))
-    tree.directory(disk.relpath).paths = needs
-    for folder in ("chain", "layers", "dirty"):
-        tree.directory(f"{disk.relpath}/{folder}").paths = needs
+    def status_file(self) -> bytes:
+        """What ``.snapfs-status`` says: what is not available, and why."""
+        problems, notes = [], []
+        for lay in self.laid:
+            p = lay.prefix
+            problems += [(p + path, reason) for path, reason in lay.problems]
+            notes += lay.notes
+            for unit in lay.units.values():
+                problems += [(p + path, reason) for path, reason in unit.missing]
+                notes += unit.notes
+        views = [(lay.prefix, v) for lay in self.laid for u in lay.units.values() for v in u.views]
+        problems += [(p + v.path, v.problem) for p, v in views if v.problem is not None]
+        problems += [(f"{p}{v.disk.relpath}/{v.folder}/{v.qcow2_filename}", v.qcow2_problem)
+                     for p, v in views if v.problem is None and v.qcow2_problem is not None]
+        return self.status.render(", ".join(lay.source.label for lay in self.laid), notes, problems)

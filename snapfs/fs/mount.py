@@ -12,6 +12,7 @@ directory and ``mount.json`` are described in ``runtime.py``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -25,97 +26,113 @@ import time
 import pyfuse3
 import trio
 
-from ..errors import MountError, SourceError
+from ..config import MountConfig
+from ..data.exports import Exports
+from ..data.maps import Maps
+from ..data.status import BlockStatus
+from ..data.writes import Writes
+from ..errors import MountError
 from ..nbd.pool import ServerPool
 from ..nbd.qemu import stop_leftovers
 from ..runtime import find_mount, is_mounted, mount_device, pid_alive, runtime_base
-from .control import ImageRefresher, Inotify, Refresher, control_server, watch_images
-from .layout import build_tree, layout
+from ..sources import clean_up_after, make_sources
+from .attrs import Attributes
+from .control import Refresher, control_server
+from .handles import Files
+from .layout import Catalog
 from .operations import HAS_LSEEK, Operations
 from .tree import Status, Tree
 
 log = logging.getLogger(__name__)
 
 
-LIBVIRT_OPEN_TIMEOUT = 30  # seconds for libvirt to accept a connection
+class Mount:
+    """Everything one mount is made of, wired together (the map: docs/design.md)."""
+
+    def __init__(self, config: MountConfig, rundir: str, sources: list):
+        self.config = config
+        self.sources = sources
+        self.tree = Tree(config.writable)
+        self.tree.add_status()
+        self.status = Status()
+        self.catalog = Catalog(self.tree, self.status, sources)
+        self.pool = ServerPool(rundir, connections=config.connections, idle_timeout=config.idle_timeout)
+        # Maps of plain images are read from the files, but not in --rw mounts:
+        # a writer's qemu-nbd may hold tables it has not written yet.
+        self.block_status = BlockStatus(self.pool, from_files=not config.writable)
+        self.writes = Writes(self.pool, self.block_status, self.catalog.views)
+        self.maps = Maps(self.block_status, self.writes)
+        self.files = Files(Exports(self.pool, self.writes, self.maps), self.maps, self.status)
+        self.attrs = Attributes(self.tree, self.catalog, self.maps, self.writes, self.pool.spawn)
+        self.ops = Operations(self.tree, self.catalog, self.files, self.attrs)
+        self.refresher = Refresher(self.catalog, self.files, self.pool, self.block_status)
 
 
-async def serve(args, ready=None) -> None:
+async def serve(config: MountConfig, ready=None) -> None:
     """Mount, serve until unmounted or signalled, then stop every server."""
-    mountpoint = os.path.realpath(args.mountpoint)
+    mountpoint = os.path.realpath(config.mountpoint)
     if not os.path.isdir(mountpoint):
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     if is_mounted(mountpoint):
         raise MountError(f"{mountpoint} is already a mount point")
-    images = os.path.abspath(args.images) if args.images else None
-    if images is not None and not os.path.isdir(images):
-        raise MountError(f"image directory {images} is not a directory")
     if shutil.which("qemu-nbd") is None:
         raise MountError("qemu-nbd not found (install qemu-utils, or run make setup)")
 
-    rundir = tempfile.mkdtemp(prefix="m", dir=runtime_base(searchable=images is None))
-    source = None
+    # A libvirt backup job's socket is qemu's, which runs as its own user.
+    searchable = any(s.kind != "images" for s in config.sources)
+    rundir = tempfile.mkdtemp(prefix="m", dir=runtime_base(searchable=searchable))
+    sources = []
     try:
-        if images is not None:
-            what = images
-            tree, status, disks = build_tree(images, args.allow_outside_backing, args.rw)
-        else:
-            what = args.connect
-            source, tree, status = await _libvirt_tree(args, rundir)
+        sources = make_sources(config, rundir)
+        m = Mount(config, rundir, sources)
+        for source in sources:
+            await source.open()
+        for source in sources:
+            m.catalog.lay_out(source, await source.scan())
         if not HAS_LSEEK:
             msg = ("this pyfuse3 has no lseek handler (build it with make setup): "
                    "SEEK_HOLE/SEEK_DATA see every file as all data")
             log.warning(msg)
-            status.notes.append(msg)
-        pool = ServerPool(rundir, connections=args.connections, idle_timeout=args.idle_timeout,
-                          local_status=not args.rw)
-        ops = Operations(tree, pool, status)
+            m.status.notes.append(msg)
         # The kernel checks every access against the owner, group and mode
         # each node takes from its images (fs/access.py), for the mounting
         # user too: a mount never widens access.
         # fsname: the source as given, as mount(8), findmnt and fstab know it
         # (fuse takes ASCII options only: "snapfs" otherwise). Views never
         # need devices, set-uid or execution.
-        given = args.images if images is not None else what
+        given = config.label
         fsname = given.replace("\\", "\\\\").replace(",", "\\,") if given.isascii() else "snapfs"
         options = {f"fsname={fsname}", "subtype=snapfs", "default_permissions", "nosuid", "nodev",
                    "noexec"}
-        if not args.rw:
+        if not config.writable:
             options.add("ro")
-        if args.allow_other:
+        if config.allow_other:
             options.add("allow_other")
-        if args.debug_fuse:
+        if config.debug_fuse:
             options.add("debug")
-        watch = None
-        if getattr(args, "watch", False) and images is not None:
-            try:
-                watch = Inotify(images)
-            except OSError as e:
-                raise MountError(f"--watch: cannot watch {images}: {e.strerror or e}") from None
+        watchers = [(s, w) for s in sources if (w := s.watcher()) is not None]
         control = os.path.join(rundir, "control.sock")
         with open(os.path.join(rundir, "mount.json"), "w") as f:
-            json.dump({"mountpoint": mountpoint, "pid": os.getpid(), "source": what,
-                       "control": control,
-                       "log": getattr(args, "log", None)}, f)
+            json.dump({"mountpoint": mountpoint, "pid": os.getpid(), "source": config.label,
+                       "sources": [[s.kind, s.location] for s in config.sources],
+                       "control": control, "log": config.log}, f)
         try:
-            pyfuse3.init(ops, mountpoint, options)
+            pyfuse3.init(m.ops, mountpoint, options)
         except (RuntimeError, UnicodeError) as e:
             raise MountError(f"cannot mount {mountpoint}: {e}{_fuse_hint()}") from None
         gone = trio.Event()  # the mount left this process's mount table
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(pool.run)
+                await nursery.start(m.pool.run)
                 nursery.start_soon(_signals, nursery.cancel_scope)
-                if source is not None:
-                    refresher = Refresher(source, tree, status, ops, pool)
-                else:
-                    refresher = ImageRefresher(images, args.allow_outside_backing, tree, status, ops,
-                                               pool, disks)
-                    if watch is not None:
-                        nursery.start_soon(watch_images, refresher, watch)
-                await nursery.start(control_server, control, refresher)
+                for source, watch in watchers:
+                    nursery.start_soon(watch, functools.partial(m.refresher.refresh, source=source),
+                                       lambda: bool(m.refresher.pending),
+                                       functools.partial(_set_notes, m.status, "--watch: "))
+                await nursery.start(control_server, control, m.refresher)
                 nursery.start_soon(_watch_mount, mountpoint, gone, nursery.cancel_scope)
-                log.info("mounted %s on %s%s", what, mountpoint, " (writable: --rw)" if args.rw else "")
+                log.info("mounted %s on %s%s", config.label, mountpoint,
+                         " (writable: --rw)" if config.writable else "")
                 if ready is not None:
                     ready()
                 await pyfuse3.main()
@@ -126,11 +143,16 @@ async def serve(args, ready=None) -> None:
             pyfuse3.close(unmount=not gone.is_set())
             log.info("unmounted %s", mountpoint)
     finally:
-        if source is not None:
-            # The servers are stopped (the pool's nursery is done): end the jobs.
-            with trio.CancelScope(shield=True):
+        # The servers are stopped (the pool's nursery is done): end what the sources started.
+        with trio.CancelScope(shield=True):
+            for source in sources:
                 await trio.to_thread.run_sync(source.close)
         shutil.rmtree(rundir, ignore_errors=True)
+
+
+def _set_notes(status: Status, prefix: str, notes: list[str]) -> None:
+    """Replace the status file's notes that start with ``prefix``."""
+    status.notes = [n for n in status.notes if not n.startswith(prefix)] + list(notes)
 
 
 def _fuse_hint() -> str:
@@ -143,35 +165,6 @@ def _fuse_hint() -> str:
         return " (/dev/fuse is missing: load the fuse module)"
     return (f" (/dev/fuse is mode {stat.filemode(st.st_mode)}, owner {st.st_uid}:{st.st_gid}; "
             "where no udev gives it mode 0666, make setup run as root does)")
-
-
-async def _libvirt_tree(args, rundir: str):
-    try:
-        from ..sources.libvirt import LibvirtSource
-    except ImportError as e:
-        raise MountError(f"libvirt's Python module is missing ({e}): install python3-libvirt, "
-                         "or run make setup") from None
-    source = LibvirtSource(args.connect, args.domain, rundir, since=args.since,
-                           new_checkpoint=args.checkpoint)
-    try:
-        try:
-            with trio.fail_after(LIBVIRT_OPEN_TIMEOUT):
-                await trio.to_thread.run_sync(source.open, abandon_on_cancel=True)
-        except trio.TooSlowError:
-            raise SourceError(f"libvirt at {args.connect} did not answer within "
-                              f"{LIBVIRT_OPEN_TIMEOUT} s") from None
-        plans = await trio.to_thread.run_sync(source.plan_all)
-    except SourceError as e:
-        await trio.to_thread.run_sync(source.close)
-        raise MountError(str(e)) from None
-    tree = Tree(args.rw)
-    status = Status(args.connect)
-    tree.add_status()
-    for plan in plans:
-        layout(tree, status, plan)
-    if not plans:
-        status.notes.append(f"no domains at {args.connect}")
-    return source, tree, status
 
 
 async def _watch_mount(mountpoint: str, gone: trio.Event, scope: trio.CancelScope) -> None:
@@ -228,10 +221,8 @@ def umount(mountpoint: str, timeout: float = 10.0) -> None:
         while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
     # A snapfs killed before it could clean up may leave servers behind,
-    # and backup jobs (libvirt mode).
-    names = os.listdir(rundir) if os.path.isdir(rundir) else []
-    if info.get("control") and any(n.startswith("backup-") for n in names) and not pid_alive(pid):
-        from ..sources.backup import abort_jobs_in
-        abort_jobs_in(info["source"], rundir)
+    # and what its sources started (libvirt's backup jobs).
+    if not pid_alive(pid):
+        clean_up_after(info, rundir)
     stop_leftovers(rundir)
     shutil.rmtree(rundir, ignore_errors=True)

@@ -1,10 +1,11 @@
 """The mount's directory tree and inode table.
 
-The tree is built once at mount time from the disks found and never changes
-shape, except that a view found unservable later is hidden (its node stays,
-so inode numbers stay stable). Inodes are never freed: the kernel's lookup
-counts (``forget``) need no bookkeeping here. Pure: the FUSE side
-(``operations.py``) turns nodes into attributes.
+The tree is laid out from the sources' units (``layout.py``); a view found
+unservable later is hidden (its node stays, so inode numbers stay stable),
+and a refresh replaces a unit's subtree (old inodes answer ENOENT). Inodes
+are never freed: the kernel's lookup counts (``forget``) need no
+bookkeeping here. Pure: the FUSE side (``operations.py``) turns nodes into
+attributes.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ class Node:
     """inode: the inode number; parent: the Directory holding it.
 
     paths: what reading the node needs without the mount, ``(path, need)``
-    pairs (``access.py``); None for the mount's own (directories of libvirt
-    domains).
+    pairs on ``host`` (``access.py``); None for the mount's own (directories
+    of libvirt domains).
     """
 
     def __init__(self, inode: int, name: str, parent: Directory | None):
@@ -38,6 +39,7 @@ class Node:
         self.parent = parent
         self.removed = False  # replaced by a refresh; its inode answers ENOENT
         self.paths: tuple[tuple[str, str], ...] | None = None
+        self.host = None
 
     @property
     def hidden(self) -> bool:
@@ -93,19 +95,17 @@ class StatusFile(Node):
 
 
 class Status:
-    """Problems found at mount time, views that failed later, and refused requests.
+    """The status file's own content: the mount's notes and the requests refused.
 
     refusals: the latest refusal or failure of each file (``--rw`` mounts: a
     write refused or failed, with the reason), at most REFUSALS_KEPT, oldest
-    dropped first.
+    dropped first. What the sources could not offer comes from the catalog
+    (``layout.Catalog.status``).
     """
 
-    def __init__(self, source: str):
-        self.source = source
+    def __init__(self):
         self.started = time.strftime("%Y-%m-%d %H:%M:%S %z")
         self.notes: list[str] = []
-        self.problems: list[tuple[str, str]] = []
-        self.views: list[View] = []
         self.refusals: dict[str, tuple[str, str]] = {}
 
     def refuse(self, path: str, reason: str) -> None:
@@ -115,22 +115,9 @@ class Status:
         while len(self.refusals) > REFUSALS_KEPT:
             del self.refusals[next(iter(self.refusals))]
 
-    def replace(self, prefix: str, problems, notes, views) -> None:
-        """Drop what is under ``prefix/`` (a refreshed domain) and add its new state."""
-        def keep(text):
-            return not (text == prefix or text.startswith((prefix + "/", prefix + ":")))
-        self.problems = [p for p in self.problems if keep(p[0])] + list(problems)
-        self.notes = [n for n in self.notes if keep(n)] + list(notes)
-        self.views = [v for v in self.views if keep(v.disk.relpath)] + list(views)
-
-    def render(self) -> bytes:
-        lines = [f"snapfs mount of {self.source}, since {self.started}"]
-        lines += [f"note: {n}" for n in self.notes]
-        problems = list(self.problems)
-        problems += [(f"{v.disk.relpath}/{v.folder}/{v.filename}", v.problem)
-                     for v in self.views if v.problem is not None]
-        problems += [(f"{v.disk.relpath}/{v.folder}/{v.qcow2_filename}", v.qcow2_problem)
-                     for v in self.views if v.problem is None and v.qcow2_problem is not None]
+    def render(self, source: str, notes: list[str], problems: list[tuple[str, str]]) -> bytes:
+        lines = [f"snapfs mount of {source}, since {self.started}"]
+        lines += [f"note: {n}" for n in notes + self.notes]
         if not problems:
             lines.append("every view is available")
         else:
@@ -199,8 +186,8 @@ class Tree:
     def add_status(self) -> StatusFile:
         return self._add(StatusFile, STATUS_NAME, self.root)
 
-    def add_view(self, view: View) -> None:
-        folder = self.directory(f"{view.disk.relpath}/{view.folder}")
-        self._add(ViewFile, view.filename, folder, view)
-        self._add(Qcow2File, view.qcow2_filename, folder, view)
-        self._add(MapFile, view.map_filename, folder, view)
+    def add_view(self, view: View, prefix: str = "") -> None:
+        """A view's three files, in its folder (under ``prefix``: its source's)."""
+        folder = self.directory(f"{prefix}{view.disk.relpath}/{view.folder}")
+        for cls, name in ((ViewFile, view.filename), (Qcow2File, view.qcow2_filename), (MapFile, view.map_filename)):
+            self._add(cls, name, folder, view).host = view.layer.host

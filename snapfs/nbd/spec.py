@@ -6,7 +6,7 @@ processes and connections by the pool.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ..formats import has_allocation_depth, json_node
 from .contexts import ALLOCATION_DEPTH, BASE_ALLOCATION, dirty_context
@@ -28,6 +28,8 @@ class ExportSpec:
     exactly those files or none (``qemu.QemuNBD.start``).
     writable: served for writing into the top layer (``--rw`` mounts); the
     layers beneath stay read-only, as qemu opens backing files.
+    host: the machine the images are on (``hosts/``): it starts the server
+    and connects to it. Exports of the same paths on two hosts differ.
     """
 
     layers: tuple[tuple[str, str], ...]
@@ -37,12 +39,14 @@ class ExportSpec:
     export: str = ""
     pins: tuple[tuple[int, int] | None, ...] = ()
     writable: bool = False
+    host: object = field(default=None, repr=False)
 
     @classmethod
     def of(cls, layers, **kw) -> ExportSpec:
-        """The export of ``layers`` (``formats.Layer``, top first)."""
+        """The export of ``layers`` (``formats.Layer``, top first), on their host."""
         layers = tuple(layers)
-        return cls(tuple(lay.node for lay in layers), pins=tuple(lay.pin for lay in layers), **kw)
+        return cls(tuple(lay.node for lay in layers), pins=tuple(lay.pin for lay in layers),
+                   host=layers[0].host, **kw)
 
     @property
     def image(self) -> str:
@@ -67,7 +71,7 @@ class ExportSpec:
         return tuple(ctx)
 
     def json_filename(self) -> str:
-        return json_node(self.layers)
+        return json_node(self.layers, self.host.protocol_driver)
 
     def describe(self) -> str:
         what = " <- ".join(p for p, _ in self.layers)

@@ -14,6 +14,16 @@ import os
 from ..formats import Layer
 
 
+def _resolver(chain: list[Layer]):
+    """Resolve paths on the chain's host (``hosts/``); a layer as it was resolved when read."""
+    host = chain[-1].host if chain else None
+    realpath = host.realpath if host is not None else os.path.realpath
+
+    def layer_real(lay: Layer) -> str:
+        return lay.real or realpath(lay.path)
+    return realpath, layer_real
+
+
 def bitmap_verdict(chain: list[Layer], bitmap: str, active_then: str | None = None,
                    require_enabled: bool = True) -> tuple[list[Layer], str | None]:
     """The layers whose copies of ``bitmap`` make up the changes since the checkpoint.
@@ -48,12 +58,13 @@ def bitmap_verdict(chain: list[Layer], bitmap: str, active_then: str | None = No
         return [], (f"bitmap {bitmap!r} in the top image {holding[0].path} is disabled: it does not "
                     "record changes")
     if active_then is not None:
-        real = os.path.realpath(active_then)
-        paths = [os.path.realpath(lay.path) for lay in top_down]
+        realpath, layer_real = _resolver(chain)
+        real = realpath(active_then)
+        paths = [layer_real(lay) for lay in top_down]
         if real not in paths:
             return [], (f"the image that was active when the checkpoint was made ({active_then}) "
                         "is no longer in the disk's chain")
-        if real not in [os.path.realpath(lay.path) for lay in holding]:
+        if real not in [layer_real(lay) for lay in holding]:
             return [], (f"bitmap {bitmap!r} is missing from {active_then}, the image that was active "
                         "when the checkpoint was made: changes made there would be missed")
     return holding, None
@@ -69,8 +80,9 @@ def backing_verdict(chain: list[Layer], bitmap: str, active_then: str | None) ->
     """
     if active_then is None:
         return None
-    paths = [os.path.realpath(lay.path) for lay in chain]
-    real = os.path.realpath(active_then)
+    realpath, layer_real = _resolver(chain)
+    paths = [layer_real(lay) for lay in chain]
+    real = realpath(active_then)
     if real not in paths:
         return (f"the image that was active when the checkpoint was made ({active_then}) "
                 "is no longer in the disk's chain")

@@ -7,22 +7,33 @@ or a leaf that resolves (after symlinks) outside the directory is not
 followed unless the caller allows it: a crafted qcow2 or symlink must not turn
 a mount into a reader of arbitrary host files.
 
-Pure: no pyfuse3, no libnbd.
+``ImageDirectorySource`` is the source (``base.py``) a ``--images`` mount
+holds: each disk is a unit, kept by a refresh while its files are as they
+were. Pure: no pyfuse3, no libnbd.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
+import trio
+
+from ..errors import ControlError, MountError
 from ..formats import format_by_name
 from ..formats.chain import Chains, Disk, Layer
+from ..hosts.local import LOCAL
 from ..nbd.spec import ExportSpec
-from ..views import View, escape_name, view_basename
+from ..needs import LIST, SEARCH, file_needs, parents
+from ..views import View, escape_name, link_layers, mark_writable, view_basename
 from ..views.chain import ChainView
 from ..views.dirty import DirtyView, UnionDirtyView
 from ..views.layer import LayerView
+from .base import Refresh, RefreshPlan, Scan, Unit
 from .bitmaps import bitmap_verdict
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,29 +52,31 @@ class ImageDirectory:
     problems: everything skipped, with the reason (the mount's status file).
     """
 
-    def __init__(self, root: str, allow_outside: bool = False):
+    def __init__(self, root: str, allow_outside: bool = False, host=LOCAL):
+        self.host = host
         self.root = os.path.abspath(root)
-        self.real_root = os.path.realpath(root)
+        self.real_root = host.realpath(root)
         self.allow_outside = allow_outside
         self.disks: list[Disk] = []
         self.problems: list[Problem] = []
-        self._chains = Chains(self._outside)
+        self._chains = Chains(host, self._outside)
 
     def scan(self) -> ImageDirectory:
+        host = self.host
         found: dict[str, Layer] = {}
-        for dirpath, dirnames, filenames in os.walk(self.root, onerror=self._walk_error):
+        for dirpath, dirnames, filenames in host.walk(self.root, onerror=self._walk_error):
             dirnames.sort()
             for fname in sorted(filenames):
                 path = os.path.join(dirpath, fname)
-                if not os.path.isfile(path):
+                if not host.isfile(path):
                     continue
                 # Before anything opens it: a link to a device or a hung
                 # mount must not be read at all.
-                if os.path.islink(path) and (why := self._outside(path, "image")) is not None:
+                if host.islink(path) and (why := self._outside(path, "image")) is not None:
                     if format_by_name(path, by_name_only=True) is not None:
                         self.problems.append(Problem(os.path.relpath(path, self.root), why))
                     continue
-                fmt = format_by_name(path)
+                fmt = format_by_name(path, host=host)
                 if fmt is None:
                     continue
                 found[path] = self._chains.layer(path, fmt)
@@ -71,10 +84,10 @@ class ImageDirectory:
         used = set()
         for layer in found.values():
             if layer.backing_path:
-                used.add(os.path.realpath(layer.backing_path))
-            used.update(os.path.realpath(p) for p in layer.extent_paths)
+                used.add(host.realpath(layer.backing_path))
+            used.update(host.realpath(p) for p in layer.extent_paths)
         for path, layer in found.items():
-            if os.path.realpath(path) in used:
+            if host.realpath(path) in used:
                 continue
             self.disks.append(self._disk(path, layer))
         for layer in self._chains.layers.values():
@@ -90,7 +103,7 @@ class ImageDirectory:
         """Why ``path`` must not be read: it resolves outside the directory (or None)."""
         if self.allow_outside:
             return None
-        real = os.path.realpath(path)
+        real = self.host.realpath(path)
         if real == self.real_root or real.startswith(self.real_root.rstrip("/") + "/"):
             return None
         where = f"{path} is outside {self.root}" if real == path else \
@@ -158,3 +171,114 @@ def disk_views(disk: Disk) -> tuple[list[View], list[tuple[str, str]]]:
                                 f"bitmap {bm.name!r} is only in backing file {layer.path}: it does "
                                 "not cover changes made in the layers above it"))
     return views, missing
+
+
+def disk_signature(disk: Disk) -> tuple:
+    """What a disk's views depend on: each layer's file (as found and its
+    inode), times, size, backing file, bitmaps and problem, and how the chain ends."""
+    return (disk.complete, disk.cut_reason, tuple(
+        (lay.path, lay.format, lay.pin, lay.mtime_ns, lay.ctime_ns, lay.size, lay.backing_path,
+         lay.backing_format,
+         lay.problem, tuple((b.name, b.flags, b.granularity) for b in lay.bitmaps))
+        for lay in disk.chain))
+
+
+def disk_unit(root: str, disk: Disk, writable: bool) -> Unit:
+    """One disk of an image directory as a unit: its directories, views and problems.
+
+    Directories above the disk mirror the image directory's and take their
+    permissions; the disk's own directory and its folders show the leaf's
+    names and take the leaf's (``needs``).
+    """
+    views, missing = disk_views(disk)
+    link_layers(views)
+    if writable:
+        mark_writable(views)
+    parts = disk.relpath.split("/")[:-1]
+    dirs: list[tuple[str, tuple | None]] = [
+        ("/".join(parts[: i + 1]), ((os.path.join(root, *parts[: i + 1]), LIST),)) for i in range(len(parts))]
+    needs = file_needs(disk.top.path, disk.host)
+    dirs += [(disk.relpath, needs)] + [(f"{disk.relpath}/{folder}", needs) for folder in FOLDERS]
+    return Unit(key=disk.relpath, dirs=dirs, views=views, missing=missing, signature=disk_signature(disk))
+
+
+# Every disk directory holds these folders, views or not.
+FOLDERS = ("chain", "layers", "dirty")
+
+
+class ImageDirectorySource:
+    """``--images DIR``: every leaf image under DIR is a disk (a unit)."""
+
+    retire = True
+
+    def __init__(self, root: str, allow_outside: bool = False, writable: bool = False, watch: bool = False,
+                 host=LOCAL, label: str | None = None):
+        self.root = os.path.abspath(root)
+        self.label = label or root
+        self.host = host
+        self.allow_outside = allow_outside
+        self.writable = writable
+        self.watch = watch  # --watch
+
+    async def open(self) -> None:
+        if not self.host.isdir(self.root):
+            raise MountError(f"image directory {self.root} is not a directory")
+
+    def _scan_now(self) -> Scan:
+        found = ImageDirectory(self.root, allow_outside=self.allow_outside, host=self.host).scan()
+        units = {disk.relpath: disk_unit(found.root, disk, self.writable) for disk in found.disks}
+        # The root needs what listing the image directory needs.
+        root_needs = ((found.root, LIST),) + tuple((d, SEARCH) for d in parents(found.root, self.host))
+        return Scan(units=units, root_needs=root_needs,
+                    problems=[(p.path, p.reason) for p in found.problems])
+
+    async def scan(self) -> Scan:
+        scan = await trio.to_thread.run_sync(self._scan_now)
+        log.info("%d disk(s), %d view(s) from %s", len(scan.units),
+                 sum(len(u.views) for u in scan.units.values()), self.root)
+        return scan
+
+    async def plan_refresh(self, request: Refresh, laid: dict[str, Unit]) -> RefreshPlan:
+        """Scan again: a disk whose images are as they were keeps its views and
+        their maps; a new leaf appears; a disk that is gone, or whose images
+        changed, is laid out anew once none of its files is open."""
+        if request != Refresh():
+            raise ControlError("an image-directory mount is scanned again whole: snapfs refresh MOUNTPOINT")
+        scan = await trio.to_thread.run_sync(self._scan_now)
+        keys = sorted(k for k in set(laid) | set(scan.units)
+                      if not (k in scan.units and scan.units[k].same(laid.get(k))))
+
+        async def build(keys):
+            return {k: scan.units[k] for k in keys if k in scan.units}
+
+        def answer(done: list[str], busy: dict[str, str]) -> str:
+            total = len(set(laid) - set(done) | {k for k in done if k in scan.units})
+            added = sum(k not in laid for k in done)
+            removed = sum(k not in scan.units for k in done)
+            msg = f"{total} disk(s): {added} new, {len(done) - added - removed} changed, {removed} gone"
+            log.info("refresh of %s: %s%s", self.root, msg,
+                     f"; not now: {', '.join(busy.values())}" if busy else "")
+            if busy:
+                raise ControlError(f"{msg}; left as they were, files open: {', '.join(busy.values())}")
+            return msg
+
+        return RefreshPlan(keys=keys, build=build, answer=answer, retire=True, problems=scan.problems)
+
+    def watcher(self):
+        """``--watch``: ``async run(refresh, pending, set_notes)`` over inotify on every
+        directory under DIR, or None without ``--watch``; MountError when inotify
+        cannot be had (the mount fails at once rather than not watching)."""
+        if not self.watch:
+            return None
+        from .watch import Inotify, watch_images
+        try:
+            inotify = Inotify(self.root)
+        except OSError as e:
+            raise MountError(f"--watch: cannot watch {self.root}: {e.strerror or e}") from None
+
+        async def run(refresh, pending, set_notes):
+            await watch_images(inotify, refresh, pending, set_notes)
+        return run
+
+    def close(self) -> None:
+        pass

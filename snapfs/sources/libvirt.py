@@ -19,33 +19,42 @@ Every (checkpoint, disk) pair gets a dirty view. Its ``backupmode`` is
 on that disk (``bitmap_verdict``); otherwise it is ``full``, every area
 counts as changed, and the reason goes to the status file and the log. A
 doubtful bitmap is never used.
+
+``LibvirtSource`` is the source (``base.py``) a ``--connect`` mount holds:
+each domain is a unit, laid out anew by ``snapfs refresh MOUNTPOINT DOMAIN``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 import libvirt
+import trio
 
-from ..errors import BackupError, SourceError
+from ..errors import BackupError, ControlError, MountError, SourceError
 from ..formats import FORMATS
 from ..formats.chain import Chains, Disk, Layer
+from ..hosts.local import LOCAL
 from ..nbd.spec import ExportSpec
-from ..views import View, escape_name, view_basename
+from ..needs import file_needs
+from ..views import View, escape_name, link_layers, mark_writable, view_basename
 from ..views.chain import BackupChainView, ChainView
 from ..views.dirty import DirtyView, FullDirtyView, UnionDirtyView
 from ..views.layer import LayerView
-from . import backup
+from .backup import BackupJob, abort_jobs_in
+from .base import Refresh, RefreshPlan, Scan, Unit
 from .bitmaps import backing_verdict, bitmap_verdict
 from .libvirt_xml import CheckpointDef, DiskDef, SnapshotDef, parse_checkpoint, parse_disks, parse_snapshot
 
 log = logging.getLogger(__name__)
 
 CURRENT = "current"
+FOLDERS = ("chain", "layers", "dirty")
+OPEN_TIMEOUT = 30  # seconds for libvirt to accept a connection
 
 
 def libvirt_message(e: libvirt.libvirtError) -> str:
@@ -76,20 +85,21 @@ class DomainPlan:
     views: list[View] = field(default_factory=list)
     missing: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    job: backup.BackupJob | None = None
+    job: BackupJob | None = None
 
 
 class DomainReader:
     """Reads one domain and decides its views (blocking libvirt calls: run in a thread)."""
 
     def __init__(self, dom: libvirt.virDomain, rundir: str, since: str | None = None,
-                 new_checkpoint: str | None = None, strict: bool = False):
+                 new_checkpoint: str | None = None, strict: bool = False, host=LOCAL):
         self.dom = dom
         self.strict = strict  # the user named this domain: options that cannot apply are errors
         self.rundir = rundir
         self.since = since
         self.new_checkpoint = new_checkpoint
-        self.chains = Chains()
+        self.host = host
+        self.chains = Chains(host)
 
     def plan(self) -> DomainPlan:
         dom = self.dom
@@ -139,7 +149,7 @@ class DomainReader:
             return found[0]
         return checkpoints[-1] if checkpoints else None
 
-    def _start_job(self, xml, served, others, checkpoints, since, plan) -> backup.BackupJob | None:
+    def _start_job(self, xml, served, others, checkpoints, since, plan) -> BackupJob | None:
         if self.new_checkpoint and any(c.name == self.new_checkpoint for c in checkpoints):
             raise SourceError(f"domain {plan.name} already has a checkpoint {self.new_checkpoint!r}")
         modes: dict[str, tuple[str, str | None]] = {}
@@ -157,7 +167,7 @@ class DomainReader:
                 why = backing_verdict(chain, since.disks[d.target], since.sources.get(d.target))
                 modes[d.target] = ("full", why) if why else ("incremental", None)
         try:
-            job = backup.BackupJob.start(self.dom, xml, self.rundir, served, modes,
+            job = BackupJob.start(self.dom, xml, self.rundir, served, modes,
                                          since.name if since else None, self.new_checkpoint, others)
         except BackupError as e:
             plan.notes.append(f"{plan.dirname}: {e}")  # logged with the status file's notes
@@ -245,7 +255,7 @@ class DomainReader:
         names: set[str] = set()
         for c, is_current in [(chain, True)] + [(b, False) for b in branches]:
             for i, layer in enumerate(c):
-                key = os.path.realpath(layer.path)
+                key = layer.real
                 if key in seen:
                     continue
                 seen.add(key)
@@ -350,19 +360,94 @@ def _start_event_loop() -> None:
 
 
 class LibvirtSource:
-    """Every selected domain of one libvirt connection."""
+    """Every selected domain of one libvirt connection; each domain is a unit."""
+
+    watch = False
 
     def __init__(self, uri: str, domains: list[str] | None, rundir: str,
-                 since: str | None = None, new_checkpoint: str | None = None):
+                 since: str | None = None, new_checkpoint: str | None = None, writable: bool = False,
+                 host=LOCAL):
         self.uri = uri
+        self.label = uri
+        self.host = host
         self.names = domains or []
         self.rundir = rundir
         self.since = since
         self.new_checkpoint = new_checkpoint
+        self.writable = writable
         self.conn: libvirt.virConnect | None = None
         self.plans: dict[str, DomainPlan] = {}
 
-    def open(self) -> None:
+    # -- the source protocol (base.py) -------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            with trio.fail_after(OPEN_TIMEOUT):
+                await trio.to_thread.run_sync(self.connect, abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise MountError(f"libvirt at {self.uri} did not answer within {OPEN_TIMEOUT} s") from None
+        except SourceError as e:
+            raise MountError(str(e)) from None
+
+    async def scan(self) -> Scan:
+        try:
+            plans = await trio.to_thread.run_sync(self.plan_all)
+        except SourceError as e:
+            await trio.to_thread.run_sync(self.close)
+            raise MountError(str(e)) from None
+        return Scan(units={p.dirname: self.unit(p) for p in plans},
+                    notes=[] if plans else [f"no domains at {self.uri}"])
+
+    async def plan_refresh(self, request: Refresh, laid: dict[str, Unit]) -> RefreshPlan:
+        """A new point in time for one domain: its job ended, the domain read again."""
+        domain = request.domain
+        if domain is None:
+            raise ControlError("a libvirt mount is refreshed one domain at a time: "
+                               "snapfs refresh MOUNTPOINT DOMAIN")
+        old = self.plans.get(domain)
+        if old is None:
+            raise ControlError(f"domain {domain!r} is not in this mount")
+
+        async def build(keys):
+            plan = await trio.to_thread.run_sync(self.refresh, domain, request.since, request.checkpoint)
+            return {plan.dirname: self.unit(plan)}
+
+        def answer(done: list[str], busy: dict[str, str]) -> str:
+            if busy:
+                raise ControlError(f"files of domain {domain} are open: {', '.join(busy.values())}; "
+                                   "close them and retry")
+            plan = self.plans[domain]
+            if not plan.running:
+                return f"{domain}: read again (shut off)"
+            if plan.job is None:
+                raise ControlError(f"{domain}: no backup job could be started: "
+                                   + "; ".join(plan.notes or ["see the log"]))
+            return f"{domain}: new point in time " + time.strftime("%H:%M:%S")
+
+        return RefreshPlan(keys=[old.dirname], build=build, answer=answer, all_or_nothing=True)
+
+    def watcher(self):
+        return None  # snapfs refresh MOUNTPOINT DOMAIN
+
+    def unit(self, plan: DomainPlan) -> Unit:
+        """A domain as a unit: its directory, each disk's with the folders, the views."""
+        link_layers(plan.views)
+        if self.writable:
+            mark_writable(plan.views)
+        disks = {v.disk.relpath: v.disk for v in plan.views}
+        dirs: list[tuple[str, tuple | None]] = [(plan.dirname, None)]
+        for rel in plan.disk_dirs:
+            # A disk's directory and folders show the leaf's names, and take its permissions.
+            disk = disks.get(rel)
+            needs = file_needs(disk.top.path, disk.host) if disk is not None else None
+            dirs += [(rel, needs)] + [(f"{rel}/{folder}", needs) for folder in FOLDERS]
+        log.info("domain %s: %d disk(s), %d view(s)%s", plan.name, len(plan.disk_dirs), len(plan.views),
+                 " (running: read through a backup job)" if plan.running else "")
+        return Unit(key=plan.dirname, dirs=dirs, views=plan.views, missing=plan.missing, notes=plan.notes)
+
+    # -- libvirt (blocking: in worker threads) ------------------------------------
+
+    def connect(self) -> None:
         libvirt.registerErrorHandler(lambda ctx, err: None, None)  # no stderr noise
         _start_event_loop()
         try:
@@ -397,7 +482,7 @@ class LibvirtSource:
 
     def plan_domain(self, dom) -> DomainPlan:
         return DomainReader(dom, self.rundir, self.since, self.new_checkpoint,
-                            strict=bool(self.names)).plan()
+                            strict=bool(self.names), host=self.host).plan()
 
     def refresh(self, name: str, since: str | None, new_checkpoint: str | None) -> DomainPlan:
         """End the domain's backup job (if any) and read the domain again.
@@ -421,7 +506,7 @@ class LibvirtSource:
         if old.job is not None:
             old.job.stop()
             old.job = None
-        plan = DomainReader(dom, self.rundir, since, new_checkpoint, strict=True).plan()
+        plan = DomainReader(dom, self.rundir, since, new_checkpoint, strict=True, host=self.host).plan()
         self.plans[name] = plan
         return plan
 
@@ -433,7 +518,7 @@ class LibvirtSource:
                 left |= not plan.job.stop()
                 plan.job = None
         if left:
-            done = threading.Thread(target=backup.abort_jobs_in, args=(self.uri, self.rundir), daemon=True)
+            done = threading.Thread(target=abort_jobs_in, args=(self.uri, self.rundir), daemon=True)
             done.start()
             done.join(LEFTOVER_TIMEOUT)
             if done.is_alive():

@@ -7,17 +7,17 @@ read-only mount serves images that do not change under it (an image a
 running VM writes is refused as "in use").
 
 In a ``--rw`` mount, the chain and layer views of a disk's top image are
-*writable*. A writer marks what it changed (``changed``); the next use of
-the map re-reads the block status of those areas only and splices it in
-(``refresh``). Every view that reads a written image is *mutable*: when its
-writer closes, the maps of the other views of that image are read again.
+*writable*, and every view that reads a written image is *mutable*: its
+map changes while it is written, and is read again when the writer is done.
+The write session (``data/writes.py``) keeps it true; a view only holds it.
 
 Every view is also a composed qcow2 file (``qcow2.py``), laid out from its
 map when the map is known.
 
 One module per kind: ``chain.py``, ``layer.py``, ``dirty.py``. A view speaks
-in extents and export specs; the server pool (``nbd/``) does the rest, so
-this package is pure (no pyfuse3, no libnbd).
+in extents and export specs; the block status service (``data/status.py``)
+and the server pool (``nbd/``) do the rest, so this package is pure (no
+pyfuse3, no libnbd).
 """
 
 from __future__ import annotations
@@ -25,20 +25,13 @@ from __future__ import annotations
 import errno
 import logging
 import math
-import os
-from typing import TYPE_CHECKING
-
-import trio
 
 from .. import extents as ex
-from ..errors import Busy, SnapfsError, Unavailable
+from ..errors import SnapfsError, Unavailable
 from ..formats import IMAGE_SUFFIXES
 from ..formats.chain import Disk, Layer
 from ..nbd.spec import ExportSpec
 from .qcow2 import Qcow2Image
-
-if TYPE_CHECKING:
-    from ..nbd.pool import ServerPool
 
 # What the status file says (views not offered, notes), logged as it is found.
 report = logging.getLogger("snapfs.report")
@@ -46,19 +39,6 @@ report = logging.getLogger("snapfs.report")
 
 # The formats a --rw mount writes: what restores are tested on (docs/views.md).
 WRITABLE_FORMATS = ("qcow2", "raw")
-
-# Areas a writer changed are read again in these steps (the largest qcow2 cluster).
-STALE_ALIGN = 2 << 20
-
-
-def _merged(areas: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for a, b in sorted(areas):
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
 
 
 def view_basename(index: int, width: int, layer: Layer) -> str:
@@ -91,6 +71,8 @@ class View:
     writable: a ``--rw`` mount writes the top image through this view.
     mutable: the view reads an image a writable view writes (its map and
     attributes are never cached by the kernel).
+    map, runs: the extent map, and the block status runs it was built from
+    (``set_map``); None until read, and again once forgotten.
     """
 
     kind = ""
@@ -107,9 +89,6 @@ class View:
         self.writable = False
         self.mutable = False
         self.runs: dict[str, list[ex.Run]] | None = None
-        self._stale: list[tuple[int, int]] = []
-        self._refreshing = 0
-        self._lock = trio.Lock()
         self.below: View | None = None  # a layer view: the layer view of its backing file
         self._qcow2: tuple[ex.ExtentMap, Qcow2Image] | None = None
 
@@ -173,6 +152,11 @@ class View:
             return self.specs()
         return [*self.specs(), fill]
 
+    @property
+    def path(self) -> str:
+        """The view file's path in the source's tree."""
+        return f"{self.disk.relpath}/{self.folder}/{self.filename}"
+
     def xattrs(self) -> dict[str, str]:
         x = {
             "user.snapfs.view": self.kind,
@@ -181,45 +165,28 @@ class View:
         }
         if self.layer.backing_path:
             x["user.snapfs.backing"] = self.layer.backing_path
+        host = getattr(self.layer.host, "name", None)
+        if host is not None:
+            x["user.snapfs.host"] = host
         return x
 
-    async def load_map(self, pool: ServerPool) -> ex.ExtentMap:
-        """The extent map, read from qemu on first use; Unavailable if unservable."""
-        if self.map is not None:
-            return self.map
-        if self.problem is not None:
-            raise Unavailable(self.problem)
-        async with self._lock:
-            if self.problem is not None:
-                # Another open waited on the lock while this view failed.
-                raise Unavailable(self.problem)
-            if self.map is None:
-                try:
-                    runs = await self.read_runs(pool)
-                    self.map = self.build_map(runs)
-                    self.runs = runs
-                except Busy:
-                    raise  # not now: the image is being written
-                except Unavailable as e:
-                    if self.mutable and e.errno == errno.EBUSY:
-                        # A --rw mount: another program holds the image; not for ever.
-                        raise Busy(e.reason) from None
-                    self._fail(e)
-                except SnapfsError as e:
-                    self._fail(e)
+    def set_map(self, runs: dict[str, list[ex.Run]]) -> ex.ExtentMap:
+        """Build the map from block status runs, and keep both."""
+        self.map = self.build_map(runs)
+        self.runs = runs
         return self.map
 
-    def _fail(self, e: SnapfsError):
+    def fail(self, e: SnapfsError) -> Unavailable:
+        """The view turned out not to be servable: it disappears, with the reason."""
         self.problem = e.reason
         report.warning("%s/%s/%s is not available: %s", self.disk.relpath,
                        self.folder, self.filename, self.problem)
-        raise Unavailable(self.problem, e.errno) from None
+        return Unavailable(self.problem, e.errno)
 
     def forget_map(self) -> None:
         """The image changed under this view: read the map again on next use."""
         self.map = None
         self.runs = None
-        self._stale = []
 
     def write_refusal(self) -> tuple[int, str] | None:
         """Why this view is not written, as ``(errno, reason)``; None if it is writable."""
@@ -240,56 +207,9 @@ class View:
                                   f"above it is based on it); only {self.disk.top.path} is written")
         return errno.EACCES, "this image cannot be written"
 
-    def changed(self, start: int, end: int) -> None:
-        """A writer changed ``[start, end)``: its block status is read again before the map's next use.
-
-        The area grows to 2 MiB boundaries, the largest qcow2 cluster: a
-        write into part of a cluster changes the allocation of all of it.
-        """
-        a = start - start % STALE_ALIGN
-        b = min(self.size, -(-end // STALE_ALIGN) * STALE_ALIGN)
-        st = self._stale
-        if st and st[-1][1] >= a and st[-1][0] <= b:
-            st[-1] = (min(st[-1][0], a), max(st[-1][1], b))
-        else:
-            st.append((a, b))
-
-    @property
-    def stale(self) -> bool:
-        """Areas a writer changed are not in the map yet (or are being read)."""
-        return bool(self._stale) or self._refreshing > 0
-
-    async def refresh(self, server) -> ex.ExtentMap:
-        """Bring the map up to date with what writers changed.
-
-        server: the writable export's ``nbd.pool.Server``, asked for the block
-        status of the changed areas.
-        """
-        self._refreshing += 1
-        try:
-            async with self._lock:
-                await self._refresh(server)
-        finally:
-            self._refreshing -= 1
-        return self.map
-
-    async def _refresh(self, server) -> None:
-        if not self._stale or self.runs is None:
-            return
-        areas, self._stale = _merged(self._stale), []
-        try:
-            runs = self.runs
-            for a, b in areas:
-                new = await server.block_status(self.size, a, b)
-                runs = {ctx: ex.splice_runs(r, a, b, new[ctx]) for ctx, r in runs.items()}
-            self.map = self.build_map(runs)
-            self.runs = runs
-        except BaseException:
-            self._stale = areas + self._stale
-            raise
-
-    async def read_runs(self, pool: ServerPool) -> dict[str, list[ex.Run]]:
-        return await pool.block_status(self.spec, self.size)
+    async def read_runs(self, status) -> dict[str, list[ex.Run]]:
+        """The block status the map is built from (``data.status.BlockStatus``)."""
+        return await status.runs(self.spec, self.size)
 
     def build_map(self, runs: dict[str, list[ex.Run]]) -> ex.ExtentMap:
         raise NotImplementedError
@@ -308,10 +228,10 @@ def link_layers(views: list[View]) -> None:
     by_disk: dict[int, dict[str, View]] = {}
     for v in views:
         if v.kind == "layer":
-            by_disk.setdefault(id(v.disk), {}).setdefault(os.path.realpath(v.layer.path), v)
+            by_disk.setdefault(id(v.disk), {}).setdefault(v.layer.host.realpath(v.layer.path), v)
     for v in views:
         if v.kind == "layer" and v.layer.backing_path:
-            v.below = by_disk[id(v.disk)].get(os.path.realpath(v.layer.backing_path))
+            v.below = by_disk[id(v.disk)].get(v.layer.host.realpath(v.layer.backing_path))
 
 
 def mark_writable(views: list[View]) -> None:

@@ -69,9 +69,9 @@ class UnionDirtyView(DirtyView):
     def specs(self):
         return [self.spec, *self.bitmap_specs]
 
-    async def read_runs(self, pool):
-        runs = dict(await pool.block_status(self.spec, self.size))
-        copies = [(await pool.block_status(s, self.size))[contexts.dirty_context(self.bitmap)]
+    async def read_runs(self, status):
+        runs = dict(await status.runs(self.spec, self.size))
+        copies = [(await status.runs(s, self.size))[contexts.dirty_context(self.bitmap)]
                   for s in self.bitmap_specs]
         runs["union"] = ex.union_runs(self.size, *copies)
         return runs

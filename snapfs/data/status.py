@@ -1,0 +1,117 @@
+"""Block status of every export: read once, kept for the mount's life.
+
+Views of the same export (a base's chain and layer views, the shared layers
+of two branches) share one answer. It comes from the image files where the
+answer is certain (``formats/status.py``, through the images' host), else
+from qemu (a server started for it and stopped right after, unless files
+keep it). A mount that writes (``--rw``) always asks qemu: a writer's
+qemu-nbd may hold tables it has not written yet.
+
+``forget(image)``: the image changed (a writer closed, a refresh found it
+changed); every export reading it is asked again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ..extents import Run
+from ..formats import status as local
+from ..nbd.contexts import ALLOCATION_DEPTH, BASE_ALLOCATION
+from ..nbd.pool import ServerPool
+from ..nbd.spec import ExportSpec
+
+log = logging.getLogger(__name__)
+
+
+def _layer_keys(spec: ExportSpec) -> list[tuple]:
+    """``(path, format, pin)`` of each layer of an export, top first."""
+    pins = spec.pins or (None,) * len(spec.layers)
+    return [(path, fmt, pin) for (path, fmt), pin in zip(spec.layers, pins, strict=True)]
+
+
+class BlockStatus:
+    """The runs of every export, per metadata context (``nbd/contexts.py``).
+
+    from_files: read plain images' block status from the files.
+    """
+
+    def __init__(self, pool: ServerPool, from_files: bool = False):
+        self.pool = pool
+        self.from_files = from_files
+        self._runs: dict[ExportSpec, dict[str, list[Run]]] = {}
+        self._locks: dict[ExportSpec, trio.Lock] = {}
+        # Each layer's status read from its file, shared by every export it is in.
+        self._layers: dict[tuple, local.LayerStatus | None] = {}
+        self._forgotten = 0  # forget calls so far
+
+    async def runs(self, spec: ExportSpec, size: int) -> dict[str, list[Run]]:
+        """The runs of the whole export, from cache, the files or qemu."""
+        runs = self._runs.get(spec)
+        if runs is not None:
+            return runs
+        async with self._locks.setdefault(spec, trio.Lock()):
+            runs = self._runs.get(spec)
+            if runs is None and self.from_files and spec.socket is None:
+                # The cache is only touched here, in trio's thread; what a
+                # refresh forgot meanwhile (forget) is not kept.
+                generation = self._forgotten
+                known = {k: self._layers[k] for k in _layer_keys(spec) if k in self._layers}
+                runs, new = await trio.to_thread.run_sync(self.from_images, spec, size, known)
+                if generation == self._forgotten:
+                    self._layers.update(new)
+                    if runs is not None:
+                        self._runs[spec] = runs
+            if runs is None:
+                srv = await self.pool.acquire(spec)
+                try:
+                    runs = self._runs[spec] = await srv.block_status(size)
+                finally:
+                    self.pool.release(srv, linger=False)
+        return runs
+
+    def forget(self, image: str) -> None:
+        """Block status read before ``image`` changed is stale."""
+        for spec in [s for s in self._runs if s.socket is None and s.image == image]:
+            del self._runs[spec]
+        for key in [k for k in self._layers if k[0] == image]:
+            del self._layers[key]
+        self._forgotten += 1
+
+    def forget_export(self, spec: ExportSpec) -> None:
+        """An export that is gone (a finished backup job's)."""
+        self._runs.pop(spec, None)
+
+    def from_images(self, spec: ExportSpec, size: int, known: dict) -> tuple[dict | None, dict]:
+        """The runs qemu-nbd would report for ``spec``, read from the image files
+        (None when qemu must be asked: formats/status.py says when), and the
+        layers' statuses read for it. In a worker thread: ``known`` is a copy of
+        what was read before, and the caller keeps what is new."""
+        if spec.snapshot is not None or spec.bitmap is not None or spec.writable:
+            return None, {}
+        layers, new = [], {}
+        for key in _layer_keys(spec):
+            path, fmt, pin = key
+            if key in known:
+                status = known[key]
+            else:
+                try:
+                    status = spec.host.layer_status(path, fmt, pin)
+                except local.NotPlain as e:
+                    log.debug("block status of %s: asking qemu (%s)", path, e)
+                    status = None
+                new[key] = status
+            if status is None:
+                return None, new
+            layers.append(status)
+        try:
+            alloc, depth = local.export_runs(layers, size)
+        except local.NotPlain as e:
+            log.debug("block status of %s: asking qemu (%s)", spec.describe(), e)
+            return None, new
+        runs = {BASE_ALLOCATION: alloc}
+        if ALLOCATION_DEPTH in spec.contexts:
+            runs[ALLOCATION_DEPTH] = depth
+        return runs, new

@@ -1,0 +1,27 @@
+"""Hosts: the machine the images of a source live on.
+
+Everything that looks at an image file (stat, resolve, open to read a
+header, ask about qemu's locks), reads block status from the files, or
+starts a qemu program goes through a host object, so that views, the FUSE
+handlers and the write sessions never assume the images are local:
+
+- ``local.LocalHost``: this machine (``os`` calls, ``qemu-nbd`` started here,
+  libnbd on its UNIX socket).
+
+A host is compared by identity: exports (``nbd.spec.ExportSpec``) of the
+same files on two hosts are two exports. ``name`` is None for this machine
+(``user.snapfs.host`` is then absent), else the host as the user gave it.
+
+The protocol every host implements (``LocalHost`` is the reference)::
+
+    name                                    None, or the host as given
+    stat(path) / lstat(path)                os.stat_result; OSError
+    realpath(path), exists(path), isfile(path), islink(path), isdir(path)
+    walk(root, onerror)                     as os.walk, top-down
+    open(path)                              a binary file, to read a header
+    has_acl(path), locked_for_write(path)   bool
+    protocol_driver(path)                   qemu's driver: file or host_device
+    layer_status(path, fmt, pin)            formats.status.LayerStatus; NotPlain
+    nbd_server(spec, rundir, ident, conns)  a process serving the export (nbd.qemu.QemuNBD)
+    connect(socket, contexts, export)       a connection to it (nbd.client.Connection)
+"""

@@ -1,0 +1,87 @@
+"""The local machine: image files read with ``os``, qemu-nbd started here.
+
+The reference implementation of the host protocol (``hosts/__init__.py``).
+Tests that must not start qemu subclass it and replace ``nbd_server`` and
+``connect`` (``tests/test_2_operations.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from .. import formats
+from ..formats import status
+
+
+class LocalHost:
+    """This machine."""
+
+    name = None
+
+    def __repr__(self) -> str:
+        return "LocalHost()"
+
+    # -- files -----------------------------------------------------------------
+
+    def stat(self, path: str) -> os.stat_result:
+        return os.stat(path)
+
+    def lstat(self, path: str) -> os.stat_result:
+        return os.lstat(path)
+
+    def realpath(self, path: str) -> str:
+        return os.path.realpath(path)
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def isfile(self, path: str) -> bool:
+        return os.path.isfile(path)
+
+    def isdir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def islink(self, path: str) -> bool:
+        return os.path.islink(path)
+
+    def walk(self, root: str, onerror=None):
+        return os.walk(root, onerror=onerror)
+
+    def open(self, path: str):
+        return open(path, "rb")
+
+    def has_acl(self, path: str) -> bool:
+        try:
+            os.getxattr(path, "system.posix_acl_access")
+            return True
+        except OSError:
+            return False
+
+    def locked_for_write(self, path: str) -> bool:
+        return formats.locked_for_write(path)
+
+    def protocol_driver(self, path: str) -> str:
+        """qemu's driver for a path: ``host_device`` for block devices."""
+        try:
+            return "host_device" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
+        except OSError:
+            return "file"  # qemu reports the missing file
+
+    # -- block status from the files -------------------------------------------
+
+    def layer_status(self, path: str, fmt: str, pin) -> status.LayerStatus:
+        return status.layer_status(path, fmt, pin)
+
+    # -- qemu ------------------------------------------------------------------
+
+    def nbd_server(self, spec, rundir: str, ident: int, connections: int):
+        from ..nbd.qemu import QemuNBD
+        return QemuNBD(spec, rundir, ident, connections)
+
+    def connect(self, socket: str, contexts: tuple[str, ...], export: str):
+        from ..nbd.client import Connection  # the one importer of libnbd
+        return Connection(socket, contexts, export)
+
+
+LOCAL = LocalHost()
