@@ -8,13 +8,19 @@ chain and layer views (a layer alone is opened with ``"backing": null``), and
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
+import platform
+import pwd
 import re
 import shutil
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import time
+from dataclasses import dataclass
 from itertools import pairwise
 
 import pytest
@@ -401,6 +407,160 @@ def d():
     path = new_image_dir("t")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class OtherUser:
+    """An ordinary user, and snapfs as that user runs it.
+
+    ``python`` (with ``snapfs``, ``[python, "-m", "snapfs"]``) and ``command``
+    (the ``snapfs`` console script) are those of a copy of the checkout's
+    venv that the user can reach: the checkout itself may sit where only
+    root can enter (root's 0700 home, a ``mktemp -d`` directory).
+    """
+    name: str
+    pw_uid: int
+    pw_gid: int
+    python: str
+    snapfs: list[str]
+    command: str
+
+
+# What snapfs needs as another user: its own package, its dependencies from the
+# venv (pyfuse3 with snapfs's patches, trio), Debian's libnbd and libvirt bindings.
+OTHER_USER_MODULES = ("snapfs", "snapfs.cli", "pyfuse3", "trio", "nbd", "libvirt")
+
+# Run as the other user: where each module is found.
+MODULE_FILES = """
+import importlib, json, sys
+print(json.dumps({m: importlib.import_module(m).__file__ for m in sys.argv[1:]}))
+"""
+
+
+def runtime_distributions() -> list:
+    """The installed distributions snapfs runs on: its requirements and theirs,
+    extras left out. Not snapfs's own: installed editable, it is the checkout."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    seen, todo, out = {"snapfs"}, list(distribution("snapfs").requires or ()), []
+    while todo:
+        req = Requirement(todo.pop())
+        name = req.name.lower().replace("_", "-")
+        if name in seen or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+            continue
+        seen.add(name)
+        try:
+            dist = distribution(req.name)
+        except PackageNotFoundError:
+            continue  # the import as the other user says what is missing
+        out.append(dist)
+        todo += dist.requires or ()
+    return out
+
+
+def reachable_copy(root) -> tuple[str, str, dict[str, str]]:
+    """A venv in ``root`` that any user may run snapfs from, as the checkout's venv would.
+
+    It holds the snapfs package and the files of the distributions snapfs runs
+    on that the checkout's venv installed (pyfuse3 built with snapfs's
+    patches, trio and theirs), not the editable install's hooks, which lead
+    back into the checkout. Its interpreter is the one the checkout's venv
+    links to (``/usr/bin/python3``) and ``pyvenv.cfg`` keeps its
+    ``include-system-site-packages`` (Debian's ``nbd`` and ``libvirt``).
+    Everything is made readable by all and writable by root alone. Returns
+    (python, console script, {directory: its copy}).
+    """
+    venv = os.path.join(root, "venv")
+    python = os.path.join(venv, "bin", "python")
+    os.makedirs(os.path.dirname(python))
+    interpreter = os.path.realpath(sys.executable)
+    os.symlink(interpreter, python)
+    system_site = "true"
+    in_venv = sys.prefix != sys.base_prefix
+    if in_venv:
+        with open(os.path.join(sys.prefix, "pyvenv.cfg")) as f:
+            m = re.search(r"^include-system-site-packages\s*=\s*(\S+)", f.read(), re.M)
+        system_site = m[1] if m else "false"
+    with open(os.path.join(venv, "pyvenv.cfg"), "w") as f:
+        f.write(f"home = {os.path.dirname(interpreter)}\n"
+                f"include-system-site-packages = {system_site}\n"
+                f"version = {platform.python_version()}\n")
+    moved = {}
+    for kind in ("platlib", "purelib"):
+        site = sysconfig.get_path(kind)
+        copy = os.path.join(venv, os.path.relpath(site, sys.prefix))
+        os.makedirs(copy, exist_ok=True)
+        if in_venv:
+            moved[os.path.realpath(site)] = copy
+    for dist in runtime_distributions():
+        for f in dist.files or ():
+            src = os.path.realpath(dist.locate_file(f))
+            for site, copy in moved.items():
+                if src.startswith(site + os.sep) and os.path.isfile(src):
+                    dest = copy + src[len(site):]
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    shutil.copy2(src, dest)
+    package = os.path.join(copy, "snapfs")
+    shutil.copytree(os.path.join(REPO, "snapfs"), package)
+    moved[os.path.realpath(os.path.join(REPO, "snapfs"))] = package
+    # The console script, as pip wrote it, on the copy's interpreter.
+    script = os.path.join(sys.prefix, "bin", "snapfs")
+    if not os.path.exists(script):
+        pytest.fail(f"{script} is missing: run make setup")
+    command = os.path.join(venv, "bin", "snapfs")
+    with open(script) as f:
+        _, rest = f.read().split("\n", 1)
+    with open(command, "w") as f:
+        f.write(f"#!{python}\n{rest}")
+    for top, _, files in os.walk(root):
+        os.chmod(top, 0o755)
+        for name in files:
+            path = os.path.join(top, name)
+            if not os.path.islink(path):
+                mode = os.stat(path).st_mode & 0o777
+                os.chmod(path, 0o755 if mode & 0o100 else 0o644)
+    os.chmod(command, 0o755)
+    return python, command, moved
+
+
+@pytest.fixture(scope="session")
+def nobody():
+    """The user ``nobody``, running snapfs from a copy it can reach (``OtherUser``).
+
+    The copy lives in a 0755 directory under /tmp for the session: the
+    checkout, its venv and pytest's ``tmp_path`` may all be closed to others.
+    Before any test uses it, ``nobody`` imports from it what snapfs needs,
+    and each module must be the copy of the one the tests use.
+    """
+    if os.getuid() != 0:
+        pytest.skip("needs root, to act as another user")
+    pw = pwd.getpwnam("nobody")
+    root = tempfile.mkdtemp(prefix="snapfs-nobody-", dir="/tmp")
+    try:
+        python, command, moved = reachable_copy(root)
+        r = run("setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
+                "env", "-u", "XDG_RUNTIME_DIR", "HOME=/", python, "-c", MODULE_FILES, *OTHER_USER_MODULES,
+                check=False, cwd="/")
+        if r.returncode != 0:
+            pytest.fail(f"user nobody cannot import what snapfs needs from {root}:\n{r.stderr}", pytrace=False)
+        got = json.loads(r.stdout)
+        wrong = []
+        for name in OTHER_USER_MODULES:
+            want = os.path.realpath(importlib.util.find_spec(name).origin)
+            for there, copy in moved.items():
+                if want.startswith(there + os.sep):
+                    want = copy + want[len(there):]
+                    break
+            if os.path.realpath(got[name]) != want:
+                wrong.append(f"{name}: {got[name]}, not {want}")
+        if wrong:
+            pytest.fail(f"user nobody does not import snapfs's modules from {root}:\n  " + "\n  ".join(wrong),
+                        pytrace=False)
+        yield OtherUser(pw.pw_name, pw.pw_uid, pw.pw_gid, python, [python, "-m", "snapfs"], command)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -14,14 +14,12 @@ import errno
 import hashlib
 import json
 import os
-import pwd
 import shutil
 import stat
-import sys
 import tempfile
 
 import pytest
-from conftest import REPO, SNAPFS, MiB, create, json_layer, qemu_img, qemu_io, run
+from conftest import MiB, create, json_layer, qemu_img, qemu_io, run
 
 SIZE = 8 * MiB
 
@@ -43,26 +41,19 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def user():
-    if os.getuid() != 0:
-        pytest.skip("needs root, to act as another user")
-    pw = pwd.getpwnam("nobody")
-    for path in (sys.executable, os.path.join(REPO, "snapfs", "__init__.py")):
-        r = run("setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
-                "test", "-r", path, check=False)
-        if r.returncode != 0:
-            pytest.fail(f"user nobody cannot read {path}: the checkout must be readable by others")
-    return pw
+def user(nobody):
+    """``nobody``, with snapfs and python from a copy it can reach (conftest's ``OtherUser``)."""
+    return nobody
 
 
 def as_user(pw, *cmd, check=True, env=None, xdg=None):
     xdg_env = ["-u", "XDG_RUNTIME_DIR"] if xdg is None else [f"XDG_RUNTIME_DIR={xdg}"]
     return run("setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
-               "env", *xdg_env, f"HOME={env or '/'}", *cmd, check=check, cwd=REPO)
+               "env", *xdg_env, f"HOME={env or '/'}", *cmd, check=check, cwd="/")
 
 
 def read_as(pw, *paths) -> dict:
-    return json.loads(as_user(pw, sys.executable, "-c", READER, *paths).stdout)
+    return json.loads(as_user(pw, pw.python, "-c", READER, *paths).stdout)
 
 
 def read_named_as(pw, views: dict) -> dict:
@@ -114,13 +105,13 @@ def test_ordinary_user_mounts_own_image_directory(user, shared_tmp):
     # su and runuser pass root's XDG_RUNTIME_DIR on: not the user's to use.
     roots = os.path.join(shared_tmp, "run-user-0")
     os.mkdir(roots, 0o700)
-    r = as_user(user, *SNAPFS, "mount", "--images", images, mnt, check=False, env=shared_tmp, xdg=roots)
+    r = as_user(user, *user.snapfs, "mount", "--images", images, mnt, check=False, env=shared_tmp, xdg=roots)
     assert r.returncode == 0, r.stderr
     try:
         view = os.path.join(mnt, "vda.qcow2", "chain", "00-vda.raw")
         got = read_as(user, view, os.path.join(mnt, "vda.qcow2", "layers", "00-vda.raw"))
         assert got == {view: expected, os.path.join(mnt, "vda.qcow2", "layers", "00-vda.raw"): expected}
-        st = json.loads(as_user(user, sys.executable, "-c",
+        st = json.loads(as_user(user, user.python, "-c",
                                 "import json, os, sys; s = os.stat(sys.argv[1]); "
                                 "print(json.dumps([s.st_uid, s.st_gid, s.st_mode]))", view).stdout)
         assert st[:2] == [user.pw_uid, user.pw_gid]
@@ -129,7 +120,7 @@ def test_ordinary_user_mounts_own_image_directory(user, shared_tmp):
         with pytest.raises(PermissionError):
             os.stat(view)
     finally:
-        r = as_user(user, *SNAPFS, "umount", mnt, check=False, env=shared_tmp, xdg=roots)
+        r = as_user(user, *user.snapfs, "umount", mnt, check=False, env=shared_tmp, xdg=roots)
     assert r.returncode == 0, r.stderr
     assert not os.path.ismount(mnt)
 
