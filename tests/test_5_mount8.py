@@ -4,7 +4,9 @@
 SOURCE MOUNTPOINT -o OPTIONS`` from its PATH (``make setup`` links
 ``/usr/local/bin/snapfs`` to this checkout). The views read through such a
 mount must equal ``qemu-img convert`` of the image, and ``umount`` must leave
-no snapfs process and no qemu-nbd behind.
+no snapfs process and no qemu-nbd behind. An ordinary user's mount runs
+snapfs as that user, from a copy of this checkout it can reach (conftest's
+``nobody``): the checkout may be closed to others.
 """
 
 from __future__ import annotations
@@ -12,10 +14,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import pwd
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -24,6 +24,7 @@ from conftest import REPO, MiB, create, processes, qemu_img, qemu_io, run
 
 SIZE = 8 * MiB
 FSTAB_MARK = "# snapfs test entry"
+LOCAL_COMMAND = "/usr/local/bin/snapfs"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,9 +36,9 @@ def snapfs_on_path():
         if shutil.which(tool, path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin") is None:
             pytest.fail(f"{tool} is missing: run make setup")
     want = os.path.join(REPO, ".venv", "bin", "snapfs")
-    got = os.path.realpath("/usr/local/bin/snapfs")
+    got = os.path.realpath(LOCAL_COMMAND)
     if got != os.path.realpath(want):
-        pytest.fail(f"/usr/local/bin/snapfs is {got}, not this checkout's {want}: run make setup")
+        pytest.fail(f"{LOCAL_COMMAND} is {got}, not this checkout's {want}: run make setup")
 
 
 def digest(path) -> str:
@@ -168,14 +169,28 @@ def test_fstab_file(images, tmp_path):
     assert wait_gone(str(images)) == []
 
 
+def _relink(link, target):
+    """Point symlink ``link`` at ``target`` in one step (never missing in between)."""
+    new = f"{link}.{os.getpid()}.new"
+    os.symlink(target, new)
+    os.replace(new, link)
+
+
 @pytest.fixture
-def nobody():
-    pw = pwd.getpwnam("nobody")
-    r = run("setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
-            "test", "-x", sys.executable, check=False)
-    if r.returncode != 0:
-        pytest.fail(f"user nobody cannot run {sys.executable}: the checkout must be readable by others")
-    return pw
+def command_for_users(nobody):
+    """/usr/local/bin/snapfs leads to the copy ``nobody`` can reach while the test runs.
+
+    mount.fuse3 runs it as the mounting user, who may not enter the checkout.
+    The link is put back after, unless something else replaced it meanwhile
+    (should the run be killed before, ``make setup`` links it back).
+    """
+    before = os.readlink(LOCAL_COMMAND)
+    _relink(LOCAL_COMMAND, nobody.command)
+    try:
+        yield
+    finally:
+        if os.path.islink(LOCAL_COMMAND) and os.readlink(LOCAL_COMMAND) == nobody.command:
+            _relink(LOCAL_COMMAND, before)
 
 
 @pytest.fixture
@@ -195,7 +210,7 @@ def etc_fstab():
         f.write(saved)
 
 
-def test_user_fstab_entry(nobody, etc_fstab):
+def test_user_fstab_entry(nobody, command_for_users, etc_fstab):
     shared = tempfile.mkdtemp(prefix="snapfs-mount8-", dir="/tmp")
     os.chmod(shared, 0o755)
     images, mnt = os.path.join(shared, "images"), os.path.join(shared, "mnt")
