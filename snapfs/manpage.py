@@ -4,9 +4,11 @@
   ``--help`` prints (:func:`snapfs.cli._parser`), and the ``-o`` options of the
   mount(8) form (``snapfs SOURCE MOUNTPOINT -o OPTIONS``), from the ``mount``
   subcommand's options.
-- ``snapfs-views(7)``: docs/views.md, through a small markdown-to-roff
-  converter (headings, paragraphs, nested bullet lists, tables as tbl(1)
-  tables, code spans, emphasis, links as their text, fenced code).
+- ``snapfs-views(7)``: docs/views.md, through pandoc (Debian's, 2.17 on
+  bookworm): tables become tbl(1) tables, and views.md is read as GitHub
+  shows it (nested lists, code, emphasis, links). docutils' rst2man reads
+  reStructuredText, not markdown; go-md2man (also in Debian) leaves most
+  table cells on one line, unwrapped, so its tables run far past the page.
 
 ``python -m snapfs.manpage OUTDIR`` writes ``OUTDIR/man1/snapfs.1`` and
 ``OUTDIR/man7/snapfs-views.7`` (``make setup`` does, into ``.venv/share/man``).
@@ -17,16 +19,21 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 VIEWS_MD = Path(__file__).resolve().parent.parent / "docs" / "views.md"
 
-# Width (in ens) a table may take: an 80-column terminal less the section
-# indent (7n) and a margin.
-TABLE_WIDTH = 70
-COLUMN_GAP = 3  # tbl's default column separation
+# --columns: pandoc gives a pipe table fixed column widths (70n in all, plus
+# the gaps: wider than the page) when a line of it is longer than this; below
+# it, tbl fits the columns to the page. --wrap=preserve keeps the source's lines.
+PANDOC = ["pandoc", "--to=man", "--columns=10000", "--wrap=preserve"]
+# docs/views.md as GitHub shows it (a backslash before a space is a
+# backslash), no link made of a bare URI, no emoji made of ":name:".
+GFM = "gfm-autolink_bare_uris-emoji"
 
 # --------------------------------------------------------------------- roff
 
@@ -108,196 +115,8 @@ def md_inline(text: str, outer: str = "R") -> str:
     return "".join(out)
 
 
-def md_plain(text: str) -> str:
-    """What md_inline's text reads as, for measuring widths."""
-    return _INLINE.sub(lambda m: next(g for g in m.groups() if g is not None), text)
-
-
-# ------------------------------------------------------------- markdown blocks
-
-_HEADING = re.compile(r"(#{1,6})\s+(.*?)\s*#*\s*$")
-_ITEM = re.compile(r"([-*+])( +)(?=\S)")
-_TABLE_SEP = re.compile(r"\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
-_FENCE = re.compile(r"\s*(```|~~~)")
-
-
 def _indent(line: str) -> int:
     return len(line) - len(line.lstrip(" "))
-
-
-def _is_table_start(lines: list[str], i: int) -> bool:
-    return lines[i].lstrip().startswith("|") and i + 1 < len(lines) and bool(_TABLE_SEP.match(lines[i + 1]))
-
-
-def _starts_block(lines: list[str], i: int) -> bool:
-    line = lines[i]
-    return bool(_HEADING.match(line) or _ITEM.match(line) or _FENCE.match(line)) or _is_table_start(lines, i)
-
-
-def _cells(row: str) -> list[str]:
-    row = row.strip()
-    if row.startswith("|"):
-        row = row[1:]
-    if row.endswith("|") and not row.endswith("\\|"):
-        row = row[:-1]
-    cells, cur, code = [], [], False
-    for i, c in enumerate(row):
-        if c == "`":
-            code = not code
-        if c == "|" and not code and (i == 0 or row[i - 1] != "\\"):
-            cells.append("".join(cur).strip())
-            cur = []
-        else:
-            cur.append(c)
-    cells.append("".join(cur).strip())
-    return [c.replace("\\|", "|") for c in cells]
-
-
-def md_blocks(lines: list[str]) -> list[tuple]:
-    """Block structure of markdown lines: ("heading", level, text), ("para", text),
-    ("list", [blocks of each item]), ("table", header, rows), ("code", lines)."""
-    blocks: list[tuple] = []
-    i, n = 0, len(lines)
-    while i < n:
-        line = lines[i]
-        if not line.strip():
-            i += 1
-            continue
-        if _FENCE.match(line):
-            fence = _FENCE.match(line).group(1)
-            body = []
-            i += 1
-            while i < n and not lines[i].strip().startswith(fence):
-                body.append(lines[i])
-                i += 1
-            blocks.append(("code", body))
-            i += 1
-            continue
-        m = _HEADING.match(line)
-        if m:
-            blocks.append(("heading", len(m.group(1)), m.group(2)))
-            i += 1
-            continue
-        if _is_table_start(lines, i):
-            header = _cells(line)
-            rows = []
-            i += 2
-            while i < n and lines[i].lstrip().startswith("|"):
-                rows.append(_cells(lines[i]))
-                i += 1
-            blocks.append(("table", header, rows))
-            continue
-        if _ITEM.match(line):
-            items = []
-            while i < n and _ITEM.match(lines[i]):
-                m = _ITEM.match(lines[i])
-                width = m.end()
-                content = [lines[i][width:]]
-                i += 1
-                while i < n:
-                    cur = lines[i]
-                    if not cur.strip():
-                        j = i
-                        while j < n and not lines[j].strip():
-                            j += 1
-                        if j < n and _indent(lines[j]) >= width:
-                            content += [""] * (j - i)
-                            i = j
-                            continue
-                        break
-                    if _indent(cur) >= width:
-                        content.append(cur[width:])
-                    elif _starts_block(lines, i) or not content[-1].strip():
-                        break
-                    else:  # lazy continuation of the item's paragraph
-                        content.append(cur.strip())
-                    i += 1
-                items.append(md_blocks(content))
-            blocks.append(("list", items))
-            continue
-        para = []
-        while i < n and lines[i].strip() and not (para and _starts_block(lines, i)):
-            para.append(lines[i].strip())
-            i += 1
-        blocks.append(("para", "\n".join(para)))
-    return blocks
-
-
-def _table_widths(header: list[str], rows: list[list[str]], width: int) -> list[int]:
-    """Column widths (ens) for a table of at most width: a column keeps its
-    natural width where that is at most an equal share of what is left, the
-    others share the rest equally, none below its longest word."""
-    ncol = len(header)
-    table = [header] + rows
-    natural = [max(len(md_plain(r[c])) if c < len(r) else 0 for r in table) for c in range(ncol)]
-    minimum = [max((len(w) for r in table if c < len(r) for w in md_plain(r[c]).split()), default=1)
-               for c in range(ncol)]
-    widths = [max(n, 1) for n in natural]
-    left = width - COLUMN_GAP * (ncol - 1)
-    todo = sorted(range(ncol), key=lambda c: natural[c])
-    while todo and natural[todo[0]] <= left // len(todo):
-        left -= widths[todo.pop(0)]
-    for c in todo:
-        widths[c] = max(minimum[c], left // len(todo))
-    return widths
-
-
-def _roff_table(header: list[str], rows: list[list[str]], width: int = TABLE_WIDTH) -> list[str]:
-    widths = _table_widths(header, rows, width)
-    wrapped = any(len(md_plain(r[c])) > widths[c] for r in rows for c in range(min(len(r), len(widths))))
-
-    def row(cells: list[str], face: str = "R") -> list[str]:
-        cells = cells + [""] * (len(widths) - len(cells))
-        parts = []
-        for cell in cells[:len(widths)]:
-            text = _font(face, md_inline(cell, face)) if face != "R" else md_inline(cell)
-            parts.append("T{\n" + "\n".join(_lines(text) or [r"\&"]) + "\nT}")
-        return "\t".join(parts).split("\n")
-
-    out = [".TS", " ".join(f"lw({w}n)" for w in widths) + "."]
-    out += row(header, "B")
-    out.append("_")
-    for k, r in enumerate(rows):
-        if wrapped and k:
-            out.append(".sp")
-        out += row(r)
-    out.append(".TE")
-    return out
-
-
-def md_roff(blocks: list[tuple], nested: bool = False) -> list[str]:
-    """Roff lines for markdown blocks (level-1 headings are left out: the title).
-    nested: the blocks of a list item after its first paragraph, which go on at
-    the item's indent."""
-    start = '.IP "" 2' if nested else ".PP"
-    out: list[str] = []
-    for block in blocks:
-        kind = block[0]
-        if kind == "heading":
-            level, text = block[1], block[2]
-            if level == 2:
-                out.append(".SH " + _quote_arg(md_inline(text.upper())))
-            elif level > 2:
-                out.append(".SS " + _quote_arg(md_inline(text)))
-        elif kind == "para":
-            out += [start, *_lines(md_inline(block[1]))]
-        elif kind == "code":
-            out += [start, ".nf", *(r"\&" + _escape(line.rstrip()) for line in block[1]), ".fi"]
-        elif kind == "table":
-            out += [start, *_roff_table(block[1], block[2])]
-        elif kind == "list":
-            if nested:
-                out.append(".RS 2")
-            for item in block[1]:
-                out.append(r".IP \(bu 2")
-                body = item
-                if body and body[0][0] == "para":
-                    out += _lines(md_inline(body[0][1]))
-                    body = body[1:]
-                out += md_roff(body, nested=True)
-            if nested:
-                out.append(".RE")
-    return out
 
 
 # ------------------------------------------------------------------- pages
@@ -628,28 +447,52 @@ def snapfs_1(parser: argparse.ArgumentParser | None = None, date: str | None = N
     return "\n".join(out) + "\n"
 
 
+# ------------------------------------------------------------ snapfs-views(7)
+
+def pandoc(markdown: str, *options: str, source: str = GFM) -> str:
+    """Roff for markdown, written by pandoc (a fragment, unless options say
+    --standalone)."""
+    if shutil.which("pandoc") is None:
+        raise RuntimeError("pandoc not found (Debian package pandoc): run make setup")
+    r = subprocess.run([*PANDOC, f"--from={source}", *options], input=markdown, capture_output=True, text=True,
+                       encoding="utf-8")
+    if r.returncode != 0:
+        raise RuntimeError(f"pandoc failed: {r.stderr.strip()}")
+    return r.stdout
+
+
 def snapfs_views_7(markdown: str | None = None, date: str | None = None) -> str:
-    """The snapfs-views(7) page, from docs/views.md."""
+    """The snapfs-views(7) page, from docs/views.md: its title for NAME, its
+    "##" headings as sections (upper case, as man pages have them), "###"
+    as subsections."""
     if markdown is None:
         markdown = VIEWS_MD.read_text(encoding="utf-8")
     if date is None:
         date = _date(VIEWS_MD, Path(__file__))
-    blocks = md_blocks(markdown.split("\n"))
-    title = next((b[2] for b in blocks if b[0] == "heading" and b[1] == 1), "what a snapfs mount shows")
-    out = [r"'\" t", *_head("SNAPFS-VIEWS", 7, date, "snapfs", "docs/views.md"),
-           ".SH NAME", r"snapfs\-views \- " + md_inline(title[:1].lower() + title[1:]),
-           ".SH DESCRIPTION", ".PP",
-           *_md("The files and directories of a **snapfs**(1) mount: the views, their maps, qcow2 files "
-                "and extended attributes, what is left out and why, who may read what, and writable "
-                "mounts.")]
-    out += md_roff(blocks)
-    out += ['.SH "SEE ALSO"',
-            r".BR snapfs (1),",
-            r".BR qemu\-img (1),",
-            r".BR qemu\-nbd (8),",
-            r".BR nbdinfo (1)"]
-    return "\n".join(out) + "\n"
+    title = "what a snapfs mount shows"
+    m = re.match(r"# +(.+?)\s*\n", markdown)
+    if m:
+        title = m.group(1)[:1].lower() + m.group(1)[1:]
+        markdown = markdown[m.end():]
+    markdown = re.sub(r"^## +(.+?)\s*$", lambda h: "## " + h.group(1).upper(), markdown, flags=re.M)
+    page = "\n\n".join([
+        "## NAME", f"snapfs-views - {title}",
+        "## DESCRIPTION",
+        "The files and directories of a **snapfs**(1) mount: the views, their maps, qcow2 files and "
+        "extended attributes, what is left out and why, who may read what, and writable mounts.",
+        markdown.strip("\n"),
+        "## SEE ALSO", "**snapfs**(1), **qemu-img**(1), **qemu-nbd**(8), **nbdinfo**(1)",
+    ]) + "\n"
+    # hyphenate=false: no word is broken at a line's end (a code span, an
+    # option, a path); adjusting=l: lines are not stretched to the margin,
+    # which narrow table columns cannot be.
+    return pandoc(page, "--standalone", "--shift-heading-level-by=-1",
+                  "--metadata=title:SNAPFS-VIEWS", "--metadata=section:7", f"--metadata=date:{date}",
+                  f"--metadata=footer:snapfs {_version()}".strip(), "--metadata=header:snapfs",
+                  "--metadata=hyphenate:false", "--variable=adjusting:l", source=GFM)
 
+
+# ------------------------------------------------------------------- pages
 
 def write_pages(outdir: str | os.PathLike) -> list[Path]:
     """Write OUTDIR/man1/snapfs.1 and OUTDIR/man7/snapfs-views.7 (only those

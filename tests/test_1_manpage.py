@@ -1,8 +1,10 @@
 """The man pages: snapfs(1) from the command line parser, snapfs-views(7) from
-docs/views.md (snapfs/manpage.py), rendered by man(1) as a reader sees them.
+docs/views.md (pandoc), as snapfs/manpage.py writes them, rendered by man(1)
+as a reader sees them.
 
-These need man-db and groff (mount-helpers/setup installs them); without them
-the tests fail rather than skip, so CI cannot pass without checking the pages.
+These need man-db, groff and pandoc (mount-helpers/setup installs them);
+without them the tests fail rather than skip, so CI cannot pass without
+checking the pages.
 """
 
 import argparse
@@ -25,9 +27,9 @@ OPTION = r"(?<![\w-])(--?[A-Za-z][\w-]*)"
 
 
 def _tools() -> None:
-    missing = [t for t in ("man", "groff", "tbl") if shutil.which(t) is None]
+    missing = [t for t in ("man", "groff", "tbl", "pandoc") if shutil.which(t) is None]
     if missing:
-        pytest.fail(f"{', '.join(missing)} not found (Debian man-db, groff-base): run make setup")
+        pytest.fail(f"{', '.join(missing)} not found (Debian man-db, groff-base, pandoc): run make setup")
 
 
 def _env(**extra) -> dict:
@@ -181,7 +183,7 @@ def test_views_page_has_every_heading_table_and_bullet_of_views_md(pages):
     for heading in re.findall(r"^### (.+)$", md, re.M):
         assert re.search(rf"^   {re.escape(heading)}$", text, re.M), heading
     assert src.count(".TS\n") == len(re.findall(r"^\|[- |]+\|$", md, re.M))
-    assert src.count(r".IP \(bu") == len(re.findall(r"^\s*- ", md, re.M))
+    assert src.count(r".IP \[bu]") == len(re.findall(r"^\s*- ", md, re.M))
     assert src.startswith("'\\\" t\n")  # man runs tbl
     # Markup gone, text kept: a table cell, code, bold, a link's text.
     for words in ("(QFI\\xfb)", "user.snapfs.backupmode", "Backing files. A layer's .qcow2", "see libvirt.md",
@@ -198,6 +200,8 @@ def test_pages_render_in_plain_ascii_too(pages):
 # ----------------------------------------------------------------- converter
 
 def test_roff_specials_are_escaped(tmp_path):
+    """Markdown that roff would misread (backslashes, hyphens, a line starting
+    with "." or "'") reaches the reader as the text it is."""
     md = ("## A heading\n\n"
           "Text with a backslash \\ and `C:\\dir\\x` and `--an-option`,\n"
           ".snapfs-status at the start of a line,\n"
@@ -207,12 +211,13 @@ def test_roff_specials_are_escaped(tmp_path):
           "  - nested\n"
           "- second\n\n"
           "| a | b |\n| --- | --- |\n| `.x` | 'y |\n")
-    roff = "\n".join(manpage.md_roff(manpage.md_blocks(md.split("\n"))))
-    assert r"\fB\-\-an\-option\fR" in roff and r"\fBC:\(rsdir\(rsx\fR" in roff
-    assert not [line for line in roff.split("\n") if line[:1] == "'" or
-                (line[:1] == "." and not re.match(r"\.(SH|PP|IP|RS|RE|TS|TE|sp|nf|fi)\b", line))]
+    roff = manpage.snapfs_views_7(md, date="2024-01-01")
+    # Code in pandoc's code font (bold on a terminal), hyphens and backslashes kept.
+    assert r"\f[V]--an-option\f[R]" in roff and r"\f[V]C:\[rs]dir\[rs]x\f[R]" in roff
+    # No line of the text became a request.
+    assert not [line for line in roff.split("\n") if re.match(r"[.'](snapfs|dot|quoted|x|y)\b", line)]
     page = tmp_path / "t.7"
-    page.write_text("'\\\" t\n.TH T 7\n" + roff + "\n")
+    page.write_text(roff)
     text = " ".join(render(page).split())
     for words in ("A HEADING", "a backslash \\ and C:\\dir\\x and --an-option",
                   ".snapfs-status at the start", "'quoted' at the start", "bold code, it, a link",
