@@ -1,10 +1,10 @@
-"""The man pages: snapfs(1) from the command line parser, snapfs-views(7) from
-docs/views.md (pandoc), as snapfs/manpage.py writes them, rendered by man(1)
-as a reader sees them.
+"""The man pages: snapfs(1) from the command line parser (argparse-manpage),
+snapfs-views(7) from docs/views.md (pandoc), as snapfs/manpage.py has the tools
+write them, rendered by man(1) as a reader sees them.
 
-These need man-db, groff and pandoc (mount-helpers/setup installs them);
-without them the tests fail rather than skip, so CI cannot pass without
-checking the pages.
+These need man-db, groff, pandoc and argparse-manpage (mount-helpers/setup
+installs them); without them the tests fail rather than skip, so CI cannot
+pass without checking the pages.
 """
 
 import argparse
@@ -40,12 +40,14 @@ def _env(**extra) -> dict:
 
 def render(path: Path, **env) -> str:
     """`man --warnings -l PATH` at 80 columns, every groff warning on (-ww):
-    the text, and no warning at all."""
+    the text, and no warning at all. A word hyphenated at a line's end is read
+    whole, as a reader reads it: grotty marks that break with U+2010, never
+    the ASCII hyphen of the text."""
     _tools()
     r = subprocess.run(["man", "--warnings=w", "-l", str(path)], capture_output=True, text=True,
                        env=_env(**env), timeout=60)
     assert r.returncode == 0 and r.stderr == "", f"man -l {path.name}: rc {r.returncode}\n{r.stderr}"
-    return r.stdout
+    return re.sub("\u2010\n *", "", r.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +85,8 @@ def sections(text: str) -> dict[str, str]:
 
 def roff_text(path: Path) -> str:
     """The page's source with hyphen escapes as the hyphens they print, and
-    without font changes."""
-    return re.sub(r"\\f[BIRP]|\\&", "", path.read_text().replace(r"\-", "-"))
+    without font changes (\\fB and \\f[B] alike)."""
+    return re.sub(r"\\f(\[[A-Z]*\]|[BIRPV])|\\&", "", path.read_text().replace(r"\-", "-"))
 
 
 def has_word(text: str, word: str) -> bool:
@@ -113,9 +115,14 @@ def test_every_option_of_every_help_is_in_the_page(pages):
         if cmd:
             section = subcommand_section(text, cmd)
             usage = out.split("\n\n")[0]
-            for opt in set(re.findall(OPTION, usage)):
-                assert re.search(rf"^       (\S.*, )?{re.escape(opt)}\b", section, re.M), \
+            # -h, --help: said once for every command, below.
+            for opt in set(re.findall(OPTION, usage)) - {"-h"}:
+                # An entry: the option first on its line, at the indent of the
+                # command's entries (the section's 7, then the list's 7).
+                assert re.search(rf"^ {{14}}(\S.*, )?{re.escape(opt)}\b", section, re.M), \
                     f"no entry for {opt} under snapfs {cmd}"
+    description = " ".join(sections(text)["DESCRIPTION"].split())
+    assert "Each command, and snapfs itself, takes -h, --help" in description
 
 
 def test_hidden_options_are_left_out(pages):
