@@ -337,7 +337,13 @@ def snapfs_1(parser: argparse.ArgumentParser | None = None, date: str | None = N
         '**snapfs-views**(7) describes every file of a mount; "MOUNT OPTIONS" below, the mount(8) '
         "and fstab form.",
     ]) + "\n"
-    sections = [("synopsis", _synopsis_md(parser)), ("description", description),
+    # No word is broken at a line's end, neither by hyphenation nor after a
+    # "-" (pandoc 2.17 writes "-", not "\-"): an option, a mount option or a
+    # path split in two is not what a reader searches for or types. pandoc
+    # passes these two requests through as they are; snapfs-views(7) says
+    # the first with hyphenate=false.
+    synopsis = "```{=man}\n.nh\n.cflags 0 -\n```\n\n" + _synopsis_md(parser)
+    sections = [("synopsis", synopsis), ("description", description),
                 ("mount options", _mount_options_md(parser)), ("examples", EXAMPLES_MD),
                 ("files", FILES_MD), ("see also", SEE_ALSO_1_MD)]
     # The DESCRIPTION above replaces argparse-manpage's, which would run the
