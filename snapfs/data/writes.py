@@ -242,7 +242,7 @@ class Writes:
 
     async def check_readable(self, spec: ExportSpec) -> None:
         """Busy while the image this export reads is being written through another export."""
-        if spec.socket is None and await self._other_writer(spec.image, spec) is not None:
+        if self.sessions and spec.socket is None and await self._other_writer(spec.image, spec) is not None:
             raise Busy(f"{spec.image} is open for writing; try again once it is closed")
 
     def _check_held(self, image: str) -> None:

@@ -72,6 +72,7 @@ class Facts:
         self._facts: dict[tuple, tuple[float, object]] = {}
 
     def _get(self, kind: str, host, path: str, fn):
+        """``fn(path, host)``, asked at most once a ``ttl``."""
         now = self.clock()
         key = (kind, id(host), path)
         hit = self._facts.get(key)
@@ -79,23 +80,29 @@ class Facts:
             return hit[1]
         if len(self._facts) > 65536:
             self._facts.clear()
-        value = fn(path)
+        value = fn(path, host)
         self._facts[key] = (now, value)
         return value
 
     def stat(self, path: str, host=LOCAL) -> os.stat_result | None:
-        def get(p):
-            try:
-                return host.stat(p)
-            except OSError:
-                return None
-        return self._get("stat", host, path, get)
+        return self._get("stat", host, path, _stat)
 
     def has_acl(self, path: str, host=LOCAL) -> bool:
-        return self._get("acl", host, path, host.has_acl)
+        return self._get("acl", host, path, _has_acl)
 
     def parents(self, path: str, host=LOCAL) -> list[str]:
-        return self._get("parents", host, path, lambda p: parents(p, host))
+        return self._get("parents", host, path, parents)
+
+
+def _stat(path: str, host) -> os.stat_result | None:
+    try:
+        return host.stat(path)
+    except OSError:
+        return None
+
+
+def _has_acl(path: str, host) -> bool:
+    return host.has_acl(path)
 
 
 def access(needs, facts: Facts | None = None, host=LOCAL) -> tuple[int, int, int]:
