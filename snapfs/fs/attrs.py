@@ -15,6 +15,7 @@ from ..data.maps import Maps
 from ..data.writes import Writes
 from ..errors import Busy
 from ..hosts.local import LOCAL
+from ..views import FOLDERS
 from .access import Facts, access, node_needs
 from .layout import Catalog
 from .tree import Directory, MapFile, Node, Qcow2File, StatusFile, Tree, ViewFile, ViewNode
@@ -167,7 +168,7 @@ class Attributes:
         there next): more of them in flight at once.
         """
         folders = [node] + [c for name, c in node.children.items()
-                            if name in ("chain", "layers", "dirty") and isinstance(c, Directory)]
+                            if name in FOLDERS and isinstance(c, Directory)]
         views = {id(c.view): c.view for folder in folders for c in folder.children.values()
                  if isinstance(c, ViewFile) and not c.hidden}
         self.maps.prefetch(views.values(), self.spawn)

@@ -26,7 +26,7 @@ from ..formats.chain import Chains, Disk, Layer
 from ..hosts.local import LOCAL
 from ..nbd.spec import ExportSpec
 from ..needs import LIST, SEARCH, file_needs, parents
-from ..views import View, escape_name, link_layers, mark_writable, view_basename
+from ..views import FOLDERS, View, escape_name, link_layers, mark_writable, view_basename
 from ..views.chain import ChainView
 from ..views.dirty import DirtyView, UnionDirtyView
 from ..views.layer import LayerView
@@ -202,14 +202,8 @@ def disk_unit(root: str, disk: Disk, writable: bool) -> Unit:
     return Unit(key=disk.relpath, dirs=dirs, views=views, missing=missing, signature=disk_signature(disk))
 
 
-# Every disk directory holds these folders, views or not.
-FOLDERS = ("chain", "layers", "dirty")
-
-
 class ImageDirectorySource:
     """``--images DIR``: every leaf image under DIR is a disk (a unit)."""
-
-    retire = True
 
     def __init__(self, root: str, allow_outside: bool = False, writable: bool = False, watch: bool = False,
                  host=LOCAL, label: str | None = None):

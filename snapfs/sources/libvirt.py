@@ -41,7 +41,7 @@ from ..formats.chain import Chains, Disk, Layer
 from ..hosts.local import LOCAL
 from ..nbd.spec import ExportSpec
 from ..needs import file_needs
-from ..views import View, escape_name, link_layers, mark_writable, view_basename
+from ..views import FOLDERS, View, escape_name, link_layers, mark_writable, view_basename
 from ..views.chain import BackupChainView, ChainView
 from ..views.dirty import DirtyView, FullDirtyView, UnionDirtyView
 from ..views.layer import LayerView
@@ -53,7 +53,6 @@ from .libvirt_xml import CheckpointDef, DiskDef, SnapshotDef, parse_checkpoint, 
 log = logging.getLogger(__name__)
 
 CURRENT = "current"
-FOLDERS = ("chain", "layers", "dirty")
 OPEN_TIMEOUT = 30  # seconds for libvirt to accept a connection
 
 
@@ -361,8 +360,6 @@ def _start_event_loop() -> None:
 
 class LibvirtSource:
     """Every selected domain of one libvirt connection; each domain is a unit."""
-
-    watch = False
 
     def __init__(self, uri: str, domains: list[str] | None, rundir: str,
                  since: str | None = None, new_checkpoint: str | None = None, writable: bool = False,

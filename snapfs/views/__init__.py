@@ -39,6 +39,8 @@ report = logging.getLogger("snapfs.report")
 
 # The formats a --rw mount writes: what restores are tested on (docs/views.md).
 WRITABLE_FORMATS = ("qcow2", "raw")
+# A disk directory's folders, one per kind of view; every disk has all three.
+FOLDERS = ("chain", "layers", "dirty")
 
 
 def view_basename(index: int, width: int, layer: Layer) -> str:
