@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import weakref
 
 import trio
 
@@ -33,7 +32,7 @@ class Maps:
     def __init__(self, status: BlockStatus, writes: Writes):
         self.status = status
         self.writes = writes
-        self._locks: weakref.WeakKeyDictionary[View, trio.Lock] = weakref.WeakKeyDictionary()
+        self._locks: dict[View, trio.Lock] = {}  # views whose map is being read
         self._limiter = trio.CapacityLimiter(MAP_PREFETCH)
 
     async def load(self, view: View) -> ExtentMap:
@@ -43,25 +42,35 @@ class Maps:
             return view.map
         if view.problem is not None:
             raise Gone(view.problem)
-        async with self._locks.setdefault(view, trio.Lock()):
-            if view.problem is not None:
-                # Another open waited on the lock while this view failed.
-                raise Gone(view.problem)
-            if view.map is None:
-                try:
-                    for spec in view.specs():
-                        await self.writes.check_readable(spec)
-                    view.set_map(await view.read_runs(self.status))
-                except Busy:
-                    raise  # not now: the image is being written
-                except Unavailable as e:
-                    if view.mutable and e.errno == errno.EBUSY:
-                        # A --rw mount: another program holds the image; not for ever.
-                        raise Busy(e.reason) from None
-                    raise Gone(view.fail(e).reason) from None
-                except SnapfsError as e:
-                    raise Gone(view.fail(e).reason) from None
+        lock = self._locks.get(view)
+        if lock is None:
+            lock = self._locks[view] = trio.Lock()
+        try:
+            async with lock:
+                if view.problem is not None:
+                    # Another open waited on the lock while this view failed.
+                    raise Gone(view.problem)
+                if view.map is None:
+                    await self._read(view)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._locks.pop(view, None)
         return view.map
+
+    async def _read(self, view: View) -> None:
+        try:
+            for spec in view.specs():
+                await self.writes.check_readable(spec)
+            view.set_map(await view.read_runs(self.status))
+        except Busy:
+            raise  # not now: the image is being written
+        except Unavailable as e:
+            if view.mutable and e.errno == errno.EBUSY:
+                # A --rw mount: another program holds the image; not for ever.
+                raise Busy(e.reason) from None
+            raise Gone(view.fail(e).reason) from None
+        except SnapfsError as e:
+            raise Gone(view.fail(e).reason) from None
 
     async def fresh(self, view: View) -> ExtentMap:
         """The view's map, up to date with what its writer changed."""

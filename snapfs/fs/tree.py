@@ -33,13 +33,14 @@ class Node:
     of libvirt domains).
     """
 
+    host = None  # the host ``paths`` are on (set with them)
+
     def __init__(self, inode: int, name: str, parent: Directory | None):
         self.inode = inode
         self.name = name
         self.parent = parent
         self.removed = False  # replaced by a refresh; its inode answers ENOENT
         self.paths: tuple[tuple[str, str], ...] | None = None
-        self.host = None
 
     @property
     def hidden(self) -> bool:
@@ -68,6 +69,11 @@ class ViewNode(Node):
     def __init__(self, inode, name, parent, view: View):
         super().__init__(inode, name, parent)
         self.view = view
+
+    @property
+    def host(self):
+        """The host of the images the view reads."""
+        return self.view.layer.host
 
     @property
     def hidden(self) -> bool:
@@ -189,5 +195,6 @@ class Tree:
     def add_view(self, view: View, prefix: str = "") -> None:
         """A view's three files, in its folder (under ``prefix``: its source's)."""
         folder = self.directory(f"{prefix}{view.disk.relpath}/{view.folder}")
-        for cls, name in ((ViewFile, view.filename), (Qcow2File, view.qcow2_filename), (MapFile, view.map_filename)):
-            self._add(cls, name, folder, view).host = view.layer.host
+        self._add(ViewFile, view.filename, folder, view)
+        self._add(Qcow2File, view.qcow2_filename, folder, view)
+        self._add(MapFile, view.map_filename, folder, view)
