@@ -94,22 +94,6 @@ async def serve(config: MountConfig, ready=None) -> None:
                    "SEEK_HOLE/SEEK_DATA see every file as all data")
             log.warning(msg)
             m.status.notes.append(msg)
-        # The kernel checks every access against the owner, group and mode
-        # each node takes from its images (fs/access.py), for the mounting
-        # user too: a mount never widens access.
-        # fsname: the source as given, as mount(8), findmnt and fstab know it
-        # (fuse takes ASCII options only: "snapfs" otherwise). Views never
-        # need devices, set-uid or execution.
-        given = config.label
-        fsname = given.replace("\\", "\\\\").replace(",", "\\,") if given.isascii() else "snapfs"
-        options = {f"fsname={fsname}", "subtype=snapfs", "default_permissions", "nosuid", "nodev",
-                   "noexec"}
-        if not config.writable:
-            options.add("ro")
-        if config.allow_other:
-            options.add("allow_other")
-        if config.debug_fuse:
-            options.add("debug")
         watchers = [(s, w) for s in sources if (w := s.watcher()) is not None]
         control = os.path.join(rundir, "control.sock")
         with open(os.path.join(rundir, "mount.json"), "w") as f:
@@ -117,7 +101,7 @@ async def serve(config: MountConfig, ready=None) -> None:
                        "sources": [[s.kind, s.location] for s in config.sources],
                        "control": control, "log": config.log}, f)
         try:
-            pyfuse3.init(m.ops, mountpoint, options)
+            pyfuse3.init(m.ops, mountpoint, _fuse_options(config))
         except (RuntimeError, UnicodeError) as e:
             raise MountError(f"cannot mount {mountpoint}: {e}{_fuse_hint()}") from None
         gone = trio.Event()  # the mount left this process's mount table
@@ -148,6 +132,27 @@ async def serve(config: MountConfig, ready=None) -> None:
             for source in sources:
                 await trio.to_thread.run_sync(source.close)
         shutil.rmtree(rundir, ignore_errors=True)
+
+
+def _fuse_options(config: MountConfig) -> set[str]:
+    """The FUSE mount options of a mount.
+
+    The kernel checks every access against the owner, group and mode each
+    node takes from its images (fs/access.py), for the mounting user too: a
+    mount never widens access. fsname: the source as given, as mount(8),
+    findmnt and fstab know it (fuse takes ASCII options only: "snapfs"
+    otherwise). Views never need devices, set-uid or execution.
+    """
+    given = config.label
+    fsname = given.replace("\\", "\\\\").replace(",", "\\,") if given.isascii() else "snapfs"
+    options = {f"fsname={fsname}", "subtype=snapfs", "default_permissions", "nosuid", "nodev", "noexec"}
+    if not config.writable:
+        options.add("ro")
+    if config.allow_other:
+        options.add("allow_other")
+    if config.debug_fuse:
+        options.add("debug")
+    return options
 
 
 def _set_notes(status: Status, prefix: str, notes: list[str]) -> None:
