@@ -189,11 +189,9 @@ class WriteSession:
                 view.forget_map()
         if self.files:
             return  # opened again meanwhile: it goes on serving
+        # From here on, opens of other views of the image wait for the writer
+        # to stop (check_readable); end() then tells every view of it.
         self.ending = True
-        if self.changed:
-            # What other views knew of the image is stale from now on (their
-            # opens wait for the writer to stop).
-            self._invalidate(keep_written=True)
         await self._writes.end(self)
 
 
