@@ -17,6 +17,9 @@ before qemu sees any file (see "Safety" in docs/views.md):
   ``chain.py`` follows backing files.
 - protocol names (``nbd:``, ``json:``...) and external data files are refused,
   and so are VMDK files whose data is in extent files their descriptor names.
+- a file is looked at before it is opened: only a regular file or a block
+  device is ever opened (``not_an_image_file``; a FIFO would block the
+  scan), through its host's ``open``, without blocking.
 - qemu opens every image through a ``json:`` filename that spells out each
   node (``json_node``): the format (never probed), the protocol driver
   (``host_device`` for block devices; no name is ever parsed as an option
@@ -131,14 +134,27 @@ def format_by_name(path: str, by_name_only: bool = False, host=None) -> str | No
     return None
 
 
+def not_an_image_file(mode: int) -> str | None:
+    """Why a file of this type (``st_mode``) is never read as an image, or None
+    for a regular file or a block device."""
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return None
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a character device" if stat.S_ISCHR(mode) else "a directory" if stat.S_ISDIR(mode)
+            else "not a regular file")
+    return f"{kind}: only regular files (and block devices) are read as images"
+
+
 def locked_for_write(path: str) -> bool:
-    """True if a qemu process holds the image open for writing (a running VM)."""
+    """True if a qemu process holds the image open for writing (a running VM).
+
+    Opened without blocking: a FIFO swapped in must not hang the caller."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
-        return fd_locked_for_write(fd)
+        return not_an_image_file(os.fstat(fd).st_mode) is None and fd_locked_for_write(fd)
     finally:
         os.close(fd)
 
@@ -224,6 +240,9 @@ def read_layer(path: str, fmt: str, host) -> Layer:
     layer.mtime_ns = st.st_mtime_ns
     layer.ctime_ns = st.st_ctime_ns
     layer.pin = (st.st_dev, st.st_ino)
+    if (why := not_an_image_file(st.st_mode)) is not None:
+        layer.problem = why  # never opened: a FIFO would block the scan
+        return layer
     try:
         if _read_header(layer, path, fmt, st, host):
             return layer

@@ -78,8 +78,8 @@ class Chains:
                 cut = f"backing file {bpath} has unsupported format {layer.backing_format!r}"
             elif (why := self.outside(bpath)) is not None:
                 cut = why
-            elif not host.exists(bpath):
-                cut = f"backing file {bpath} is missing"
+            elif (why := self._unreachable(bpath)) is not None:
+                cut = why
             elif host.realpath(bpath) in seen:
                 cut = f"backing chain loops at {bpath}"
             if cut:
@@ -94,3 +94,13 @@ class Chains:
             layer = below
         chain.reverse()
         return chain, cut
+
+    def _unreachable(self, path: str) -> str | None:
+        """Why a backing file cannot even be looked at (missing, a symlink loop), or None."""
+        try:
+            self.host.stat(path)
+        except FileNotFoundError:
+            return f"backing file {path} is missing"
+        except OSError as e:
+            return f"backing file {path} cannot be reached: {e.strerror}"
+        return None

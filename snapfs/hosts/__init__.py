@@ -18,7 +18,9 @@ The protocol every host implements (``LocalHost`` is the reference)::
     stat(path) / lstat(path)                os.stat_result; OSError
     realpath(path), exists(path), isfile(path), islink(path), isdir(path)
     walk(root, onerror)                     as os.walk, top-down
-    open(path)                              a binary file, to read a header
+    open(path)                              a binary file, to read a header: only a regular
+                                            file or a block device, opened without blocking
+                                            (OSError for a FIFO, a socket, a character device)
     has_acl(path), locked_for_write(path)   bool
     protocol_driver(path)                   qemu's driver: file or host_device
     layer_status(path, fmt, pin)            formats.status.LayerStatus; NotPlain

@@ -7,6 +7,7 @@ Tests that must not start qemu subclass it and replace ``nbd_server`` and
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -49,7 +50,23 @@ class LocalHost:
         return os.walk(root, onerror=onerror)
 
     def open(self, path: str):
-        return open(path, "rb")
+        """A regular file or a block device, open to read a header; OSError for anything else.
+
+        Looked at before it is opened, so a FIFO, a socket or a character
+        device is never opened (a FIFO would block the open until a writer
+        came; a tape device would rewind); then opened without blocking and
+        looked at again, in case it was swapped in between.
+        """
+        if (why := formats.not_an_image_file(os.stat(path).st_mode)) is not None:
+            raise OSError(errno.EINVAL, why, path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        try:
+            if (why := formats.not_an_image_file(os.fstat(fd).st_mode)) is not None:
+                raise OSError(errno.EINVAL, why, path)
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def has_acl(self, path: str) -> bool:
         try:
