@@ -7,6 +7,9 @@ still does every read of guest data; this module only decides what to ask it.
 
 Layout references are to qemu's docs/interop/qcow2.txt. Only the header, its
 extensions and the bitmap directory are read; nothing here trusts guest data.
+Every value is bounded as qemu bounds it when it opens the image (what qemu
+would refuse is refused here, with the reason), and names are read as qemu
+reads them: C strings, which a NUL ends.
 """
 
 from __future__ import annotations
@@ -43,6 +46,18 @@ BITMAP_AUTO = 1 << 1
 # cluster; read this much first, and the rest of a larger cluster if needed.
 HEADER_READ = 64 << 10
 
+# qemu's bounds (block/qcow2.h, block/qcow2-bitmap.c): what it refuses to open.
+MAX_L1_SIZE = 32 << 20  # bytes of the active L1 table (QCOW_MAX_L1_SIZE)
+MAX_BACKING_NAME = 1023
+MAX_BACKING_FORMAT = 15  # bs->backing_format holds 16 bytes, the NUL included
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY = 1024 * MAX_BITMAPS
+MAX_BITMAP_NAME = 1023
+MAX_BITMAP_TABLE = 0x8000000
+MAX_BITMAP_PHYS = 0x20000000
+BITMAP_TYPE_DIRTY = 1
+BITMAP_RESERVED_FLAGS = ~(BITMAP_IN_USE | BITMAP_AUTO) & 0xFFFFFFFF
+
 
 class Qcow2Error(Exception):
     """The file claims to be qcow2 but its header cannot be trusted."""
@@ -50,9 +65,16 @@ class Qcow2Error(Exception):
 
 @dataclass(frozen=True)
 class Bitmap:
+    """A persistent dirty bitmap.
+
+    name: as stored, decoded (undecodable bytes replaced). problem: why the
+    name cannot be handed to qemu-nbd as it is (``--bitmap=NAME``), or None.
+    """
+
     name: str
     flags: int
     granularity: int
+    problem: str | None = None
 
     @property
     def in_use(self) -> bool:
@@ -149,6 +171,9 @@ def _parse(f, buf: bytes, file_size: int) -> Qcow2Header:
         raise Qcow2Error("refcount table is empty")
     # Each L1 entry maps cluster_size/8 clusters; qemu checks this bound too.
     l2_covers = cluster_size * (cluster_size // 8)
+    if l1_size * 8 > MAX_L1_SIZE:
+        raise Qcow2Error(f"active L1 table too large ({l1_size} entries; qemu reads at most "
+                         f"{MAX_L1_SIZE // 8})")
     if l1_size * l2_covers < size:
         raise Qcow2Error("L1 table too small for the virtual size")
     if l1_off + l1_size * 8 > file_size:
@@ -165,13 +190,19 @@ def _parse(f, buf: bytes, file_size: int) -> Qcow2Header:
         raise Qcow2Error(f"unknown incompatible features 0x{incompat & ~INCOMPAT_KNOWN:x}")
 
     backing_file = None
+    if backing_off > cluster_size:
+        raise Qcow2Error("invalid backing file offset")
     if backing_off:
-        if backing_len == 0 or backing_len > 1023 or backing_off + backing_len > len(buf):
+        if (backing_len == 0 or backing_len > min(MAX_BACKING_NAME, cluster_size - backing_off)
+                or backing_off + backing_len > len(buf)):
             raise Qcow2Error("invalid backing file name")
+        # qemu reads the name as a C string: a NUL ends it, and what follows
+        # is never seen (an empty name is no backing file).
+        raw = buf[backing_off:backing_off + backing_len].split(b"\0", 1)[0]
         try:
-            backing_file = buf[backing_off:backing_off + backing_len].decode("utf-8")
+            backing_file = raw.decode("utf-8") or None
         except UnicodeDecodeError:
-            raise Qcow2Error("backing file name is not UTF-8") from None
+            raise Qcow2Error(f"backing file name {raw!r} is not UTF-8") from None
 
     hdr = Qcow2Header(version, size, cluster_size, backing_file, None, incompat, autoclear,
                       l1_size=l1_size, l1_offset=l1_off, nb_snapshots=nb_snapshots,
@@ -180,7 +211,8 @@ def _parse(f, buf: bytes, file_size: int) -> Qcow2Header:
                       compression_type=buf[104] if header_len > 104 else 0)
     bitmaps_ext = None
     pos = header_len
-    end = min(len(buf), cluster_size)
+    # qemu reads extensions up to the backing file name, if there is one.
+    end = min(len(buf), backing_off or cluster_size)
     while pos + 8 <= end:
         ext_type, ext_len = struct.unpack_from(">II", buf, pos)
         pos += 8
@@ -190,7 +222,10 @@ def _parse(f, buf: bytes, file_size: int) -> Qcow2Header:
             raise Qcow2Error("header extension runs past the first cluster")
         data = buf[pos:pos + ext_len]
         if ext_type == EXT_BACKING_FORMAT:
-            hdr.backing_format = data.decode("ascii", "replace")
+            if ext_len > MAX_BACKING_FORMAT:
+                raise Qcow2Error(f"backing format name too long ({ext_len} bytes)")
+            # A C string to qemu too: a NUL ends it.
+            hdr.backing_format = data.split(b"\0", 1)[0].decode("ascii", "replace")
         elif ext_type == EXT_BITMAPS:
             bitmaps_ext = data
         elif ext_type == EXT_DATA_FILE:
@@ -198,28 +233,67 @@ def _parse(f, buf: bytes, file_size: int) -> Qcow2Header:
         pos += (ext_len + 7) & ~7
 
     if bitmaps_ext is not None and autoclear & AUTOCLEAR_BITMAPS:
-        hdr.bitmaps = _read_bitmaps(f, bitmaps_ext, file_size)
+        hdr.bitmaps = _read_bitmaps(f, bitmaps_ext, file_size, cluster_size, size)
     return hdr
 
 
-def _read_bitmaps(f, ext: bytes, file_size: int) -> list[Bitmap]:
+def _read_bitmaps(f, ext: bytes, file_size: int, cluster_size: int, size: int) -> list[Bitmap]:
+    """The bitmap directory, checked as qemu checks it when it opens the image
+    (qemu then refuses the whole image: so is the layer here)."""
     if len(ext) < 24:
         raise Qcow2Error("bitmaps extension too short")
-    nb, _reserved, dir_size, dir_off = struct.unpack_from(">IIQQ", ext, 0)
-    if dir_size > 64 << 20 or dir_off + dir_size > file_size:
+    nb, reserved, dir_size, dir_off = struct.unpack_from(">IIQQ", ext, 0)
+    if reserved or not 0 < nb <= MAX_BITMAPS or dir_off % cluster_size:
+        raise Qcow2Error("invalid bitmaps extension")
+    if not 0 < dir_size <= MAX_BITMAP_DIRECTORY or dir_off + dir_size > file_size:
         raise Qcow2Error("bitmap directory outside the image file")
     f.seek(dir_off)
     d = f.read(dir_size)
     if len(d) != dir_size:
         raise Qcow2Error("bitmap directory truncated")
     out = []
+    seen = set()
     pos = 0
-    for _ in range(nb):
-        _table_off, _table_size, flags, _type, gran_bits, name_size, extra = struct.unpack_from(">QIIBBHI", d, pos)
+    while pos < len(d):
+        if len(out) == nb:
+            raise Qcow2Error("more bitmaps in the directory than the header says")
+        if pos + 24 > len(d):
+            raise Qcow2Error("bitmap directory entry truncated")
+        table_off, table_size, flags, btype, gran_bits, name_size, extra = struct.unpack_from(">QIIBBHI", d, pos)
         name_pos = pos + 24 + extra
         if name_pos + name_size > len(d):
             raise Qcow2Error("bitmap directory entry truncated")
-        name = d[name_pos:name_pos + name_size].decode("utf-8", "replace")
-        out.append(Bitmap(name, flags, 1 << gran_bits))
+        raw = d[name_pos:name_pos + name_size]
+        phys = table_size * cluster_size
+        if (extra or table_size == 0 or table_off == 0 or table_off % cluster_size
+                or table_size > MAX_BITMAP_TABLE or not 9 <= gran_bits <= 31
+                or flags & BITMAP_RESERVED_FLAGS or name_size > MAX_BITMAP_NAME
+                or btype != BITMAP_TYPE_DIRTY or phys > MAX_BITMAP_PHYS
+                or (not flags & BITMAP_IN_USE and size > (phys * 8) << gran_bits)):
+            raise Qcow2Error(f"bitmap {raw!r} does not satisfy qemu's constraints")
+        # qemu's name for it: a C string, cut at the first NUL.
+        qemu_name = raw.split(b"\0", 1)[0]
+        if qemu_name in seen:
+            raise Qcow2Error(f"two bitmaps named {qemu_name!r}")
+        seen.add(qemu_name)
+        out.append(Bitmap(raw.decode("utf-8", "replace"), flags, 1 << gran_bits, _name_problem(raw)))
         pos = (name_pos + name_size + 7) & ~7
+    if len(out) != nb:
+        raise Qcow2Error("fewer bitmaps in the directory than the header says")
     return out
+
+
+def _name_problem(raw: bytes) -> str | None:
+    """Why a bitmap's stored name cannot be handed to qemu-nbd (``--bitmap=NAME``
+    and the NBD context name), or None."""
+    if not raw:
+        return "the bitmap has an empty name"
+    if b"\0" in raw:
+        cut = raw.split(b"\0", 1)[0]
+        return (f"its name {raw!r} holds a NUL byte: qemu reads only the part before it "
+                f"({cut!r}), so it is not handed to qemu-nbd")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"its name {raw!r} is not UTF-8: it cannot be named to qemu-nbd as it is"
+    return None

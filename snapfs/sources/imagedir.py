@@ -151,6 +151,9 @@ def disk_views(disk: Disk) -> tuple[list[View], list[tuple[str, str]]]:
         if not (disk.complete and all(lay.problem is None for lay in disk.chain)):
             missing.append((fname, "dirty views read the whole chain, which is not available"))
             continue
+        if bm.problem is not None:
+            missing.append((fname, f"bitmap in {top.path}: {bm.problem}"))
+            continue
         holding, reason = bitmap_verdict(disk.chain, bm.name, require_enabled=False)
         if reason is not None:
             missing.append((fname, reason))
