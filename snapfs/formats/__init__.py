@@ -19,7 +19,8 @@ before qemu sees any file (see "Safety" in docs/views.md):
   and so are VMDK files whose data is in extent files their descriptor names.
 - a file is looked at before it is opened: only a regular file or a block
   device is ever opened (``not_an_image_file``; a FIFO would block the
-  scan), through its host's ``open``, without blocking.
+  scan), through its host's ``open``, without blocking. A virtual size no
+  file can have, or a path qemu cannot be handed (not UTF-8), is refused.
 - qemu opens every image through a ``json:`` filename that spells out each
   node (``json_node``): the format (never probed), the protocol driver
   (``host_device`` for block devices; no name is ever parsed as an option
@@ -62,6 +63,10 @@ IMAGE_SUFFIXES = QCOW2_SUFFIXES + RAW_SUFFIXES + tuple(NAMED_SUFFIXES)
 _PROTOCOL = re.compile(r"^(json|nbd|nbds|http|https|ftp|ftps|ssh|iscsi|rbd|gluster|nfs|"
                        r"null-co|null-aio|blkdebug|blkverify|host_device|host_cdrom|vvfat|"
                        r"file)[+:]", re.IGNORECASE)
+
+# The largest virtual size qemu serves (BDRV_MAX_LENGTH: INT64_MAX rounded
+# down to 1 GiB); a view file's size is an off_t, signed 64 bits, too.
+MAX_VIRTUAL_SIZE = (2**63 - 1) // (1 << 30) * (1 << 30)
 
 # qemu's image locking (block/file-posix.c): a process holding permission N
 # has a shared lock on byte 100 + N. Permission 1 is BLK_PERM_WRITE.
@@ -243,6 +248,12 @@ def read_layer(path: str, fmt: str, host) -> Layer:
     if (why := not_an_image_file(st.st_mode)) is not None:
         layer.problem = why  # never opened: a FIFO would block the scan
         return layer
+    if not _utf8(layer.real):
+        # qemu is handed every file in a json: filename, and its JSON parser
+        # takes UTF-8 only: it could not open this one.
+        layer.problem = (f"its path {os.fsencode(layer.real)!r} is not UTF-8: qemu takes file names "
+                         "in JSON, which cannot hold it (rename it)")
+        return layer
     try:
         if _read_header(layer, path, fmt, st, host):
             return layer
@@ -250,9 +261,23 @@ def read_layer(path: str, fmt: str, host) -> Layer:
         log.debug("reading the header of %s failed", path, exc_info=True)
         layer.problem = f"not a usable {fmt} image: cannot read its header ({type(e).__name__}: {e})"
         return layer
+    if layer.size > MAX_VIRTUAL_SIZE:
+        # Every format's header is checked here: the view's st_size is an off_t.
+        layer.problem = (f"not a usable {fmt} image: its virtual size {layer.size} is larger than "
+                         f"qemu serves (at most {MAX_VIRTUAL_SIZE})")
+        layer.size = 0
+        return layer
     if host.locked_for_write(path):
         layer.problem = "in use: a running VM (or another qemu) has it open for writing"
     return layer
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a byte os.fsdecode could not decode
+        return False
+    return True
 
 
 _SINGLE = {

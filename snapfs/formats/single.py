@@ -45,7 +45,7 @@ def _read(path, *ranges: tuple[int, int], opener=READ_BINARY) -> tuple[int, list
             for off, n in ranges:
                 if off < 0:
                     off += size
-                if off < 0:
+                if not 0 <= off < size:  # nothing there (and no seek past what an off_t holds)
                     out.append(b"")
                     continue
                 f.seek(off)
