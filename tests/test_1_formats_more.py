@@ -421,7 +421,8 @@ def test_vmdk_chains_follow_the_rules(tmp_path):
     assert not disks["proto.vmdk"].complete
 
     loop = disks["loop-top.vmdk"]
-    assert not loop.complete and loop.cut_reason == f"backing chain loops at {d / 'loop-a.vmdk'}"
+    assert not loop.complete and loop.cut_reason == (
+        f"backing chain loops at {d / 'loop-a.vmdk'}: {d / 'loop-b.vmdk'} names it, and it is above in the chain")
     assert [lay.name for lay in loop.chain] == ["loop-b.vmdk", "loop-a.vmdk", "loop-top.vmdk"]
 
     moved = disks["moved-000001.vmdk"]

@@ -80,8 +80,10 @@ class Chains:
                 cut = why
             elif (why := self._unreachable(bpath)) is not None:
                 cut = why
+            elif host.realpath(bpath) == host.realpath(layer.path):
+                cut = f"backing chain loops at {bpath}: {layer.path} names itself as its backing file"
             elif host.realpath(bpath) in seen:
-                cut = f"backing chain loops at {bpath}"
+                cut = f"backing chain loops at {bpath}: {layer.path} names it, and it is above in the chain"
             if cut:
                 break
             below = self.layer(bpath, layer.backing_format)

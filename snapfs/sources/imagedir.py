@@ -68,33 +68,94 @@ class ImageDirectory:
             dirnames.sort()
             for fname in sorted(filenames):
                 path = os.path.join(dirpath, fname)
-                if not host.isfile(path):
+                try:
+                    layer = self._image(path)
+                except Exception as e:  # whatever a file is, it must not end the scan
+                    self._unexpected(path, e)
                     continue
-                # Before anything opens it: a link to a device or a hung
-                # mount must not be read at all.
-                if host.islink(path) and (why := self._outside(path, "image")) is not None:
-                    if format_by_name(path, by_name_only=True) is not None:
-                        self.problems.append(Problem(os.path.relpath(path, self.root), why))
-                    continue
-                fmt = format_by_name(path, host=host)
-                if fmt is None:
-                    continue
-                found[path] = self._chains.layer(path, fmt)
+                if layer is not None:
+                    found[path] = layer
 
-        used = set()
-        for layer in found.values():
-            if layer.backing_path:
-                used.add(host.realpath(layer.backing_path))
-            used.update(host.realpath(p) for p in layer.extent_paths)
+        real = {path: host.realpath(path) for path in found}
+        # What other images use (an image naming itself is still a leaf: no
+        # other image uses it; its chain stops at once, with the reason).
+        used: dict[str, list[str]] = {}
+        extents = set()  # parts of a (refused) VMDK descriptor file: its line says why
         for path, layer in found.items():
-            if host.realpath(path) in used:
+            if layer.backing_path and host.realpath(layer.backing_path) != real[path]:
+                used.setdefault(host.realpath(layer.backing_path), []).append(path)
+            extents.update(host.realpath(p) for p in layer.extent_paths)
+        for path, layer in found.items():
+            if real[path] in used or real[path] in extents:
                 continue
-            self.disks.append(self._disk(path, layer))
+            try:
+                self.disks.append(self._disk(path, layer))
+            except Exception as e:  # a crafted chain must not end the scan
+                self._unexpected(path, e)
         for layer in self._chains.layers.values():
             if layer.problem:
                 self.problems.append(Problem(layer.path, layer.problem))
+        self._unreached(found, real, used, extents)
         self.problems.sort(key=lambda p: p.path)
         return self
+
+    def _image(self, path: str) -> Layer | None:
+        """The layer of a file found in the directory, or None when it is no image."""
+        host = self.host
+        if not host.isfile(path):
+            return None  # a FIFO, a socket, a device, a directory, a broken link: never opened
+        # Before anything opens it: a link to a device or a hung
+        # mount must not be read at all.
+        if host.islink(path) and (why := self._outside(path, "image")) is not None:
+            if format_by_name(path, by_name_only=True) is not None:
+                self.problems.append(Problem(os.path.relpath(path, self.root), why))
+            return None
+        fmt = format_by_name(path, host=host)
+        if fmt is None:
+            return None
+        return self._chains.layer(path, fmt)
+
+    def _unexpected(self, path: str, e: Exception) -> None:
+        log.debug("scanning %s failed", path, exc_info=True)
+        self.problems.append(Problem(os.path.relpath(path, self.root),
+                                     f"cannot be read ({type(e).__name__}: {e})"))
+
+    def _unreached(self, found: dict[str, Layer], real: dict[str, str], used: dict[str, list[str]],
+                   extents: set[str]) -> None:
+        """Say why each image that is in no disk's chain is not offered: it is
+        used only by images in a backing loop with it, or by an image whose
+        chain stops above it (that image's line says why)."""
+        reached = {self.host.realpath(lay.path) for d in self.disks for lay in d.chain}
+        by_real = {real[p]: (p, lay) for p, lay in found.items()}
+        rel = {p: os.path.relpath(p, self.root) for p in found}
+        for path, layer in found.items():
+            if real[path] in reached or real[path] not in used or real[path] in extents:
+                continue
+            loop = self._loop(path, layer, by_real)
+            if loop is not None:
+                names = " -> ".join(rel[p] for p in loop + [path])
+                why = (f"backing chain loops ({names}): images that back each other are no image's "
+                       "base and no disk of their own")
+            else:
+                users = ", ".join(rel.get(p, p) for p in sorted(used[real[path]]))
+                why = f"no disk of its own: {users} names it as a backing file, but does not reach it (see there)"
+            self.problems.append(Problem(rel[path], why))
+
+    def _loop(self, path: str, layer: Layer, by_real: dict) -> list[str] | None:
+        """The images from ``path`` round its backing loop back to it, or None."""
+        host = self.host
+        start = host.realpath(path)
+        out, seen = [path], {start}
+        while layer.backing_path:
+            nxt = host.realpath(layer.backing_path)
+            if nxt == start:
+                return out
+            if nxt in seen or nxt not in by_real:
+                return None
+            seen.add(nxt)
+            path, layer = by_real[nxt]
+            out.append(path)
+        return None
 
     def _walk_error(self, err: OSError) -> None:
         self.problems.append(Problem(err.filename or self.root, f"cannot list: {err.strerror}"))
@@ -140,8 +201,7 @@ def disk_views(disk: Disk) -> tuple[list[View], list[tuple[str, str]]]:
             spec = ExportSpec.of(reversed(disk.chain[: i + 1]))
             views.append(ChainView(disk, base, layer, spec, layer.size))
     if not chain_ok:
-        missing.append((f"{disk.relpath}/chain/", "chain views need every layer down to the base: "
-                        + (disk.cut_reason or "a layer above cannot be read")))
+        missing.append((f"{disk.relpath}/chain/", _no_chain(disk)))
 
     top = disk.top
     names = set()
@@ -174,6 +234,17 @@ def disk_views(disk: Disk) -> tuple[list[View], list[tuple[str, str]]]:
                                 f"bitmap {bm.name!r} is only in backing file {layer.path}: it does "
                                 "not cover changes made in the layers above it"))
     return views, missing
+
+
+def _no_chain(disk: Disk) -> str:
+    """Why a disk's chain views are (some of them) missing: the chain was cut
+    below its base, or a layer cannot be read (a disk of one layer: its own reason)."""
+    if disk.cut_reason is not None:
+        return f"chain views need every layer down to the base: {disk.cut_reason}"
+    bad = next(lay for lay in disk.chain if lay.problem is not None)
+    if len(disk.chain) == 1:
+        return bad.problem
+    return f"chain views from {bad.name} up need it, and it cannot be read: {bad.problem}"
 
 
 def disk_signature(disk: Disk) -> tuple:
