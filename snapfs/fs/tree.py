@@ -132,7 +132,27 @@ class Status:
         if self.refusals:
             lines.append(f"{len(self.refusals)} request(s) refused or failed (the latest of each file):")
             lines += [f"{when} {path}: {reason}" for path, (when, reason) in self.refusals.items()]
-        return ("\n".join(lines) + "\n").encode()
+        return ("\n".join(shown(line) for line in lines) + "\n").encode()
+
+
+def shown(text: str) -> str:
+    """A line of the status file as it can be printed: one line per item, in UTF-8.
+
+    File names may hold anything but '/' and NUL: a newline or another
+    control character is written escaped (``\\n``, ``\\x1b``), and so is a
+    byte that is not UTF-8 (``os.fsdecode`` made it a lone surrogate: ``\\xff``).
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
 
 
 class Tree:
