@@ -270,7 +270,7 @@ class Mount:
 
     made: list[Mount] = []  # every mount of the session, for the log check
 
-    def __init__(self, images, mountpoint, *extra):
+    def __init__(self, images, mountpoint, *extra, timeout=None):
         source = [str(a) for a in images] if isinstance(images, list) else ["--images", str(images)]
         self.path = str(mountpoint)
         os.makedirs(self.path, exist_ok=True)
@@ -282,7 +282,11 @@ class Mount:
         else:
             self.logfile = extra[extra.index("--log") + 1]
         Mount.made.append(self)
-        self.result = run(*SNAPFS, "mount", *source, *extra, self.path, check=False, cwd=REPO)
+        try:
+            self.result = run(*SNAPFS, "mount", *source, *extra, self.path, check=False, cwd=REPO,
+                              timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"snapfs mount did not return within {timeout} s") from None
         if self.result.returncode != 0:
             raise RuntimeError(f"snapfs mount failed: {self.result.stderr}")
 
@@ -343,11 +347,13 @@ class Mount:
 
 @pytest.fixture
 def mount(tmp_path):
-    """mount(images_dir, *options) -> Mount; every mount is unmounted at teardown."""
+    """mount(images_dir, *options, timeout=None) -> Mount; every mount is unmounted at teardown.
+
+    timeout: seconds ``snapfs mount`` may take to return (AssertionError after)."""
     mounts = []
 
-    def _mount(images, *extra, name="mnt"):
-        m = Mount(images, tmp_path / name, *extra)
+    def _mount(images, *extra, name="mnt", timeout=None):
+        m = Mount(images, tmp_path / name, *extra, timeout=timeout)
         mounts.append(m)
         return m
 
