@@ -82,6 +82,8 @@ class Layer:
     size: virtual size in bytes.
     backing_path: absolute path of the backing file, None for a base.
     bitmaps: persistent dirty bitmaps stored in this image (qcow2 only).
+    snapshots: its internal snapshots (qcow2 only); snapshots_problem: why
+    its snapshot table was not read (qemu judges it when it opens the image).
     problem: why this layer cannot be served (None when it can).
     cid, parent_cid: a VMDK's content id and the one its parent had when
     the VMDK was made from it (qemu reads through a parent whose CID is
@@ -97,6 +99,8 @@ class Layer:
     backing_path: str | None = None
     backing_format: str | None = None
     bitmaps: list[qcow2.Bitmap] = field(default_factory=list)
+    snapshots: list[qcow2.Snapshot] = field(default_factory=list)
+    snapshots_problem: str | None = None
     problem: str | None = None
     mtime_ns: int = 0
     ctime_ns: int = 0  # changed by any write, and no tool sets it back
@@ -220,6 +224,10 @@ def _read_header(layer: Layer, path: str, fmt: str, st, host) -> bool:
             return True
         layer.size = hdr.size
         layer.bitmaps = hdr.bitmaps
+        layer.snapshots, layer.snapshots_problem = hdr.snapshots, hdr.snapshots_problem
+        for snap in layer.snapshots:
+            if snap.problem is None and snap.size > MAX_VIRTUAL_SIZE:
+                snap.problem = f"its virtual size {snap.size} is larger than qemu serves"
         if hdr.marked_corrupt:
             layer.problem = "qcow2 image is marked corrupt (run qemu-img check -r all)"
             return True

@@ -50,6 +50,9 @@ HEADER_READ = 64 << 10
 MAX_L1_SIZE = 32 << 20  # bytes of the active L1 table (QCOW_MAX_L1_SIZE)
 MAX_BACKING_NAME = 1023
 MAX_BACKING_FORMAT = 15  # bs->backing_format holds 16 bytes, the NUL included
+MAX_SNAPSHOTS = 65536  # QCOW_MAX_SNAPSHOTS
+MAX_SNAPSHOTS_SIZE = 64 << 20  # bytes of the snapshot table (QCOW_MAX_SNAPSHOTS_SIZE)
+MAX_SNAPSHOT_EXTRA = 1024  # QCOW_MAX_SNAPSHOT_EXTRA_DATA
 MAX_BITMAPS = 65535
 MAX_BITMAP_DIRECTORY = 1024 * MAX_BITMAPS
 MAX_BITMAP_NAME = 1023
@@ -86,6 +89,17 @@ class Bitmap:
 
 
 @dataclass
+class Snapshot:
+    """An internal snapshot (``qemu-img snapshot -c``): its name, id, and the
+    disk's virtual size when it was taken; ``problem``: why it is not served."""
+
+    name: str
+    id: str
+    size: int
+    problem: str | None = None
+
+
+@dataclass
 class Qcow2Header:
     version: int
     size: int
@@ -105,6 +119,8 @@ class Qcow2Header:
     refcount_table_offset: int = 0
     refcount_table_clusters: int = 0
     compression_type: int = 0  # 0 zlib, 1 zstd (the byte at 104, in a long enough header)
+    snapshots: list[Snapshot] = field(default_factory=list)
+    snapshots_problem: str | None = None  # why the snapshot table was not read
 
     @property
     def external_data_file(self) -> bool:
@@ -234,7 +250,64 @@ def _parse(f, buf: bytes, file_size: int) -> Qcow2Header:
 
     if bitmaps_ext is not None and autoclear & AUTOCLEAR_BITMAPS:
         hdr.bitmaps = _read_bitmaps(f, bitmaps_ext, file_size, cluster_size, size)
+    if nb_snapshots:
+        try:
+            hdr.snapshots = _read_snapshots(f, nb_snapshots, snap_off, file_size, cluster_size, size)
+        except Qcow2Error as e:
+            # Not the image's problem here: qemu says what it thinks of the
+            # table when it opens the image.
+            hdr.snapshots_problem = str(e)
     return hdr
+
+
+_SNAPSHOT = struct.Struct(">QIHHIIQII")  # the fixed part of a snapshot table entry
+
+
+def _read_snapshots(f, nb: int, off: int, file_size: int, cluster_size: int, size: int) -> list[Snapshot]:
+    """The snapshot table (docs/interop/qcow2.txt, "Snapshots"), within qemu's bounds.
+
+    The disk's size at the snapshot is in the entry's extra data (bytes 8-15)
+    when it is long enough, else the image's size.
+    """
+    if nb > MAX_SNAPSHOTS:
+        raise Qcow2Error(f"{nb} snapshots: qemu reads at most {MAX_SNAPSHOTS}")
+    if off % cluster_size or off >= file_size:
+        raise Qcow2Error(f"snapshot table offset {off} is outside the image file")
+    f.seek(off)
+    table = f.read(min(MAX_SNAPSHOTS_SIZE, file_size - off))
+    out: list[Snapshot] = []
+    names: set[bytes] = set()
+    pos = 0
+    for _ in range(nb):
+        if pos + _SNAPSHOT.size > len(table):
+            raise Qcow2Error("snapshot table truncated")
+        (l1_off, l1_size, id_size, name_size, _sec, _nsec, _clock, _vm_state,
+         extra) = _SNAPSHOT.unpack_from(table, pos)
+        if extra > MAX_SNAPSHOT_EXTRA:
+            raise Qcow2Error(f"snapshot extra data too large ({extra} bytes)")
+        p = pos + _SNAPSHOT.size
+        end = p + extra + id_size + name_size
+        if end > len(table):
+            raise Qcow2Error("snapshot table truncated")
+        disk_size = struct.unpack_from(">Q", table, p + 8)[0] if extra >= 16 else size
+        raw_id = table[p + extra:p + extra + id_size]
+        raw = table[p + extra + id_size:end]
+        problem = None
+        if l1_off % cluster_size or l1_size * 8 > MAX_L1_SIZE or l1_off + l1_size * 8 > file_size:
+            problem = "its L1 table lies outside the image file"
+        elif not raw or b"\0" in raw:
+            problem = f"its name {raw!r} cannot be handed to qemu-nbd"
+        elif raw in names:
+            problem = f"another snapshot of the image is named {raw!r} too"
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            name = raw.decode("utf-8", "replace")
+            problem = problem or f"its name {raw!r} is not UTF-8: it cannot be named to qemu-nbd as it is"
+        names.add(raw)
+        out.append(Snapshot(name, raw_id.decode("ascii", "replace"), disk_size, problem))
+        pos = (end + 7) & ~7
+    return out
 
 
 def _read_bitmaps(f, ext: bytes, file_size: int, cluster_size: int, size: int) -> list[Bitmap]:

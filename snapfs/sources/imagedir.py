@@ -184,7 +184,9 @@ def disk_views(disk: Disk) -> tuple[list[View], list[tuple[str, str]]]:
 
     A chain view of layer i needs the whole chain below it; a layer view
     needs only its own layer; dirty views are the top layer's bitmaps read
-    with the whole chain.
+    with the whole chain. A layer's internal snapshots are chain views too,
+    ``NN-name@SNAPSHOT``: the disk as it was when the snapshot was taken,
+    read with the layers beneath (qemu-nbd ``--load-snapshot``).
     """
     views: list[View] = []
     missing: list[tuple[str, str]] = []
@@ -200,6 +202,7 @@ def disk_views(disk: Disk) -> tuple[list[View], list[tuple[str, str]]]:
         if chain_ok:
             spec = ExportSpec.of(reversed(disk.chain[: i + 1]))
             views.append(ChainView(disk, base, layer, spec, layer.size))
+            views += _snapshot_views(disk, i, base, missing)
     if not chain_ok:
         missing.append((f"{disk.relpath}/chain/", _no_chain(disk)))
 
@@ -236,6 +239,23 @@ def disk_views(disk: Disk) -> tuple[list[View], list[tuple[str, str]]]:
     return views, missing
 
 
+def _snapshot_views(disk: Disk, i: int, base: str, missing: list) -> list[View]:
+    """Chain views of layer ``i``'s internal snapshots; what cannot be served goes to ``missing``."""
+    layer = disk.chain[i]
+    views: list[View] = []
+    if layer.snapshots_problem is not None:
+        missing.append((f"{disk.relpath}/chain/{base}@*.raw",
+                        f"the internal snapshots of {layer.path} are not read: {layer.snapshots_problem}"))
+    for snap in layer.snapshots:
+        name = f"{base}@{escape_name(snap.name)}"
+        if snap.problem is not None:
+            missing.append((f"{disk.relpath}/chain/{name}.raw", f"internal snapshot {snap.id}: {snap.problem}"))
+            continue
+        spec = ExportSpec.of(reversed(disk.chain[: i + 1]), snapshot=snap.name)
+        views.append(ChainView(disk, name, layer, spec, snap.size))
+    return views
+
+
 def _no_chain(disk: Disk) -> str:
     """Why a disk's chain views are (some of them) missing: the chain was cut
     below its base, or a layer cannot be read (a disk of one layer: its own reason)."""
@@ -252,8 +272,8 @@ def disk_signature(disk: Disk) -> tuple:
     inode), times, size, backing file, bitmaps and problem, and how the chain ends."""
     return (disk.complete, disk.cut_reason, tuple(
         (lay.path, lay.format, lay.pin, lay.mtime_ns, lay.ctime_ns, lay.size, lay.backing_path,
-         lay.backing_format,
-         lay.problem, tuple((b.name, b.flags, b.granularity) for b in lay.bitmaps))
+         lay.backing_format, lay.problem, tuple((b.name, b.flags, b.granularity) for b in lay.bitmaps),
+         tuple((sn.id, sn.name, sn.size) for sn in lay.snapshots))
         for lay in disk.chain))
 
 
