@@ -285,8 +285,8 @@ class Mount:
         wait_all_tasks_blocked cannot see worker threads."""
         await wait_all_tasks_blocked()
         cache = self.pool.servers[self.spec(name)].chunks(self.views[name].size)
-        for event in list(cache._loading.values()):
-            await event.wait()
+        for fetch in list(cache._loading.values()):
+            await fetch.event.wait()
 
 
 @pytest.fixture(autouse=True)

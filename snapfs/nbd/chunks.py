@@ -1,4 +1,4 @@
-"""Reads of view data: 2 MiB chunks from the server, with readahead.
+"""Reads of view data: 2 MiB chunks from the server, with readahead, in one budget.
 
 FUSE requests are at most 1 MiB (libfuse's max_pages). One NBD round trip per request
 costs more than the copy itself: ``tests/bench_nbd.py`` measured about
@@ -15,14 +15,33 @@ LRU per export, and a sequential reader gets the next chunks fetched ahead::
 Only data pieces reach this module: zero and hole areas are answered from
 the extent map (``ExtentMap.pieces``). Chunks that are zero or hole from end
 to end are never fetched ahead.
+
+Memory: every export keeps at most ``KEEP`` chunks, and all the exports of a
+mount share one ``ChunkBudget``, however many are read at once: the chunks
+held and being fetched never take more. Eviction is LRU over the chunks
+readers have used, across exports, but never takes a chunk a reader is on
+(one of its reads in progress, or the first chunk of its latest read): a
+reader of small pieces keeps its chunk until it moves on. A chunk fetched
+ahead is kept until it is read (or its reader jumps elsewhere); readahead
+takes at most half the budget, and only room that eviction frees. When no
+room can be made for a chunk a reader needs (more readers at once than the
+budget has chunks), the reader's piece is read from the server alone and
+kept by no cache: more round trips, never more bytes. A stopped export's
+cache is freed at once (``ChunkCache.close``).
+
+A reply may be a view of a chunk (a ``memoryview``, no copy). Chunks are
+``bytes``, never changed: an evicted chunk a reply still references stays
+valid, and goes when the reply does.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 from collections import OrderedDict
+from collections.abc import Iterable
 
 import trio
 
@@ -33,12 +52,27 @@ log = logging.getLogger(__name__)
 CHUNK = 2 << 20
 READAHEAD = 4
 KEEP = 8  # chunks cached per export: 16 MiB
+# All chunk caches of a mount together (snapfs mount --cache-size, in MiB):
+# four exports read at once keep KEEP chunks each, as each would alone.
+DEFAULT_BUDGET_MIB = 64
 
 
 # glibc mallopt() parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, or None (another C library, or none found)."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError:
+        return None
+    return lib if hasattr(lib, "mallopt") else None
 
 
 def tune_malloc() -> bool:
@@ -48,70 +82,221 @@ def tune_malloc() -> bool:
     each FUSE reply) with its own mmap(), so every buffer is page-faulted in
     and zeroed anew: reads through libnbd ran at 1.2 GB/s that way and at
     3 GB/s with this (tests/bench_nbd.py, 1 MiB requests, 4 in flight).
-    Memory stays bounded by what the chunk caches hold.
+    Memory stays bounded by the mount's ``ChunkBudget``.
     """
-    name = ctypes.util.find_library("c")
-    if not name:
+    libc = _libc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False  # not glibc
-    ok = mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-    ok &= mallopt(_M_TRIM_THRESHOLD, 32 << 20)
-    ok &= mallopt(_M_TOP_PAD, 4 << 20)
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    ok &= libc.mallopt(_M_TRIM_THRESHOLD, 32 << 20)
+    ok &= libc.mallopt(_M_TOP_PAD, 4 << 20)
     return bool(ok)
+
+
+class ChunkBudget:
+    """The memory every chunk cache of a mount shares (see the module's docstring).
+
+    ``used`` bytes, the chunks the caches hold plus those being fetched for
+    them, never exceed ``limit``: room is made before a fetch starts
+    (``reserve``), or the fetch is not made for a cache.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0  # bytes held by caches or being fetched for them
+        self.fetching = 0  # of which being fetched
+        self.ahead = 0  # of which fetched (or being fetched) ahead, not read yet
+        # (cache, index) -> bytes: chunks a reader used, oldest first ...
+        self._lru: OrderedDict[tuple[ChunkCache, int], int] = OrderedDict()
+        # ... and chunks fetched ahead that no reader used yet, in order of arrival.
+        self._unread: dict[tuple[ChunkCache, int], int] = {}
+
+    @property
+    def held(self) -> int:
+        """Bytes of the chunks the caches hold."""
+        return self.used - self.fetching
+
+    def reserve(self, n: int, ahead: bool = False) -> bool:
+        """Make room for a chunk of ``n`` bytes about to be fetched; False: there is none."""
+        if ahead and self.ahead + n > self.limit // 2:
+            return False
+        self._evict(self.limit - n)
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        self.fetching += n
+        if ahead:
+            self.ahead += n
+        return True
+
+    def fetched(self, cache: ChunkCache, index: int, n: int, ahead: bool) -> None:
+        """A reserved fetch arrived and ``cache`` holds it now."""
+        self.fetching -= n
+        (self._unread if ahead else self._lru)[(cache, index)] = n
+
+    def unreserve(self, n: int, ahead: bool) -> None:
+        """A reserved fetch failed, or arrived for a cache closed meanwhile."""
+        self.used -= n
+        self.fetching -= n
+        if ahead:
+            self.ahead -= n
+
+    def is_unread(self, cache: ChunkCache, index: int) -> bool:
+        return (cache, index) in self._unread
+
+    def touch(self, cache: ChunkCache, index: int) -> None:
+        """A reader used this chunk: the newest in the LRU."""
+        key = (cache, index)
+        n = self._unread.pop(key, None)
+        if n is None:
+            self._lru.move_to_end(key)
+        else:
+            self.ahead -= n
+            self._lru[key] = n
+
+    def give_up(self, cache: ChunkCache, indices: Iterable[int]) -> None:
+        """Chunks fetched ahead for a reader that went elsewhere: the first to evict."""
+        for index in indices:
+            key = (cache, index)
+            n = self._unread.pop(key, None)
+            if n is not None:
+                self.ahead -= n
+                self._lru[key] = n
+                self._lru.move_to_end(key, last=False)
+
+    def forget(self, cache: ChunkCache, index: int) -> None:
+        """``cache`` dropped this chunk by itself (its own limit, ``KEEP``)."""
+        key = (cache, index)
+        n = self._lru.pop(key, None)
+        if n is None:
+            n = self._unread.pop(key)
+            self.ahead -= n
+        self.used -= n
+
+    def drop(self, cache: ChunkCache) -> int:
+        """Forget every chunk of ``cache`` (closed); the bytes freed."""
+        freed = 0
+        for chunks in (self._lru, self._unread):
+            for key in [k for k in chunks if k[0] is cache]:
+                n = chunks.pop(key)
+                freed += n
+                if chunks is self._unread:
+                    self.ahead -= n
+        self.used -= freed
+        return freed
+
+    def _evict(self, target: int) -> None:
+        """Evict used chunks no reader is on, oldest first, until ``used <= target``."""
+        for key in list(self._lru):
+            if self.used <= target:
+                return
+            cache, index = key
+            if not cache.is_current(index):
+                self.used -= self._lru.pop(key)
+                cache._evicted(index)
+
+
+class _Fetch:
+    """One chunk being fetched: every reader waiting for it gets its outcome."""
+
+    __slots__ = ("event", "data", "error")
+
+    def __init__(self):
+        self.event = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
 
 
 class ChunkCache:
     """The chunks of one export, fetched once, shared by every open file.
 
     fetch: ``async fetch(length, offset) -> bytes``, the server's pread.
-    spawn: starts a background task (the server pool's nursery), for readahead.
+    spawn: ``spawn(fn, *args) -> bool`` starts a background task (the server
+    pool's nursery), for readahead; False: it started none.
+    budget: the mount's ``ChunkBudget``, shared by every export's cache.
     """
 
-    def __init__(self, fetch, spawn, size: int):
+    def __init__(self, fetch, spawn, size: int, budget: ChunkBudget):
         self._fetch = fetch
         self._spawn = spawn
+        self._budget = budget
         self.size = size
-        self._chunks: OrderedDict[int, bytes] = OrderedDict()
-        self._loading: dict[int, trio.Event] = {}
-        self._errors: dict[int, BaseException] = {}
-        self._last: int | None = None
+        self.closed = False
+        self._chunks: OrderedDict[int, bytes] = OrderedDict()  # oldest used first
+        self._loading: dict[int, _Fetch] = {}
+        self._last: int | None = None  # the last chunk of the latest read
+        self._first: int | None = None  # and its first
+        self._reading: dict[int, int] = {}  # chunk -> reads in progress over it
 
-    async def _load(self, index: int) -> None:
-        event = self._loading[index] = trio.Event()
-        start = index * CHUNK
+    def is_current(self, index: int) -> bool:
+        """Whether a reader is on this chunk: a read in progress, or the latest read began there."""
+        return index == self._first or index in self._reading
+
+    def close(self) -> int:
+        """Drop every chunk now (the server stopped); the bytes freed.
+        Fetches still under way return their data to their readers only."""
+        self.closed = True
+        self._chunks.clear()
+        return self._budget.drop(self)
+
+    def _evicted(self, index: int) -> None:
+        """The budget took this chunk back for another."""
+        del self._chunks[index]
+
+    def _keep(self, index: int, data: bytes, ahead: bool, n: int) -> None:
+        self._chunks[index] = data
+        self._budget.fetched(self, index, n, ahead)
+        while len(self._chunks) > KEEP:
+            # The oldest chunk a reader used, else the oldest fetched ahead.
+            victim = next((i for i in self._chunks if not self._budget.is_unread(self, i)), None)
+            if victim is None:
+                victim = next(iter(self._chunks))
+            del self._chunks[victim]
+            self._budget.forget(self, victim)
+
+    async def _fill(self, index: int, f: _Fetch, n: int, ahead: bool) -> None:
+        """Fetch a chunk the budget made room for (``reserve``); ``f`` is in ``_loading``."""
         try:
-            data = await self._fetch(min(CHUNK, self.size - start), start)
+            f.data = await self._fetch(n, index * CHUNK)
         except Exception as e:
-            self._errors[index] = e
-        else:
-            self._chunks[index] = data
-            self._chunks.move_to_end(index)
-            while len(self._chunks) > KEEP:
-                self._chunks.popitem(last=False)
+            f.error = e
         finally:
             del self._loading[index]
-            event.set()
+            if f.data is not None and not self.closed:
+                self._keep(index, f.data, ahead, n)
+            else:
+                self._budget.unreserve(n, ahead)
+            f.event.set()
 
-    async def chunk(self, index: int) -> bytes:
+    async def _piece(self, index: int, lo: int, hi: int):
+        """Bytes ``[lo, hi)`` of chunk ``index``: a view of the cached chunk, or,
+        when the budget has no room for it, read alone."""
         while True:
             data = self._chunks.get(index)
-            if data is not None:
+            if data is None:
+                f = self._loading.get(index)
+                if f is None:
+                    n = min(CHUNK, self.size - index * CHUNK)
+                    if not self._budget.reserve(n):
+                        return await self._fetch(hi - lo, index * CHUNK + lo)
+                    f = self._loading[index] = _Fetch()
+                    await self._fill(index, f, n, ahead=False)
+                else:
+                    await f.event.wait()
+                if f.error is not None:
+                    raise f.error
+                data = f.data
+                if data is None:
+                    continue  # its fetch was cancelled: fetch it again
+            if index in self._chunks:
                 self._chunks.move_to_end(index)
-                return data
-            event = self._loading.get(index)
-            if event is None:
-                await self._load(index)
-            else:
-                await event.wait()
-            err = self._errors.pop(index, None)
-            if err is not None:
-                raise err
+                self._budget.touch(self, index)
+            # A view of the chunk, not a copy: FUSE and join take any buffer.
+            return memoryview(data)[lo:hi] if (lo, hi) != (0, len(data)) else data
 
     def _prefetch(self, index: int, m: ExtentMap) -> None:
+        """Fetch the chunks after ``index`` in the background, nearest first, while
+        the budget has room for readahead: each takes its room now, in order."""
         last = (self.size - 1) // CHUNK
         for i in range(index + 1, min(index + 1 + READAHEAD, last + 1)):
             if i in self._chunks or i in self._loading:
@@ -119,28 +304,47 @@ class ChunkCache:
             start = i * CHUNK
             if all(z for _, _, z in m.pieces(start, CHUNK)):
                 continue
-            self._spawn(self._background, i)
+            n = min(CHUNK, self.size - start)
+            if not self._budget.reserve(n, ahead=True):
+                break
+            f = self._loading[i] = _Fetch()
+            if not self._spawn(self._background, i, f, n):
+                # No background task now (no file open, or unmounting): nothing fetched.
+                del self._loading[i]
+                self._budget.unreserve(n, ahead=True)
+                f.event.set()
+                break
 
-    async def _background(self, index: int) -> None:
-        if index in self._chunks or index in self._loading:
-            return
-        await self._load(index)
-        err = self._errors.pop(index, None)
-        if err is not None:
-            log.debug("readahead of chunk %d failed: %s", index, err)
+    async def _background(self, index: int, f: _Fetch, n: int) -> None:
+        await self._fill(index, f, n, ahead=True)
+        if f.error is not None:
+            log.debug("readahead of chunk %d failed: %s", index, f.error)
 
     async def read(self, offset: int, length: int, m: ExtentMap) -> bytes:
         """Data bytes of ``[offset, offset + length)`` (a data piece of the map)."""
         first, last = offset // CHUNK, (offset + length - 1) // CHUNK
-        sequential = self._last is not None and first in (self._last, self._last + 1)
-        self._last = last
+        prev = self._last
+        sequential = prev is not None and first in (prev, prev + 1)
+        if prev is not None and not prev - 1 <= first <= prev + READAHEAD:
+            # The reader jumped: what was fetched ahead of it is evicted first.
+            self._budget.give_up(self, [i for i in self._chunks if not first <= i <= last + READAHEAD])
+        self._first, self._last = first, last
+        span = range(first, last + 1)
+        for i in span:
+            self._reading[i] = self._reading.get(i, 0) + 1
+        try:
+            parts = []
+            for i in span:
+                lo = max(offset, i * CHUNK) - i * CHUNK
+                hi = min(offset + length, (i + 1) * CHUNK) - i * CHUNK
+                parts.append(await self._piece(i, lo, hi))
+        finally:
+            for i in span:
+                if self._reading[i] == 1:
+                    del self._reading[i]
+                else:
+                    self._reading[i] -= 1
         if sequential:
+            # After the chunks this read needs: readahead never takes their room.
             self._prefetch(last, m)
-        parts = []
-        for i in range(first, last + 1):
-            data = await self.chunk(i)
-            lo = max(offset, i * CHUNK) - i * CHUNK
-            hi = min(offset + length, (i + 1) * CHUNK) - i * CHUNK
-            # A view of the chunk, not a copy: FUSE and join take any buffer.
-            parts.append(memoryview(data)[lo:hi] if (lo, hi) != (0, len(data)) else data)
         return parts[0] if len(parts) == 1 else b"".join(parts)

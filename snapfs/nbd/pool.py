@@ -30,7 +30,7 @@ import trio
 
 from ..errors import TransportError, Unavailable
 from ..extents import Run
-from .chunks import ChunkCache
+from .chunks import DEFAULT_BUDGET_MIB, ChunkBudget, ChunkCache
 from .qemu import START_TIMEOUT
 from .spec import ExportSpec
 
@@ -69,9 +69,10 @@ class Server:
         self.dead: str | None = None  # a writable server that died: why, for every later request
 
     def chunks(self, size: int) -> ChunkCache:
-        """The export's chunk cache (dropped when the server stops)."""
+        """The export's chunk cache, in the pool's budget (freed when the server stops)."""
         if self._cache is None:
-            self._cache = ChunkCache(self.pread, self._pool.background(lambda: self.users > 0), size)
+            self._cache = ChunkCache(self.pread, self._pool.background(lambda: self.users > 0), size,
+                                     self._pool.budget)
         return self._cache
 
     async def ensure_running(self) -> None:
@@ -210,7 +211,9 @@ class Server:
         await self._request(lambda c: c.flush())
 
     async def _shutdown(self) -> None:
-        self._cache = None
+        cache, self._cache = self._cache, None
+        if cache is not None:
+            cache.close()  # its chunks leave the budget now
         self.dead = None
         conns, self._all, self._free = self._all, [], []
         for c in conns:
@@ -225,10 +228,16 @@ class Server:
 
 
 class ServerPool:
-    """Owns every server of a mount (see the module's docstring)."""
+    """Owns every server of a mount (see the module's docstring).
 
-    def __init__(self, rundir: str, connections: int = 4, idle_timeout: float = 2.0):
+    budget: the memory all servers' chunk caches share (the mount's; one of
+    its own by default).
+    """
+
+    def __init__(self, rundir: str, connections: int = 4, idle_timeout: float = 2.0,
+                 budget: ChunkBudget | None = None):
         self.rundir = rundir
+        self.budget = budget if budget is not None else ChunkBudget(DEFAULT_BUDGET_MIB << 20)
         self.connections = connections
         self.idle_timeout = idle_timeout
         self.ids = itertools.count(1)
@@ -247,17 +256,19 @@ class ServerPool:
             with trio.CancelScope(shield=True):
                 await self.stop_all()
 
-    def spawn(self, fn, *args) -> None:
-        """Run ``fn(*args)`` in the background, for as long as the pool runs."""
-        if self._nursery is not None:
-            self._nursery.start_soon(fn, *args)
+    def spawn(self, fn, *args) -> bool:
+        """Run ``fn(*args)`` in the background, for as long as the pool runs;
+        False: the pool is not running, nothing was started."""
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(fn, *args)
+        return True
 
     def background(self, while_: Callable[[], bool]):
         """A ``spawn`` that starts nothing unless ``while_()`` (readahead only
         while files are open: it must never restart an idle server)."""
-        def spawn(fn, *args):
-            if while_():
-                self.spawn(fn, *args)
+        def spawn(fn, *args) -> bool:
+            return while_() and self.spawn(fn, *args)
         return spawn
 
     async def acquire(self, spec: ExportSpec) -> Server:
