@@ -3,6 +3,7 @@
 import pytest
 
 from snapfs.cli import DEFAULT_URI, _parser, mount_form, mount_options
+from snapfs.config import MountConfig
 
 
 def test_every_long_mount_option_is_an_o_option():
@@ -32,12 +33,22 @@ def test_options_translate_and_mount8_ones_are_kept_out():
     argv = mount_form(["qemu:///system", "/mnt", "-o",
                        "rw,nosuid,nodev,noexec,noauto,user,_netdev,nofail,x-systemd.automount,"
                        "allow_other,domain=web1,domain=db,since=ck1,checkpoint=ck2,connections=2,"
-                       "idle-timeout=5,writable", "-o", "debug"])
+                       "idle-timeout=5,cache_size=32,writable", "-o", "debug"])
     assert argv == ["mount", "--connect", "qemu:///system", "--allow-other", "--domain=web1",
                     "--domain=db", "--since=ck1", "--checkpoint=ck2", "--connections=2",
-                    "--idle-timeout=5", "--rw", "--debug", "--", "/mnt"]
+                    "--idle-timeout=5", "--cache-size=32", "--rw", "--debug", "--", "/mnt"]
     args = _parser().parse_args(argv)
     assert args.rw and args.allow_other and args.domain == ["web1", "db"] and args.idle_timeout == 5
+    assert args.cache_size == 32
+
+
+@pytest.mark.parametrize("argv", [
+    ["--images", "/srv/images", "--cache-size", "32", "--idle-timeout", "5", "--allow-other", "/mnt"],
+    ["--connect", "qemu:///system", "--domain", "a", "--since", "ck1", "--rw", "--connections", "2", "/mnt"],
+])
+def test_the_detached_process_gets_the_same_configuration(argv):
+    config = MountConfig.from_args(_parser().parse_args(["mount", *argv]))
+    assert MountConfig.from_args(_parser().parse_args(["mount", *config.argv()])) == config
 
 
 def test_escaped_comma_in_a_value():

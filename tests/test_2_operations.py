@@ -53,7 +53,7 @@ from snapfs.fs import mount as fsmount
 from snapfs.fs.tree import ROOT_INODE, STATUS_NAME
 from snapfs.hosts.local import LocalHost
 from snapfs.nbd import contexts
-from snapfs.nbd.chunks import CHUNK
+from snapfs.nbd.chunks import CHUNK, READAHEAD
 from snapfs.sources.base import Scan
 from snapfs.sources.imagedir import disk_unit
 
@@ -216,7 +216,7 @@ class Mount:
     """A disk ``vm/top.qcow2`` (base <- top, bitmap b1 in top) as an image-directory
     source's unit, laid out in a mount wired as ``fs.mount.Mount`` does, on ``FakeBackend``."""
 
-    def __init__(self, tmp_path, image, idle_timeout=2.0, backend=None, writable=False):
+    def __init__(self, tmp_path, image, idle_timeout=2.0, backend=None, writable=False, cache_size=64):
         d = tmp_path / "vm"
         d.mkdir()
         base, top = d / "base.qcow2", d / "top.qcow2"
@@ -232,7 +232,7 @@ class Mount:
         self.views = {f"{v.disk.relpath}/{v.folder}/{v.basename}": v for v in unit.views}
         source = types.SimpleNamespace(label=str(tmp_path), host=self.backend)
         config = MountConfig(mountpoint=str(tmp_path), sources=(), writable=writable, connections=2,
-                             idle_timeout=idle_timeout)
+                             idle_timeout=idle_timeout, cache_size=cache_size)
         self.m = fsmount.Mount(config, str(tmp_path), [source])
         self.m.catalog.lay_out(source, Scan(units={unit.key: unit}))
         # The fake images' maps come from the fake qemu-nbd, not from the (empty) files.
@@ -531,4 +531,97 @@ async def test_chunk_cache_at_extent_edges(tmp_path):
         assert await mount.read(fh, 0, size) == content
         await mount.settle(LAYER)
         assert sorted(image.preads) == fetched
+        await ops.release(fh)
+
+
+# -- 5. one budget for the chunk caches of every export -------------------------
+
+def watch_budget(mount):
+    """Check the mount's budget after every change to it: within its limit, readahead
+    within half of it, and counting exactly what the caches hold. The figures of
+    ``used`` it saw."""
+    budget = mount.m.budget
+    seen = []
+
+    def check():
+        caches = [s._cache for s in mount.pool.servers.values() if s._cache is not None]
+        assert budget.held == sum(len(d) for c in caches for d in c._chunks.values())
+        assert budget.used <= budget.limit and budget.ahead <= budget.limit // 2
+        seen.append(budget.used)
+
+    def checked(call):
+        def method(*args, **kwargs):
+            result = call(*args, **kwargs)
+            check()
+            return result
+        return method
+
+    for name in ("reserve", "fetched", "unreserve", "touch", "give_up", "forget", "drop"):
+        setattr(budget, name, checked(getattr(budget, name)))
+    return seen
+
+
+async def test_exports_read_at_once_share_one_budget(tmp_path):
+    image = Image([(12 * CHUNK, "data", True)])
+    # 6 chunks for three exports of 12 chunks, each read by a sequential reader.
+    mount = Mount(tmp_path, image, cache_size=12)
+    seen = watch_budget(mount)
+    async with mount.running() as ops:
+        async def reader(name):
+            fh = await mount.open(name + ".raw")
+            for off in range(0, image.size, MiB):
+                assert await mount.read(fh, off, MiB) == image.content[off:off + MiB]
+            await ops.release(fh)
+
+        async with trio.open_nursery() as n:
+            for name in (LAYER, CHAIN, DIRTYV):
+                n.start_soon(reader, name)
+        assert len({mount.spec(name) for name in (LAYER, CHAIN, DIRTYV)}) == 3
+        assert max(seen) == 12 * MiB  # all of it used, never more
+        assert len(image.preads) >= 3 * 12
+    assert mount.m.budget.used == 0
+
+
+async def test_a_stopped_exports_chunks_are_freed_at_once(tmp_path, autojump_clock):
+    image = Image([(4 * CHUNK, "data", True)])
+    mount = Mount(tmp_path, image, idle_timeout=10)
+    watch_budget(mount)
+    budget = mount.m.budget
+    async with mount.running() as ops:
+        fh = await mount.open(LAYER + ".raw")
+        fh2 = await mount.open(CHAIN + ".raw")
+        reply = await ops.read(fh, 100, 4096)  # as FUSE gets it: a view of chunk 0
+        assert isinstance(reply, memoryview)
+        assert await mount.read(fh2, 0, MiB) == image.content[:MiB]
+        layer = mount.pool.servers[mount.spec(LAYER)]
+        assert budget.used == budget.held == 2 * CHUNK
+        await ops.release(fh)
+        await trio.sleep(10)
+        await wait_all_tasks_blocked()
+        # The layer's server stopped: its chunk left the budget with it; the chain's stays.
+        assert not layer.process and layer._cache is None
+        assert budget.used == budget.held == CHUNK
+        # The reply still reads right: the cache let go of the chunk, the reply did not.
+        assert bytes(reply) == image.content[100:4196]
+        await ops.release(fh2)
+    assert budget.used == 0
+
+
+@pytest.mark.parametrize("cache_size, ahead", [(64, READAHEAD), (4, 1)])
+async def test_a_sequential_reader_gets_readahead_within_the_budget(tmp_path, cache_size, ahead):
+    image = Image([(16 * CHUNK, "data", True)])
+    mount = Mount(tmp_path, image, cache_size=cache_size)
+    watch_budget(mount)
+    async with mount.running() as ops:
+        fh = await mount.open(LAYER + ".raw")
+        assert await mount.read(fh, 0, MiB) == image.content[:MiB]
+        assert await mount.read(fh, MiB, MiB) == image.content[MiB:2 * MiB]
+        await mount.settle(LAYER)
+        # Sequential: the next chunks were fetched ahead, as many as half the budget holds.
+        assert sorted(image.preads) == [(i * CHUNK, CHUNK) for i in range(1 + ahead)]
+        for off in range(2 * MiB, image.size, MiB):
+            assert await mount.read(fh, off, MiB) == image.content[off:off + MiB]
+        await mount.settle(LAYER)
+        # Each chunk fetched once: nothing fetched ahead was evicted before it was read.
+        assert sorted(image.preads) == [(i * CHUNK, CHUNK) for i in range(16)]
         await ops.release(fh)

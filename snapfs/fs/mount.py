@@ -32,6 +32,7 @@ from ..data.maps import Maps
 from ..data.status import BlockStatus
 from ..data.writes import Writes
 from ..errors import MountError
+from ..nbd.chunks import ChunkBudget
 from ..nbd.pool import ServerPool
 from ..nbd.qemu import stop_leftovers
 from ..runtime import find_mount, is_mounted, mount_device, pid_alive, runtime_base
@@ -56,7 +57,10 @@ class Mount:
         self.tree.add_status()
         self.status = Status()
         self.catalog = Catalog(self.tree, self.status, sources)
-        self.pool = ServerPool(rundir, connections=config.connections, idle_timeout=config.idle_timeout)
+        # One budget for the chunk caches of every export, however many are read at once.
+        self.budget = ChunkBudget(config.cache_size << 20)
+        self.pool = ServerPool(rundir, connections=config.connections, idle_timeout=config.idle_timeout,
+                               budget=self.budget)
         # Maps of plain images are read from the files, but not in --rw mounts:
         # a writer's qemu-nbd may hold tables it has not written yet.
         self.block_status = BlockStatus(self.pool, from_files=not config.writable)
