@@ -25,6 +25,7 @@ bench: setup
 	$(PY) tests/bench_libvirt.py
 	$(PY) tests/bench_restore.py
 	$(PY) tests/bench_qcow2.py
+	$(PY) tests/bench_memory.py
 
 bench-scale: setup
 	$(PY) tests/bench_scale.py

@@ -30,7 +30,7 @@ import trio
 
 from ..errors import TransportError, Unavailable
 from ..extents import Run
-from .chunks import DEFAULT_BUDGET_MIB, ChunkBudget, ChunkCache
+from .chunks import DEFAULT_BUDGET_MIB, ChunkBudget, ChunkCache, trim_malloc
 from .qemu import START_TIMEOUT
 from .spec import ExportSpec
 
@@ -212,8 +212,8 @@ class Server:
 
     async def _shutdown(self) -> None:
         cache, self._cache = self._cache, None
-        if cache is not None:
-            cache.close()  # its chunks leave the budget now
+        if cache is not None and cache.close():
+            trim_malloc()  # the freed chunks' pages go back to the system now
         self.dead = None
         conns, self._all, self._free = self._all, [], []
         for c in conns:
