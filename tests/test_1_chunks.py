@@ -127,6 +127,8 @@ async def test_a_reader_the_budget_has_no_room_for_reads_its_pieces_alone():
         assert c.lengths == [4096] * 3 and not c.cache._chunks  # nothing more read, nothing kept
         assert list(a.cache._chunks) == [0] and list(b.cache._chunks) == [0]
         assert budget.used == held(budget, a, b, c) == 2 * CHUNK
+        # Nor was anything evicted for it: a reads its chunk 0 again from the cache.
+        assert await a.read(8192, 4096) == a.content[8192:12288] and a.fetches == [0]
         a.cache.close()  # a's export stopped: its room is c's
         assert await c.read(3 * 4096, 4096) == c.content[3 * 4096:4 * 4096]
         assert c.lengths[3:] == [CHUNK] and list(c.cache._chunks) == [0]

@@ -132,7 +132,7 @@ class ChunkBudget:
         self.ahead = 0  # of which fetched (or being fetched) ahead, not read yet
         # (cache, index) -> bytes: chunks a reader used, oldest first ...
         self._lru: OrderedDict[tuple[ChunkCache, int], int] = OrderedDict()
-        # ... and chunks fetched ahead that no reader used yet, in order of arrival.
+        # ... and chunks fetched ahead that no reader used yet.
         self._unread: dict[tuple[ChunkCache, int], int] = {}
 
     @property
@@ -144,9 +144,12 @@ class ChunkBudget:
         """Make room for a chunk of ``n`` bytes about to be fetched; False: there is none."""
         if ahead and self.ahead + n > self.limit // 2:
             return False
-        self._evict(self.limit - n)
         if self.used + n > self.limit:
-            return False
+            # Evict nothing for a fetch that would not fit anyway.
+            free = sum(m for (cache, index), m in self._lru.items() if not cache.is_current(index))
+            if self.used - free + n > self.limit:
+                return False
+            self._evict(self.limit - n)
         self.used += n
         self.fetching += n
         if ahead:
