@@ -8,6 +8,7 @@ chain and layer views (a layer alone is opened with ``"backing": null``), and
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -15,6 +16,7 @@ import platform
 import pwd
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -123,6 +125,44 @@ def processes() -> dict[int, list[str]]:
         if argv:
             out[int(pid)] = argv
     return out
+
+
+def poke(path, offset, fmt, *values):
+    """Overwrite bytes of a file at ``offset`` with ``struct.pack(fmt, *values)`` (crafted images)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, *values))
+
+
+def replace_once(path, old: bytes, new: bytes):
+    """``old`` (found exactly once in the file) overwritten by ``new``, as long."""
+    assert len(old) == len(new)
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data.count(old) == 1, old
+    poke(path, data.index(old), f"{len(new)}s", new)
+
+
+def replace_all(path, old: bytes, new: bytes):
+    """Every ``old`` in the file overwritten by ``new``, as long (a bitmap directory
+    rewritten by each ``qemu-img bitmap --add`` leaves its former copies behind)."""
+    assert len(old) == len(new)
+    with open(path, "rb") as f:
+        data = f.read()
+    assert old in data, old
+    pos = data.find(old)
+    while pos >= 0:
+        poke(path, pos, f"{len(new)}s", new)
+        pos = data.find(old, pos + 1)
+
+
+def sha256_of(path) -> str:
+    """The SHA-256 of a file, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def qemu_map(image, shared=False):

@@ -19,39 +19,12 @@ import struct
 import threading
 
 import pytest
-from conftest import MiB, create, qemu_img, run
+from conftest import MiB, create, poke, qemu_img, replace_all, replace_once, run
 
 from snapfs.formats import MAX_VIRTUAL_SIZE, locked_for_write, qcow2, read_layer
 from snapfs.fs.tree import Status, shown
 from snapfs.hosts.local import LOCAL
 from snapfs.sources.imagedir import ImageDirectory, disk_views
-
-
-def poke(path, offset, fmt, *values):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(fmt, *values))
-
-
-def replace_once(path, old: bytes, new: bytes):
-    """``old`` (found exactly once in the file) overwritten by ``new``, as long."""
-    assert len(old) == len(new)
-    data = open(path, "rb").read()
-    assert data.count(old) == 1, old
-    poke(path, data.index(old), f"{len(new)}s", new)
-
-
-def replace_all(path, old: bytes, new: bytes):
-    """Every ``old`` in the file overwritten by ``new``, as long (a bitmap directory
-    rewritten by each ``qemu-img bitmap --add`` leaves its former copies behind)."""
-    assert len(old) == len(new)
-    with open(path, "rb") as f:
-        data = f.read()
-    assert old in data, old
-    pos = data.find(old)
-    while pos >= 0:
-        poke(path, pos, f"{len(new)}s", new)
-        pos = data.find(old, pos + 1)
 
 
 def set_backing_name(path, name: bytes):

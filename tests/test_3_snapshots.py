@@ -8,21 +8,12 @@ the content, ``nbdinfo --map`` of ``qemu-nbd -l`` for the map.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
-from conftest import MiB, QemuNBD, create, data_ranges, qemu_img, qemu_io, run, seek_walk
+from conftest import MiB, QemuNBD, create, data_ranges, qemu_img, qemu_io, run, seek_walk, sha256_of
 
 SIZE = 16 * MiB
-
-
-def sha(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def snapshot_raw(tmp_path, image, name) -> str:
@@ -64,7 +55,7 @@ def test_internal_snapshots_are_chain_views(tmp_path, mount):
     for view, image, snap in ((chain + "/00-base@before upgrade.raw", base, "before upgrade"),
                               (chain + "/01-top@a,b.raw", top, "a,b")):
         assert os.path.getsize(view) == SIZE
-        assert sha(view) == sha(snapshot_raw(tmp_path, image, snap))
+        assert sha256_of(view) == sha256_of(snapshot_raw(tmp_path, image, snap))
         assert seek_walk(view) == data_of_snapshot(tmp_path, image, snap)
         assert os.getxattr(view, "user.snapfs.view") == b"chain"
         assert os.getxattr(view, "user.snapfs.image") == os.fsencode(image)
@@ -72,7 +63,7 @@ def test_internal_snapshots_are_chain_views(tmp_path, mount):
         run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", view[:-4] + ".qcow2", view)
 
     # The images as they are now are untouched by the snapshots' views.
-    assert sha(chain + "/01-top.raw") == sha(snapshot_raw_now(tmp_path, top))
+    assert sha256_of(chain + "/01-top.raw") == sha256_of(snapshot_raw_now(tmp_path, top))
     assert "every view is available" in m.status()
 
 
@@ -101,4 +92,4 @@ def test_a_snapshot_qemu_cannot_be_handed_is_reported(tmp_path, mount):
     status = m.status()
     assert "vda.qcow2/chain/00-vda@s1.raw: internal snapshot 2: another snapshot of the image is named" \
         in status, status
-    assert sha(m / "vda.qcow2/chain/00-vda@s1.raw") == sha(snapshot_raw(tmp_path, img, "s1"))
+    assert sha256_of(m / "vda.qcow2/chain/00-vda@s1.raw") == sha256_of(snapshot_raw(tmp_path, img, "s1"))

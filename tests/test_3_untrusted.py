@@ -26,8 +26,11 @@ from conftest import (
     create,
     expected_dirty_map,
     json_layer,
+    poke,
     qemu_img,
     qemu_io,
+    replace_all,
+    replace_once,
     run,
 )
 
@@ -35,32 +38,7 @@ from conftest import (
 BOUND = 60
 
 
-def poke(path, offset, fmt, *values):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(fmt, *values))
 
-
-def replace_once(path, old: bytes, new: bytes):
-    """``old`` (found exactly once in the file) overwritten by ``new``, as long."""
-    assert len(old) == len(new)
-    with open(path, "rb") as f:
-        data = f.read()
-    assert data.count(old) == 1, old
-    poke(path, data.index(old), f"{len(new)}s", new)
-
-
-def replace_all(path, old: bytes, new: bytes):
-    """Every ``old`` in the file overwritten by ``new``, as long (a bitmap directory
-    rewritten by each ``qemu-img bitmap --add`` leaves its former copies behind)."""
-    assert len(old) == len(new)
-    with open(path, "rb") as f:
-        data = f.read()
-    assert old in data, old
-    pos = data.find(old)
-    while pos >= 0:
-        poke(path, pos, f"{len(new)}s", new)
-        pos = data.find(old, pos + 1)
 
 
 def overlay(d, name, backing, fmt="qcow2"):

@@ -12,7 +12,6 @@ snapfs as that user, from a copy of this checkout it can reach (conftest's
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import REPO, MiB, create, processes, qemu_img, qemu_io, run
+from conftest import REPO, MiB, create, processes, qemu_img, qemu_io, run, sha256_of
 
 SIZE = 8 * MiB
 FSTAB_MARK = "# snapfs test entry"
@@ -41,12 +40,7 @@ def snapfs_on_path():
         pytest.fail(f"{LOCAL_COMMAND} is {got}, not this checkout's {want}: run make setup")
 
 
-def digest(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+digest = sha256_of
 
 
 def expected_digest(image, tmp) -> str:
