@@ -76,11 +76,11 @@ class Exports:
             for other in self.leases:
                 if other.session is None and not other.qcow2 and other.server.spec == view.spec:
                     old, other.server, other.session = other.server, session.server, session
-                    session.files += 1
+                    session.join()
                     self.pool.release(old, linger=False)
         elif (session := self.writes.session(view)) is not None and not session.ending:
             # The view being written is read through its writer.
-            session.files += 1
+            session.join()
             lease = Lease(view, session.server, session)
         else:
             lease = Lease(view, await self._acquire(view.spec))

@@ -78,6 +78,10 @@ class WriteSession:
         self._refreshing: dict[View, int] = {}
         self._locks: weakref.WeakKeyDictionary[View, trio.Lock] = weakref.WeakKeyDictionary()
 
+    def join(self) -> None:
+        """One more file reads or writes through this session (``release`` when it closes)."""
+        self.files += 1
+
     # -- the writer's requests ----------------------------------------------------
 
     def _mark(self, start: int, end: int) -> None:
@@ -292,7 +296,7 @@ class Writes:
                 raise
         else:
             self._check_held(image)
-        session.files += 1
+        session.join()
         session.closing = False
         return session
 

@@ -136,7 +136,7 @@ class Refresher:
 
     def _replace(self, lay: Laid, key: str, unit: Unit | None) -> None:
         """Take the unit at ``key`` out of the tree (if any) and put ``unit`` there."""
-        for parent, name in self.catalog.remove(lay, key, prune=True):
+        for parent, name in self.catalog.remove(lay, key):
             _invalidate(parent, name)
         if unit is not None:
             self.catalog.add(lay, unit)

@@ -146,7 +146,7 @@ class _ViewFileHandle(Handle):
         super().__init__(files, node)
         self.lease = lease
         self.view = lease.view
-        self.disk = node.path.rsplit("/", 2)[0]
+        self.disk = node.disk_path
 
     async def _read_data(self, start: int, length: int, m: ExtentMap):
         """Data bytes of the view: through the chunk cache, or, beside a writer,

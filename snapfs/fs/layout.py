@@ -80,8 +80,8 @@ class Catalog:
         for note in unit.notes:
             report.warning("%s", note)
 
-    def remove(self, lay: Laid, key: str, prune: bool) -> list[tuple[Directory, str]]:
-        """Take a unit out of the tree; ``prune``: directories left empty above it go too.
+    def remove(self, lay: Laid, key: str) -> list[tuple[Directory, str]]:
+        """Take a unit out of the tree, and the directories left empty above it.
 
         Returns ``(parent, name)`` of every entry removed, for the kernel to forget.
         """
@@ -91,7 +91,7 @@ class Catalog:
         while node is not None:
             parent = node.parent
             removed.append((parent, node.name))
-            if not prune or parent is self.tree.root or parent.children:
+            if parent is self.tree.root or parent.children:
                 break
             node = self.tree.remove(parent.path)
         return removed

@@ -122,7 +122,7 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def open(self, inode, flags, ctx):
         node = self._node(inode)
-        with self.files.counted(node.path.rsplit("/", 2)[0] if isinstance(node, ViewNode) else None):
+        with self.files.counted(node.disk_path if isinstance(node, ViewNode) else None):
             return await self._open(node, flags)
 
     async def _open(self, node: Node, flags: int):

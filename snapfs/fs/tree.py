@@ -76,6 +76,11 @@ class ViewNode(Node):
         return self.view.layer.host
 
     @property
+    def disk_path(self) -> str:
+        """The mount path of the view's disk (a refresh waits for its open files)."""
+        return self.path.rsplit("/", 2)[0]
+
+    @property
     def hidden(self) -> bool:
         return self.removed or self.view.problem is not None
 
@@ -106,7 +111,7 @@ class Status:
     refusals: the latest refusal or failure of each file (``--rw`` mounts: a
     write refused or failed, with the reason), at most REFUSALS_KEPT, oldest
     dropped first. What the sources could not offer comes from the catalog
-    (``layout.Catalog.status``).
+    (``layout.Catalog.status_file``).
     """
 
     def __init__(self):
