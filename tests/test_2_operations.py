@@ -126,6 +126,8 @@ class FakeProcess:
     def __init__(self, image, spec, socket):
         self.image, self.spec, self.socket = image, spec, socket
         self.running = self.dead = False
+        # Its socket is gone but its exit not yet seen (a killed qemu-nbd not reaped yet).
+        self.unreachable = False
         self.preads = 0
         self.stops: list[float] = []  # trio.current_time() of each stop
 
@@ -151,7 +153,7 @@ class FakeConnection:
     """Stands for nbd.client.Connection: size, pread, block_status, close."""
 
     def __init__(self, process, ctxs):
-        if not process.alive:
+        if not process.alive or process.unreachable:
             raise TransportError("connection refused", errno.ECONNREFUSED)
         self.process, self.image, self.contexts = process, process.image, ctxs
         self.size = self.image.size

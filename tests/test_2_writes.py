@@ -118,7 +118,7 @@ class WritableProcess(FakeProcess):
 
     def left(self):
         self.clients -= 1
-        if self.clients == 0:
+        if self.clients == 0 and not self.unreachable:  # unreachable: its exit is not seen yet
             self.dead = True  # an exit, not a stop: stop() was not called
 
 
@@ -136,6 +136,8 @@ class WritableConnection(FakeConnection):
         img, proc = self.image, self.process
         if self.closed or not proc.alive:
             raise TransportError("not connected", errno.ENOTCONN)
+        if proc.unreachable:
+            raise TransportError("connection reset by peer", errno.ECONNRESET)
         assert proc.spec.writable, "a write to a read-only export"
         if offset < 0 or length <= 0 or offset + length > img.size:
             raise TransportError(f"bad request of {length} at {offset}", errno.EINVAL)
@@ -576,7 +578,7 @@ async def test_truncating_an_empty_layer_changes_nothing_and_the_chain_view_read
 # -- a writer that dies, a write that fails -----------------------------------------
 
 @pytest.mark.log_allows(r"map not brought up to date")
-@pytest.mark.parametrize("when", ["between requests", "during a write", "after a stat"])
+@pytest.mark.parametrize("when", ["between requests", "during a write", "after a stat", "before it is reaped"])
 async def test_writer_that_dies_fails_later_requests_with_eio_and_the_next_open_works(tmp_path, caplog, when):
     image = WritableImage([(4 * MiB, "hole", False)])
     mount = WriteMount(tmp_path, image)
@@ -590,12 +592,18 @@ async def test_writer_that_dies_fails_later_requests_with_eio_and_the_next_open_
             [server] = mount.backend.started(wspec)
             if when == "during a write":
                 image.die_at_write = True
+            elif when == "before it is reaped":
+                # Killed: its connection resets and a new one is refused, while
+                # the process does not look ended yet. EIO, never a network errno.
+                server.unreachable = True
             else:
                 server.dead = True
             if when != "after a stat":
                 assert await fails(ops.write(fh, MiB, b"\2" * BLOCK)) == "EIO"
                 assert await fails(ops.write(fh, 2 * MiB, b"\2" * BLOCK)) == "EIO"
             assert await fails(ops.flush(fh)) == "EIO"
+            if when == "before it is reaped":
+                server.dead = True  # its exit is seen now
             assert await fails(ops.fsync(fh, False)) == "EIO"
             # Never retried: no new server under the open file, nothing written after the death.
             assert mount.backend.started(wspec) == [server]

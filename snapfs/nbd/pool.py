@@ -169,6 +169,13 @@ class Server:
                 try:
                     conn = await self._connection()
                 except TransportError as e:
+                    if self.spec.writable:
+                        # A writer that cannot be reached is gone (its process may
+                        # not be reaped yet): EIO, as for a connection lost under a
+                        # request, never a network errno.
+                        await self.ensure_running()  # raises once the death is seen
+                        raise TransportError(f"{e} (qemu-nbd writing {self.spec.image} is gone)",
+                                             errno.EIO) from None
                     raise Unavailable(str(e), e.errno) from None
                 try:
                     result = await trio.to_thread.run_sync(request, conn)
