@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="NBD connections (requests in flight) per qemu-nbd (default: 4)")
     m.add_argument("--idle-timeout", type=float, default=2.0, metavar="SECONDS",
                    help="stop a qemu-nbd this long after its last file is closed (default: 2)")
+    m.add_argument("--retry-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long a read of a read-only view waits for a qemu-nbd (or backup job "
+                        "export) that died to answer again before it fails with EIO (default: 30)")
     m.add_argument("--cache-size", type=int, default=64, metavar="MIB",
                    help="MiB of view data kept in memory and read ahead, for all exports together "
                         "(default: 64, at least 4; one export keeps at most 16)")
@@ -263,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("--watch goes with --images (libvirt mounts: snapfs refresh MOUNTPOINT DOMAIN)")
     if args.connections < 1:
         return _fail("--connections must be at least 1")
+    if not args.retry_timeout > 0:
+        return _fail("--retry-timeout must be more than 0 (seconds)")
     if args.cache_size < 4:
         return _fail("--cache-size must be at least 4 (MiB: a chunk being read and one read ahead)")
     if args.foreground:

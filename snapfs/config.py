@@ -29,6 +29,7 @@ class MountConfig:
     allow_outside_backing: bool = False
     connections: int = 4
     idle_timeout: float = 2.0
+    retry_timeout: float = 30.0  # a read waits this long for a dead read-only server (nbd/pool.py)
     cache_size: int = 64  # MiB, all chunk caches together (nbd/chunks.py)
     debug: bool = False
     debug_fuse: bool = False
@@ -45,6 +46,7 @@ class MountConfig:
                    since=args.since, checkpoint=args.checkpoint, writable=args.rw, watch=args.watch,
                    allow_other=args.allow_other, allow_outside_backing=args.allow_outside_backing,
                    connections=args.connections, idle_timeout=args.idle_timeout,
+                   retry_timeout=args.retry_timeout,
                    cache_size=args.cache_size, debug=args.debug,
                    debug_fuse=args.debug_fuse, log=args.log)
 
@@ -56,6 +58,7 @@ class MountConfig:
     def argv(self) -> list[str]:
         """``snapfs mount`` arguments that give this configuration back (the detached process's)."""
         out = ["--connections", str(self.connections), "--idle-timeout", str(self.idle_timeout),
+               "--retry-timeout", str(self.retry_timeout),
                "--cache-size", str(self.cache_size)]
         for s in self.sources:
             out += ["--images", s.given] if s.kind == "images" else ["--connect", s.given]

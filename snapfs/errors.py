@@ -18,8 +18,9 @@
     │   └── Busy                   ... not now: the image is open for writing,
     │                              or held by another program (EBUSY)
     └── TransportError             an NBD request failed: libnbd's errno;
-                                   ``disconnected`` ones are retried once on
-                                   a new connection (a restarted server)
+                                   ``disconnected`` ones to a read-only
+                                   export are asked again (a restarted
+                                   server) within --retry-timeout, then EIO
 
 Requests a mount never serves (writes to a read-only mount: EROFS, to a
 view that is not writable: EACCES) are answered by the handlers themselves.

@@ -218,7 +218,8 @@ class Mount:
     """A disk ``vm/top.qcow2`` (base <- top, bitmap b1 in top) as an image-directory
     source's unit, laid out in a mount wired as ``fs.mount.Mount`` does, on ``FakeBackend``."""
 
-    def __init__(self, tmp_path, image, idle_timeout=2.0, backend=None, writable=False, cache_size=64):
+    def __init__(self, tmp_path, image, idle_timeout=2.0, backend=None, writable=False, cache_size=64,
+                 retry_timeout=30.0):
         d = tmp_path / "vm"
         d.mkdir()
         base, top = d / "base.qcow2", d / "top.qcow2"
@@ -234,7 +235,7 @@ class Mount:
         self.views = {f"{v.disk.relpath}/{v.folder}/{v.basename}": v for v in unit.views}
         source = types.SimpleNamespace(label=str(tmp_path), host=self.backend)
         config = MountConfig(mountpoint=str(tmp_path), sources=(), writable=writable, connections=2,
-                             idle_timeout=idle_timeout, cache_size=cache_size)
+                             idle_timeout=idle_timeout, cache_size=cache_size, retry_timeout=retry_timeout)
         self.m = fsmount.Mount(config, str(tmp_path), [source])
         self.m.catalog.lay_out(source, Scan(units={unit.key: unit}))
         # The fake images' maps come from the fake qemu-nbd, not from the (empty) files.
@@ -408,7 +409,26 @@ async def test_server_dying_mid_read_is_restarted_once(tmp_path):
 
 
 @pytest.mark.log_allows(r"died; restarting it")
-async def test_server_that_keeps_dying_fails_the_read_not_the_mount(tmp_path):
+async def test_server_that_dies_again_and_again_is_asked_until_it_answers(tmp_path, autojump_clock):
+    image = Image(LAYOUT)
+    mount = Mount(tmp_path, image)
+    spec = mount.spec(LAYER)
+    # Each of its first five processes dies at its first read.
+    dying = mount.backend.images[spec] = Image(LAYOUT, die_after=0, deaths=5)
+    async with mount.running() as ops:
+        fh = await mount.open(LAYER + ".raw")
+        started = len(mount.backend.started(spec))
+        t = trio.current_time()
+        assert await mount.read(fh, 0, 4096) == dying.content[:4096]
+        assert len(mount.backend.started(spec)) == started + 5
+        assert trio.current_time() - t < 1  # asked again at once, then after short pauses
+        assert b"refused or failed" not in await mount.read_file(STATUS_NAME)
+        await ops.release(fh)
+
+
+@pytest.mark.log_allows(r"died; restarting it", r"did not come back within 30 s")
+async def test_server_that_keeps_dying_fails_the_read_with_eio_after_the_bound_not_the_mount(
+        tmp_path, autojump_clock):
     image = Image(LAYOUT)
     mount = Mount(tmp_path, image)
     spec = mount.spec(LAYER)
@@ -416,15 +436,19 @@ async def test_server_that_keeps_dying_fails_the_read_not_the_mount(tmp_path):
     async with mount.running() as ops:
         fh = await mount.open(LAYER + ".raw")
         started = len(mount.backend.started(spec))
+        t = trio.current_time()
         with pytest.raises(pyfuse3.FUSEError) as e:
             await mount.read(fh, 0, 4096)
-        assert e.value.errno == errno.ECONNRESET  # libnbd's errno passes through
-        assert len(mount.backend.started(spec)) == started + 1  # one restart, no loop
-        # Zero areas need no server; other views and the status file are fine.
+        assert e.value.errno == errno.EIO  # never libnbd's ECONNRESET
+        assert 30 <= trio.current_time() - t < 31
+        assert started + 10 < len(mount.backend.started(spec)) < started + 50  # paced, not a loop
+        status = await mount.read_file(STATUS_NAME)
+        assert f"{LAYER}.raw: a read at 0 failed: qemu-nbd for ".encode() in status
+        assert b"did not come back within 30 s: connection reset by peer" in status
+        # Zero areas need no server; other views are fine.
         assert await mount.read(fh, 128 * K, 4096) == bytes(4096)
         fh2 = await mount.open(CHAIN + ".raw")
         assert await mount.read(fh2, 0, image.size) == image.content
-        assert (await mount.read_file(STATUS_NAME)).endswith(b"every view is available\n")
         assert image.preads == [(0, image.size)] and dying.preads == []
         # Once its server behaves, the same open file reads again.
         dying.deaths = 0

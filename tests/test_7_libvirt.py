@@ -9,6 +9,7 @@ backup is rebuilt into qcow2 chains from the views and proved with
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -706,3 +707,38 @@ def test_libvirtd_that_stops_answering(conn, d, mount):
             job_socket(dom)
         with open(logfile) as f:
             assert "ending the backup job of the mount in" in f.read()
+
+
+@pytest.mark.log_allows(r"did not come back within 3 s")
+def test_a_backup_job_that_ends_under_a_reader_fails_its_reads_with_eio_and_says_why(conn, d, mount, tmp_path):
+    """A job is a point in time: snapfs never starts another under an open file
+    (its bytes would mix two points); reads fail with EIO within --retry-timeout,
+    the status file says why, and snapfs refresh starts a new job."""
+    with TestDomain.define(conn, "jobend", [DiskSpec("vda", f"{d}/vda.qcow2", size=16 * MiB)]) as dom:
+        dom.start()
+        dom.write("vda", 0, 8 * MiB, 0xa7)
+        m = lv_mount(mount, dom, "--retry-timeout", "3")
+        view = m / f"{dom.name}/vda/chain/current.raw"
+        with open(view, "rb", buffering=0) as f:
+            assert f.read(4096) == b"\xa7" * 4096
+            dom.dom.abortJob()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # the job ends
+                try:
+                    job_socket(dom)
+                except libvirt.libvirtError:
+                    break
+                time.sleep(0.05)
+            t = time.monotonic()
+            with pytest.raises(OSError) as e:
+                os.pread(f.fileno(), 4096, 6 * MiB)  # far from what was read ahead
+            waited = time.monotonic() - t
+        assert e.value.errno == errno.EIO
+        assert 2.5 < waited < 10
+        status = m.status()
+        assert f"{dom.name}/vda/chain/current.raw: a read at {6 * MiB} failed: libvirt's backup job " \
+               "export" in status and "did not come back within 3 s" in status, status
+        run(*SNAPFS, "refresh", m.path, dom.name, cwd=REPO)
+        with open(view, "rb") as f:
+            assert os.pread(f.fileno(), 4096, 6 * MiB) == b"\xa7" * 4096
+        m.close()

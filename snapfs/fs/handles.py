@@ -160,6 +160,13 @@ class _ViewFileHandle(Handle):
             except Retired:
                 # Its export moved to a writer, or its server was stopped for one.
                 await self.files.exports.follow(self.lease, srv)
+            except SnapfsError as e:
+                self._failed(e, f"a read at {start} failed")
+
+    def _failed(self, e: SnapfsError, what: str):
+        """A request that failed (its server did not come back...): why, in the status file."""
+        self.files.status.refuse(self.node.path, f"{what}: {e.reason}")
+        raise e
 
     async def _read_view(self, off: int, size: int, m: ExtentMap):
         # Zero and hole areas come from the extent map, not the server.
@@ -188,7 +195,10 @@ class Qcow2Handle(_ViewFileHandle):
                 continue
             n = max(0, min(p.length, view.size - p.start))
             if n and p.fill:
-                parts.append(await self.lease.fill.pread(n, p.start))
+                try:
+                    parts.append(await self.lease.fill.pread(n, p.start))
+                except SnapfsError as e:
+                    self._failed(e, f"a read at {p.start} beneath the layer failed")
             elif n:
                 parts.append(await self._read_view(p.start, n, self.map))
             if n < p.length:

@@ -60,7 +60,7 @@ class Mount:
         # One budget for the chunk caches of every export, however many are read at once.
         self.budget = ChunkBudget(config.cache_size << 20)
         self.pool = ServerPool(rundir, connections=config.connections, idle_timeout=config.idle_timeout,
-                               budget=self.budget)
+                               budget=self.budget, retry_timeout=config.retry_timeout)
         # Maps of plain images are read from the files, but not in --rw mounts:
         # a writer's qemu-nbd may hold tables it has not written yet.
         self.block_status = BlockStatus(self.pool, from_files=not config.writable)

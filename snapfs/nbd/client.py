@@ -68,31 +68,48 @@ class Connection:
             raise NBDError("connection closed", errno.ENOTCONN)
         return h
 
-    def pread(self, length: int, offset: int) -> bytes:
+    def _failed(self, h, what: str, e: nbd.Error) -> NBDError:
+        """The error for a failed request; one whose connection is gone (the
+        server died: "server disconnected unexpectedly", EIO or none from
+        libnbd, then "invalid state: DEAD", EINVAL) is ENOTCONN, asked again."""
+        err = e.errno
         try:
-            return self._handle().pread(length, offset)
+            gone = h.aio_is_dead() or h.aio_is_closed()
+        except nbd.Error:
+            gone = True
+        if gone:
+            err = errno.ENOTCONN
+        return NBDError(f"{what} failed: {e.string}", err)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        h = self._handle()
+        try:
+            return h.pread(length, offset)
         except nbd.Error as e:
-            raise NBDError(f"read of {length} bytes at {offset} failed: {e.string}", e.errno) from None
+            raise self._failed(h, f"read of {length} bytes at {offset}", e) from None
 
     def pwrite(self, buf: bytes, offset: int) -> None:
+        h = self._handle()
         try:
-            self._handle().pwrite(buf, offset)
+            h.pwrite(buf, offset)
         except nbd.Error as e:
-            raise NBDError(f"write of {len(buf)} bytes at {offset} failed: {e.string}", e.errno) from None
+            raise self._failed(h, f"write of {len(buf)} bytes at {offset}", e) from None
 
     def zero(self, length: int, offset: int) -> None:
         """Make ``[offset, offset + length)`` read as zero; the server may
         deallocate it (qcow2 then keeps zero clusters, which hide what is beneath)."""
+        h = self._handle()
         try:
-            self._handle().zero(length, offset)
+            h.zero(length, offset)
         except nbd.Error as e:
-            raise NBDError(f"zeroing {length} bytes at {offset} failed: {e.string}", e.errno) from None
+            raise self._failed(h, f"zeroing {length} bytes at {offset}", e) from None
 
     def flush(self) -> None:
+        h = self._handle()
         try:
-            self._handle().flush()
+            h.flush()
         except nbd.Error as e:
-            raise NBDError(f"flush failed: {e.string}", e.errno) from None
+            raise self._failed(h, "flush", e) from None
 
     def block_status(self, size: int, start: int = 0, end: int | None = None) -> dict[str, list[Run]]:
         """Runs of every context this connection asked for, over ``[0, size)``.
@@ -108,9 +125,10 @@ class Connection:
                            errno.ESTALE)
 
         def request(length, offset, callback):
+            h = self._handle()
             try:
-                self._handle().block_status(length, offset, callback)
+                h.block_status(length, offset, callback)
             except nbd.Error as e:
-                raise NBDError(f"block status at {offset} failed: {e.string}", e.errno) from None
+                raise self._failed(h, f"block status at {offset}", e) from None
 
         return read_block_status(size if end is None else end, self.contexts, request, start)

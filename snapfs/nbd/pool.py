@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# How long a request to a read-only export waits for its server to come back (--retry-timeout).
+RETRY_TIMEOUT = 30.0
+
 
 class Retired(TransportError):
     """The server was taken out of the pool (its export moved to a writer): ask again."""
@@ -67,6 +70,9 @@ class Server:
         self._cache: ChunkCache | None = None
         self.retired = False  # out of the pool: never started again
         self.dead: str | None = None  # a writable server that died: why, for every later request
+        self._outage: float | None = None  # when its requests began to fail (read-only: asked again)
+        # A start that failed: (why, not again before, first failure), for readers asking again.
+        self._failed: tuple[Unavailable, float, float] | None = None
 
     def chunks(self, size: int) -> ChunkCache:
         """The export's chunk cache, in the pool's budget (freed when the server stops)."""
@@ -94,7 +100,22 @@ class Server:
             if self.process is not None:
                 log.warning("qemu-nbd for %s died; restarting it", self.spec.describe())
                 await self._shutdown()
-            await self._start()
+            if self._outage is None:
+                await self._start()
+                return
+            # Readers wait for it to come back (``_request``): a start that
+            # failed is tried again after a pause that grows to a second, not
+            # once per request.
+            now = trio.current_time()
+            if self._failed is not None and now < self._failed[1]:
+                raise self._failed[0]
+            try:
+                await self._start()
+            except Unavailable as e:
+                first = self._failed[2] if self._failed is not None else now
+                self._failed = (e, now + min(1.0, max(0.05, (now - first) / 2)), first)
+                raise
+            self._failed = None
 
     async def _start(self) -> None:
         pool = self._pool
@@ -162,40 +183,101 @@ class Server:
         return conn
 
     async def _request(self, request: Callable[[Connection], object]):
-        """Run ``request(connection)`` in a worker thread; restart a dead read-only server once."""
-        for attempt in (1, 2):
-            await self.ensure_running()
-            async with self._limiter:
-                try:
-                    conn = await self._connection()
-                except TransportError as e:
-                    if self.spec.writable:
-                        # A writer that cannot be reached is gone (its process may
-                        # not be reaped yet): EIO, as for a connection lost under a
-                        # request, never a network errno.
-                        await self.ensure_running()  # raises once the death is seen
-                        raise TransportError(f"{e} (qemu-nbd writing {self.spec.image} is gone)",
-                                             errno.EIO) from None
-                    raise Unavailable(str(e), e.errno) from None
-                try:
-                    result = await trio.to_thread.run_sync(request, conn)
-                except TransportError as e:
-                    if not e.disconnected:
-                        self._free.append(conn)  # the request failed, not the connection (ENOSPC)
-                        raise
-                    self._drop(conn)
-                    if self.retired:
-                        raise Retired(self.spec) from None
-                    if self.spec.writable:
-                        # Never retried: a write acknowledged before may be lost.
-                        await self.ensure_running()  # raises: the server is gone
-                        raise TransportError(f"{e} (qemu-nbd writing {self.spec.image} is gone)",
-                                             errno.EIO) from None
-                    if attempt == 1:
-                        continue  # ensure_running restarts a dead server
+        """Run ``request(connection)`` in a worker thread.
+
+        A read-only export is idempotent: a request that meets a dead, dying
+        or restarting server waits for it to come back and asks again, for
+        up to the pool's ``retry_timeout``; then it fails with EIO and the
+        reason (never a network errno). A writable one is never asked
+        again: what it acknowledged may be lost (``_write_request``).
+        """
+        if self.spec.writable:
+            return await self._write_request(request)
+        since = None
+        delay = 0.005
+        while True:
+            try:
+                result = await self._attempt(request)
+            except Retired:
+                raise
+            except (TransportError, Unavailable) as e:
+                if isinstance(e, TransportError) and not e.disconnected and e.errno != errno.ENOENT:
+                    raise  # the server answered: an error of the request itself
+                now = trio.current_time()
+                if since is None:
+                    since = now
+                    if self._outage is None:
+                        self._outage = now
+                        log.info("%s lost its server (%s); asking again while it restarts, for up "
+                                 "to %g s", self.spec.describe(), e.reason, self._pool.retry_timeout)
+                if now - since >= self._pool.retry_timeout:
+                    reason = (f"{self._what()} did not come back within {self._pool.retry_timeout:g} s: "
+                              f"{e.reason}")
+                    log.warning("%s", reason)
+                    raise TransportError(reason, errno.EIO) from None
+                await trio.sleep(min(delay, since + self._pool.retry_timeout - now))
+                delay = min(delay * 2, 1.0)
+                continue
+            if self._outage is not None:
+                log.info("%s answers again after %.2f s", self.spec.describe(),
+                         trio.current_time() - self._outage)
+                self._outage = self._failed = None
+            return result
+
+    def _what(self) -> str:
+        if self.spec.socket is not None:
+            return f"libvirt's backup job export {self.spec.export!r} (the job may have ended: " \
+                   "snapfs refresh MOUNTPOINT DOMAIN starts a new one)"
+        return f"qemu-nbd for {self.spec.describe()}"
+
+    async def _attempt(self, request: Callable[[Connection], object]):
+        """One try: a running server, a connection, the request."""
+        await self.ensure_running()
+        async with self._limiter:
+            conn = await self._connection()
+            try:
+                result = await trio.to_thread.run_sync(request, conn)
+            except TransportError as e:
+                if not e.disconnected:
+                    self._put_back(conn)  # the request failed, not the connection (ENOSPC)
                     raise
-                self._free.append(conn)
-                return result
+                self._drop(conn)
+                if self.retired:
+                    raise Retired(self.spec) from None
+                raise
+            self._put_back(conn)
+            return result
+
+    async def _write_request(self, request: Callable[[Connection], object]):
+        """A writer's request: once. A writer that cannot be reached, or that
+        drops the connection, is gone: EIO (its process may not be reaped yet)."""
+        await self.ensure_running()
+        async with self._limiter:
+            try:
+                conn = await self._connection()
+            except TransportError as e:
+                await self.ensure_running()  # raises once the death is seen
+                raise TransportError(f"{e} (qemu-nbd writing {self.spec.image} is gone)", errno.EIO) from None
+            try:
+                result = await trio.to_thread.run_sync(request, conn)
+            except TransportError as e:
+                if not e.disconnected:
+                    self._put_back(conn)
+                    raise
+                self._drop(conn)
+                if self.retired:
+                    raise Retired(self.spec) from None
+                await self.ensure_running()  # raises: the server is gone
+                raise TransportError(f"{e} (qemu-nbd writing {self.spec.image} is gone)", errno.EIO) from None
+            self._put_back(conn)
+            return result
+
+    def _put_back(self, conn: Connection) -> None:
+        """A connection free again; one of a server stopped meanwhile is closed instead."""
+        if conn in self._all:
+            self._free.append(conn)
+        else:
+            conn.close()
 
     def _drop(self, conn: Connection) -> None:
         if conn in self._all:
@@ -231,6 +313,7 @@ class Server:
 
     async def stop(self) -> None:
         async with self.lock:
+            self._outage = self._failed = None
             await self._shutdown()
 
 
@@ -242,8 +325,9 @@ class ServerPool:
     """
 
     def __init__(self, rundir: str, connections: int = 4, idle_timeout: float = 2.0,
-                 budget: ChunkBudget | None = None):
+                 budget: ChunkBudget | None = None, retry_timeout: float = RETRY_TIMEOUT):
         self.rundir = rundir
+        self.retry_timeout = retry_timeout
         self.budget = budget if budget is not None else ChunkBudget(DEFAULT_BUDGET_MIB << 20)
         self.connections = connections
         self.idle_timeout = idle_timeout
