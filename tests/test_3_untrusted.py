@@ -12,6 +12,7 @@ one item per line, and the log must hold no traceback (``conftest``).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -110,6 +111,12 @@ def crafted(tmp_path):
              "-o", "encrypt.format=luks,encrypt.key-secret=s0", d / "luks.qcow2", "4M")
     qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", d / "flat.vmdk", "4M")
 
+    # A header qemu refuses that snapfs's reader does not check: its views are
+    # listed (their maps come from the files) until qemu is first asked.
+    refc = create(d / "refc.qcow2", 4 * MiB)
+    qemu_io(refc, "write -P 0x77 0 64k")
+    poke(refc, 56, ">I", 0x7FFFFFFF)  # refcount_table_clusters
+
     # Names: a newline (a good image and a broken one), a byte that is not UTF-8.
     nl = create(os.path.join(d, "new\nline.qcow2"), 4 * MiB)
     qemu_io(nl, "write -P 0x66 0 64k")
@@ -193,6 +200,16 @@ def test_no_crafted_file_stops_the_mount(crafted, mount):
     reason("luks.qcow2/chain/", "encrypted images are not supported")
     reason("flat.vmdk/chain/", "a VMDK descriptor file", "separate extent files")
     assert "a layer above" not in status
+
+    # A view qemu refuses to open: the open fails (EIO), the view goes, with qemu's reason.
+    assert "00-refc.raw" in os.listdir(m / "refc.qcow2/chain")
+    with pytest.raises(OSError) as e:
+        open(m / "refc.qcow2/chain/00-refc.raw", "rb").close()
+    assert e.value.errno == errno.EIO
+    assert os.listdir(m / "refc.qcow2/chain") == []
+    status = m.status()
+    said = lines_of(status)
+    reason("refc.qcow2/chain/00-refc.raw", f"qemu cannot open {d / 'refc.qcow2'}: Reference count table too large")
 
     # Names: one line per item, escaped.
     reason(f"{d}/bad\\nname.qcow2", "not a usable qcow2 image")

@@ -83,9 +83,20 @@ class Exports:
             session.join()
             lease = Lease(view, session.server, session)
         else:
-            lease = Lease(view, await self._acquire(view.spec))
+            lease = Lease(view, await self._first_server(view))
         self.leases.add(lease)
         return lease
+
+    async def _first_server(self, view: View) -> Server:
+        """The view's read-only server. When its map came from the files, this is
+        the first time qemu opens its images: if qemu refuses them, the view is
+        not servable, and goes (its reason, qemu's, in the status file)."""
+        try:
+            return await self._acquire(view.spec)
+        except Unavailable as e:
+            if e.errno == errno.EIO:
+                raise view.fail(e) from None
+            raise
 
     async def open_qcow2(self, view: View, path: str) -> Lease:
         """A lease for a ``.qcow2`` file: its layout is fixed at open, from the view's map then.
@@ -96,7 +107,7 @@ class Exports:
         images = {s.image for s in view.qcow2_specs() if s.socket is None}
         with self.writes.hold(images, f"a .qcow2 file of {view.spec.image} is being opened"):
             m = await self.maps.fresh(view)
-            lease = Lease(view, await self._acquire(view.spec), qcow2=True)
+            lease = Lease(view, await self._first_server(view), qcow2=True)
             try:
                 # A writer that was closing may have stopped meanwhile: its map then was forgotten.
                 while view.map is not m or self.writes.stale(view):

@@ -36,9 +36,15 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 1.0
 
 
-def _reason_from_stderr(text: str) -> Unavailable:
+def _reason_from_stderr(text: str, what: str = "the image") -> Unavailable:
     msg = " ".join(line.strip() for line in text.strip().splitlines()[-3:]) or "qemu-nbd failed"
     msg = msg.removeprefix("qemu-nbd: ")
+    if msg.startswith("Failed to blk_new_open 'json:"):
+        # The json: filename is snapfs's own spelling of the chain: qemu's
+        # reason after it is what users need.
+        cut = msg.find("': ")
+        if cut != -1:
+            msg = f"qemu cannot open {what}: {msg[cut + 3:]}"
     if "lock" in msg.lower():
         return Unavailable(f"in use: {msg}", errno.EBUSY)
     return Unavailable(msg)
@@ -156,7 +162,7 @@ class QemuNBD:
                 text = f.read()
         except OSError:
             text = ""
-        return _reason_from_stderr(text)
+        return _reason_from_stderr(text, self.spec.describe())
 
     def ended(self) -> str:
         """How the process ended, with what it said, for messages."""

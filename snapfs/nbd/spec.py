@@ -74,7 +74,10 @@ class ExportSpec:
         return json_node(self.layers, self.host.protocol_driver)
 
     def describe(self) -> str:
-        what = " <- ".join(p for p, _ in self.layers)
+        paths = [p for p, _ in self.layers]
+        # A deep chain is named by its ends (a 500-layer one in one line).
+        what = " <- ".join(paths) if len(paths) <= 4 else \
+            f"{paths[0]} <- ({len(paths) - 2} more) <- {paths[-1]}"
         if self.socket is not None:
             what = f"backup export {self.export!r} of {what}"
         if self.snapshot is not None:
