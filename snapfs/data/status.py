@@ -14,6 +14,8 @@ changed); every export reading it is asked again.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 
 import trio
 
@@ -32,6 +34,51 @@ def _layer_keys(spec: ExportSpec) -> list[tuple]:
     return [(path, fmt, pin) for (path, fmt), pin in zip(spec.layers, pins, strict=True)]
 
 
+class Chains:
+    """Chains composed from their layers' files (``formats.status.compose``), the
+    latest LIMIT, shared by the worker threads that read maps.
+
+    The chain view of layer N is layer N over the chain view of layer N-1,
+    most likely composed just before (``ls -l chain/`` goes up from the
+    base): a 500-layer disk's chain views compose 500 layers, not 125,000.
+    A chain is keyed by its top layer, its depth and its lowest layer: the
+    layers between are what the headers name (a refresh forgets a chain
+    whose image changed).
+    """
+
+    LIMIT = 64
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        # (top key, depth, lowest key) -> (composed runs, paths of the export it was made for)
+        self._chains: OrderedDict[tuple, tuple[list, list[tuple]]] = OrderedDict()
+        self.generation = 0
+
+    def get(self, key: tuple) -> list | None:
+        with self._lock:
+            hit = self._chains.get(key)
+            if hit is None:
+                return None
+            self._chains.move_to_end(key)
+            return hit[0]
+
+    def put(self, key: tuple, composed: list, keys: list[tuple], generation: int) -> None:
+        """Keep a composed chain, unless a layer was forgotten since ``generation``."""
+        with self._lock:
+            if generation != self.generation:
+                return
+            self._chains[key] = (composed, keys)
+            while len(self._chains) > self.LIMIT:
+                self._chains.popitem(last=False)
+
+    def forget(self, image: str) -> None:
+        """Chains with ``image`` as a layer are stale."""
+        with self._lock:
+            self.generation += 1
+            for k in [k for k, (_, keys) in self._chains.items() if any(x[0] == image for x in keys)]:
+                del self._chains[k]
+
+
 class BlockStatus:
     """The runs of every export, per metadata context (``nbd/contexts.py``).
 
@@ -45,6 +92,7 @@ class BlockStatus:
         self._locks: dict[ExportSpec, trio.Lock] = {}
         # Each layer's status read from its file, shared by every export it is in.
         self._layers: dict[tuple, local.LayerStatus | None] = {}
+        self._chains = Chains()
         self._forgotten = 0  # forget calls so far
 
     async def runs(self, spec: ExportSpec, size: int) -> dict[str, list[Run]]:
@@ -78,6 +126,7 @@ class BlockStatus:
             del self._runs[spec]
         for key in [k for k in self._layers if k[0] == image]:
             del self._layers[key]
+        self._chains.forget(image)
         self._forgotten += 1
 
     def forget_export(self, spec: ExportSpec) -> None:
@@ -91,8 +140,10 @@ class BlockStatus:
         what was read before, and the caller keeps what is new."""
         if spec.snapshot is not None or spec.bitmap is not None or spec.writable:
             return None, {}
+        generation = self._chains.generation
+        keys = _layer_keys(spec)
         layers, new = [], {}
-        for key in _layer_keys(spec):
+        for key in keys:
             path, fmt, pin = key
             if key in known:
                 status = known[key]
@@ -106,11 +157,22 @@ class BlockStatus:
             if status is None:
                 return None, new
             layers.append(status)
-        try:
-            alloc, depth = local.export_runs(layers, size)
-        except local.NotPlain as e:
-            log.debug("block status of %s: asking qemu (%s)", spec.describe(), e)
+        if any(lay.size != size for lay in layers):
+            log.debug("block status of %s: asking qemu (the layers differ in size)", spec.describe())
             return None, new
+        # The highest chain of the export already composed, then each layer above it over it.
+        n = len(keys)
+
+        def chain(i):  # from layer i down
+            return keys[i], n - i, keys[-1]
+
+        i, composed = 0, None
+        while i < n and (composed := self._chains.get(chain(i))) is None:
+            i += 1
+        for j in range(i - 1, -1, -1):
+            composed = local.compose(layers[j], composed, n - j)
+            self._chains.put(chain(j), composed, keys, generation)
+        alloc, depth = local.composed_runs(composed, len(layers))
         runs = {BASE_ALLOCATION: alloc}
         if ALLOCATION_DEPTH in spec.contexts:
             runs[ALLOCATION_DEPTH] = depth

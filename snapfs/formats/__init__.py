@@ -315,17 +315,19 @@ def has_allocation_depth(fmt: str) -> bool:
     return fmt in BACKED_FORMATS
 
 
-def json_node(layers, protocol_driver) -> str:
+def json_node(layers, protocol_driver, backing: bool = True) -> str:
     """The ``json:`` filename of ``layers`` (``(path, format)``, top first).
 
     The lowest qcow2 or vmdk layer gets ``"backing": null``, so one layer alone
     is read without anything beneath it. protocol_driver: the qemu driver of
     a path (``file``, ``host_device``), from the host the images are on.
+    backing=False: no backing option at all, qemu follows the lowest layer's
+    header (``nbd.spec.ExportSpec.headers``).
     """
     node = None
     for path, fmt in reversed(layers):
         new = {"driver": fmt, "file": {"driver": protocol_driver(path), "filename": path}}
-        if fmt in BACKED_FORMATS:
+        if fmt in BACKED_FORMATS and (backing or node is not None):
             new["backing"] = node
         elif node is not None:
             raise ValueError(f"{fmt} image {path} cannot have a backing file")

@@ -145,7 +145,8 @@ class Operations(pyfuse3.Operations):
             else:
                 handle = ViewHandle(files, node, await files.exports.open(node.view, writing))
         except (Refused, Unavailable) as e:
-            if e.errno == errno.EBUSY or writing or isinstance(node, Qcow2File) and e.errno == errno.EIO:
+            if node.view.problem is None:
+                # Not the view's own failure (listed among what is not available): this open's.
                 files.refuse(node, e.errno, e.reason)
             raise
         fh = files.add(handle)

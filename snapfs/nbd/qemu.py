@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import signal
+import stat
 import subprocess
 
 import trio
@@ -106,20 +107,32 @@ class QemuNBD:
                 raise Unavailable(f"{path} was replaced since the mount was made (remount to see "
                                   f"it): {e.strerror}", errno.ESTALE) from None
 
-    def _opened_pins(self) -> set[tuple[int, int]]:
-        """(st_dev, st_ino) of every file the running qemu-nbd holds open."""
-        out = set()
+    def _opened_files(self) -> dict[tuple[int, int], str]:
+        """``(st_dev, st_ino)`` of every regular file and block device the running
+        qemu-nbd holds open (but its own pid and error files), with its path."""
+        out = {}
         fd_dir = f"/proc/{self.proc.pid}/fd"
         try:
             names = os.listdir(fd_dir)
         except OSError:
             return out
-        for name in names:
+        own = set()
+        for p in (self.pidfile, self.errfile):
             try:
-                st = os.stat(os.path.join(fd_dir, name))
+                st = os.stat(p)
+                own.add((st.st_dev, st.st_ino))
+            except OSError:
+                pass
+        for name in names:
+            link = os.path.join(fd_dir, name)
+            try:
+                st = os.stat(link)
+                target = os.readlink(link)
             except OSError:
                 continue
-            out.add((st.st_dev, st.st_ino))
+            key = (st.st_dev, st.st_ino)
+            if (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)) and key not in own:
+                out[key] = target
         return out
 
     async def start(self) -> None:
@@ -146,13 +159,22 @@ class QemuNBD:
                 await trio.sleep(delay)
                 delay = min(delay * 2, 0.05)
         if timeout.cancelled_caught:
+            said = self.failure().reason
             await self.stop()
-            raise Unavailable(f"qemu-nbd did not start within {START_TIMEOUT:.0f} s")
-        missing = {p for p in self.spec.pins if p is not None} - self._opened_pins()
-        if missing:
+            raise Unavailable(f"qemu-nbd did not start within {START_TIMEOUT:.0f} s opening "
+                              f"{len(self.spec.layers)} layer(s), {self.spec.describe()}"
+                              + ("" if said == "qemu-nbd failed" else f" (it said: {said})"))
+        opened = self._opened_files()
+        pins = {p for p in self.spec.pins if p is not None}
+        # Exactly the files scanned: none missing (one was replaced), and, when
+        # qemu followed the headers itself, none more (a header changed).
+        extra = sorted(path for key, path in opened.items() if key not in pins) \
+            if None not in self.spec.pins else []
+        if pins - opened.keys() or extra:
             await self.stop()
             raise Unavailable("an image was replaced since the mount was made (remount to see it): "
-                              + self.spec.describe(), errno.ESTALE)
+                              + self.spec.describe() + (f"; qemu opened {extra[0]}" if extra else ""),
+                              errno.ESTALE)
         self.serving = True
         log.debug("qemu-nbd pid %d serves %s", self.proc.pid, self.spec.describe())
 

@@ -6,10 +6,25 @@ processes and connections by the pool.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, replace
 
 from ..formats import has_allocation_depth, json_node
 from .contexts import ALLOCATION_DEPTH, BASE_ALLOCATION, dirty_context
+
+# Layers above which a chain is opened by its top's header (``ExportSpec.headers``).
+DEEP_CHAIN = 16
+
+
+def headers_name(layers) -> bool:
+    """Whether the headers of ``layers`` (``formats.Layer``, top first) name exactly
+    that chain: each qcow2 names the next as its backing file, with its format
+    (qemu then probes nothing), and the last has none."""
+    for upper, lower in itertools.pairwise(layers):
+        if (upper.format != "qcow2" or upper.backing_path != lower.path
+                or upper.backing_format != lower.format):
+            return False
+    return layers[-1].backing_path is None
 
 
 @dataclass(frozen=True)
@@ -28,6 +43,12 @@ class ExportSpec:
     exactly those files or none (``qemu.QemuNBD.start``).
     writable: served for writing into the top layer (``--rw`` mounts); the
     layers beneath stay read-only, as qemu opens backing files.
+    headers: qemu is given the top layer only and follows the images' own
+    backing names and formats down the chain (set by ``of`` for a chain
+    deeper than DEEP_CHAIN whose headers name exactly the scanned layers:
+    qemu's time to open a nested ``json:`` grows as the cube of its depth,
+    41 s at 500 layers against 2 s). Pinning holds either way: qemu-nbd
+    must hold open exactly the pinned files (``qemu.QemuNBD.start``).
     host: the machine the images are on (``hosts/``): it starts the server
     and connects to it. Exports of the same paths on two hosts differ.
     """
@@ -39,6 +60,7 @@ class ExportSpec:
     export: str = ""
     pins: tuple[tuple[int, int] | None, ...] = ()
     writable: bool = False
+    headers: bool = False
     host: object = field(default=None, repr=False)
 
     @classmethod
@@ -46,7 +68,7 @@ class ExportSpec:
         """The export of ``layers`` (``formats.Layer``, top first), on their host."""
         layers = tuple(layers)
         return cls(tuple(lay.node for lay in layers), pins=tuple(lay.pin for lay in layers),
-                   host=layers[0].host, **kw)
+                   host=layers[0].host, headers=len(layers) > DEEP_CHAIN and headers_name(layers), **kw)
 
     @property
     def image(self) -> str:
@@ -71,7 +93,8 @@ class ExportSpec:
         return tuple(ctx)
 
     def json_filename(self) -> str:
-        return json_node(self.layers, self.host.protocol_driver)
+        return json_node(self.layers[:1] if self.headers else self.layers, self.host.protocol_driver,
+                         backing=not self.headers)
 
     def describe(self) -> str:
         paths = [p for p, _ in self.layers]
