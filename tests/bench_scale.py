@@ -26,6 +26,15 @@ is a report, not a pytest test. Two steps:
     the files (docs/design.md, "Maps without qemu") and the listing starts no
     qemu-nbd; the ``exports`` step measures what asking qemu costs instead.
 
+``deep``
+    Deep chains (``--depths``, 100, 250 and 500 layers of 64 MiB, each layer
+    writing 4 KiB of its own; built once and cached like the disks): the time
+    until ``snapfs mount`` returns, the first ``ls -l`` of the disk's
+    ``chain/`` (every chain view's map, composed from the files), the first
+    open and 4 KiB read of the top chain view (a qemu-nbd opening the whole
+    chain), snapfs's peak RSS; against qemu itself opening the chain by its
+    top's file name (``qemu-io -r -c quit``), the anchor.
+
 ``exports``
     What one export's block status costs outside snapfs, for N exports (200,
     taken as ``ls -lR`` needs them: a disk's 5 layers and 4 chains, disk after
@@ -84,7 +93,8 @@ EXPORTS_PER_DISK = 2 * LAYERS - 1  # the base's chain and layer views share one
 IMAGE_VERSION = "1"
 CACHE_BASE = "/var/tmp"
 EXPORTS_N = 200
-STEPS = ("mount", "exports")
+STEPS = ("mount", "deep", "exports")
+DEPTHS = (100, 250, 500)
 TIMEOUT = 30.0
 SAMPLE_INTERVAL = 0.02
 
@@ -169,6 +179,38 @@ def image_dir(disks: int) -> str:
                 write_sparse(os.path.join(sub, name), data)
         with open(os.path.join(building, ".complete"), "w") as f:
             f.write(f"{disks}x{LAYERS} v{IMAGE_VERSION}\n")
+        os.rename(building, final)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    log(f"built in {time.perf_counter() - t0:.1f} s")
+    return final
+
+
+def deep_dir(depth: int) -> str:
+    """The cached directory of one chain ``m000 <- ... <- m{depth-1}``; built if missing.
+
+    Each layer is written before it is rebased onto the one beneath (writing
+    through the chain would open all of it: the square of the depth).
+    """
+    final = os.path.join(CACHE_BASE, f"snapfs-bench-deep-{depth}-v{IMAGE_VERSION}")
+    if os.path.exists(os.path.join(final, ".complete")):
+        log(f"deep chain {final} (cached)")
+        return final
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    log(f"building a chain of {depth} layers in {final} ...")
+    t0 = time.perf_counter()
+    building = tempfile.mkdtemp(prefix=os.path.basename(final) + ".building-", dir=CACHE_BASE)
+    try:
+        for i in range(depth):
+            img = os.path.join(building, f"m{i:03d}.qcow2")
+            run(["qemu-img", "create", "-q", "-f", "qcow2", img, str(SIZE)])
+            run(["qemu-io", "-f", "qcow2", "-c", f"write -q -P {i % 255 + 1} {i * 64}k 4k", img])
+            if i:
+                run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", f"m{i - 1:03d}.qcow2", "-F", "qcow2", img])
+        with open(os.path.join(building, ".complete"), "w") as f:
+            f.write(f"{depth} v{IMAGE_VERSION}\n")
         os.rename(building, final)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
@@ -598,6 +640,7 @@ class ScaleBench:
         self.runs: list[dict] = []
         self.exports: dict[str, list[dict[str, float]]] = {}
         self.exports_n = 0
+        self.deep: dict[int, list[dict[str, float]]] = {}
         self.mismatches: list[str] = []
         self.errors: list[str] = []
 
@@ -674,6 +717,42 @@ class ScaleBench:
             self.runs.append(res)
             log(f"mount run {i + 1}/{self.reps}: " + ", ".join(
                 f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
+
+    def step_deep(self) -> None:
+        mnt = os.path.join(self.tmp, "deep")
+        os.mkdir(mnt)
+        for depth in self.args.depths:
+            root = deep_dir(depth)
+            top = f"m{depth - 1:03d}"
+            for i in range(self.reps):
+                t0 = time.perf_counter()
+                run(["qemu-io", "-r", "-f", "qcow2", "-c", "quit", os.path.join(root, top + ".qcow2")])
+                res = {"qemu opens it by its top": time.perf_counter() - t0}
+                t0 = time.perf_counter()
+                self.snapfs("mount", "--images", root, "--log", self.snapfs_log, mnt)
+                res["mount ready"] = time.perf_counter() - t0
+                try:
+                    pid = find_snapfs_pid(mnt)
+                    chain = os.path.join(mnt, top + ".qcow2", "chain")
+                    t0 = time.perf_counter()
+                    r = subprocess.run(["ls", "-l", chain], capture_output=True, text=True)
+                    res["first ls -l chain/"] = time.perf_counter() - t0
+                    if r.returncode != 0 or len(r.stdout.splitlines()) != 3 * depth + 1:
+                        self.error(f"ls -l of {depth} layers: exit {r.returncode}, "
+                                   f"{len(r.stdout.splitlines()) - 1} files: {r.stderr.strip()[:300]}")
+                    t0 = time.perf_counter()
+                    try:
+                        name = next(n for n in os.listdir(chain) if n.endswith(f"-{top}.raw"))
+                        with open(os.path.join(chain, name), "rb") as f:
+                            f.read(4096)
+                    except (OSError, StopIteration) as e:
+                        self.error(f"the top chain view of {depth} layers: {e!r}")
+                    res["first read of the top"] = time.perf_counter() - t0
+                    res["peak RSS"] = (status_kb(pid, "VmHWM") or 0) / 1024
+                finally:
+                    res["umount"] = self.unmount(mnt)
+                self.deep.setdefault(depth, []).append(res)
+                log(f"deep {depth} run {i + 1}/{self.reps}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
 
     def start_profiler(self, pid: int, i: int) -> subprocess.Popen | None:
         if not self.args.py_spy:
@@ -763,6 +842,22 @@ class ScaleBench:
                 med = statistics.median(r[key] for r in self.runs)
                 print(f"  {'PASS' if med <= limit else 'MISS'}  {key} <= {limit:g} {unit} "
                       f"(median {med:.2f} {unit})")
+        if self.deep:
+            print()
+            print(f"deep chains (64 MiB layers, 4 KiB each of its own); medians of {self.reps} runs:")
+            keys = list(next(iter(self.deep.values()))[0])
+            print(f"{'layers':>8}" + "".join(f"{k:>28}" for k in keys))
+            for depth, rows in self.deep.items():
+                cells = [f"{statistics.median(r[k] for r in rows):25.3f} {'MB' if 'RSS' in k else 's ':2}"
+                         for k in keys]
+                print(f"{depth:>8}" + "".join(cells))
+            first = min(self.deep)
+            last = max(self.deep)
+            if last != first:
+                ratio = (statistics.median(r["first ls -l chain/"] for r in self.deep[last])
+                         / statistics.median(r["first ls -l chain/"] for r in self.deep[first]))
+                print(f"first ls -l chain/: {ratio:.1f}x from {first} to {last} layers "
+                      f"({last / first:.1f}x the layers; linear growth: the same)")
         if self.exports:
             print()
             print(f"one export's block status, {self.exports_n} exports (a disk's 5 layers and "
@@ -790,6 +885,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3, help="runs per measurement (3)")
     p.add_argument("--exports", type=int, default=EXPORTS_N,
                    help=f"N of the exports step ({EXPORTS_N})")
+    p.add_argument("--depths", metavar="N[,N]", default=",".join(map(str, DEPTHS)),
+                   help=f"chain depths of the deep step ({','.join(map(str, DEPTHS))})")
     p.add_argument("--only", metavar="STEP[,STEP]", help=f"run only these steps: {', '.join(STEPS)}")
     p.add_argument("--src", metavar="DIR", default=ROOT,
                    help="the checkout whose snapfs is mounted (default: this one)")
@@ -803,6 +900,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [s for s in args.steps if s not in STEPS]
     if unknown:
         p.error(f"unknown step(s) {', '.join(unknown)}; choose from {', '.join(STEPS)}")
+    try:
+        args.depths = [int(x) for x in args.depths.split(",") if x.strip()]
+    except ValueError:
+        p.error("--depths takes numbers, as 100,250,500")
+    if any(n < 1 for n in args.depths):
+        p.error("--depths must be at least 1")
     if args.reps < 1 or args.disks < 1 or args.exports < 1:
         p.error("--reps, --disks and --exports must be at least 1")
     return args

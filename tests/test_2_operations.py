@@ -142,6 +142,10 @@ class FakeProcess:
     def alive(self):
         return self.running and not self.dead
 
+    @property
+    def killed(self):
+        return self.dead  # as by SIGKILL: asked again
+
     def failure(self):
         return Unavailable("fake qemu-nbd died")
 

@@ -14,11 +14,12 @@ import os
 import random
 import shutil
 import signal
+import struct
 import threading
 import time
 
 import pytest
-from conftest import MiB, create, qemu_img, qemu_io
+from conftest import MiB, create, poke, qemu_img, qemu_io, run
 from test_5_lifecycle import alive, children
 
 SIZE = 48 * MiB
@@ -175,3 +176,33 @@ def test_a_server_that_cannot_come_back_fails_reads_with_eio_within_the_bound(ch
     status = open(m / ".snapfs-status").read()
     assert "top.qcow2/chain/01-top.raw" in status and "did not come back within 4 s" in status
     assert "replaced since the mount was made" in status
+
+
+@pytest.mark.log_allows(r"died; restarting it", r"cannot read it")
+def test_a_read_qemu_cannot_do_fails_at_once_not_after_the_bound(tmp_path, mount):
+    """qemu-nbd hangs up on a client whose read failed, and exits: that is the
+    image, not a server killed under the reader; asking again changes nothing."""
+    d = tmp_path / "images"
+    d.mkdir()
+    img = create(d / "c.qcow2", 4 * MiB)
+    qemu_io(img, "write -P 0x31 0 1M", "write -P 0x32 2M 1M")
+    with open(img, "rb") as f:
+        data = f.read()
+    l1 = struct.unpack_from(">Q", data, 40)[0]
+    l2 = struct.unpack_from(">Q", data, l1)[0] & 0x00FFFFFFFFFFFE00
+    entry = struct.unpack_from(">Q", data, l2)[0]
+    poke(img, l2, ">Q", (1 << 62) | (entry & ((1 << 54) - 1)))  # cluster 0: "compressed", garbage
+    assert run("qemu-img", "convert", "-O", "raw", img, tmp_path / "out.raw", check=False).returncode == 1
+    m = mount(d)
+    t = time.monotonic()
+    with pytest.raises(OSError) as e:
+        with open(m / "c.qcow2/chain/00-c.raw", "rb") as f:
+            f.read(4096)
+    assert e.value.errno == errno.EIO
+    assert time.monotonic() - t < 10  # not --retry-timeout (30 s)
+    assert "c.qcow2/chain/00-c.raw: a read at 0 failed: qemu-nbd for " in m.status()
+    assert "cannot read it: it exited with status 0 (Disconnect client, due to: Failed to send reply: " \
+           "reading from file failed: Input/output error)" in m.status()
+    # Elsewhere (another chunk) it reads.
+    with open(m / "c.qcow2/chain/00-c.raw", "rb") as f:
+        assert os.pread(f.fileno(), 4096, 2 * MiB) == b"\x32" * 4096

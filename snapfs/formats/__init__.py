@@ -206,6 +206,8 @@ def _read_header(layer: Layer, path: str, fmt: str, st, host) -> bool:
         layer.cid, layer.parent_cid = hdr.cid, hdr.parent_cid
         if hdr.parent:
             layer.backing_path = os.path.normpath(os.path.join(os.path.dirname(path), hdr.parent))
+            if not_a_file_name(hdr.parent):
+                layer.problem = f"parent file {hdr.parent!r} names a directory, not a file"
             layer.backing_format = "vmdk"  # as qemu takes it
             if _PROTOCOL.match(hdr.parent):
                 layer.problem = f"parent file {hdr.parent!r} is not a plain file name"
@@ -239,7 +241,16 @@ def _read_header(layer: Layer, path: str, fmt: str, st, host) -> bool:
             layer.backing_format = hdr.backing_format
             if _PROTOCOL.match(hdr.backing_file):
                 layer.problem = f"backing file {hdr.backing_file!r} is not a plain file name"
+            elif not_a_file_name(hdr.backing_file):
+                # normpath would make "base.qcow2/" base.qcow2; qemu opens it as
+                # written, and fails (ENOTDIR).
+                layer.problem = f"backing file {hdr.backing_file!r} names a directory, not a file"
     return False
+
+
+def not_a_file_name(name: str) -> bool:
+    """Whether a backing file name can only name a directory (``base.qcow2/``, ``.``)."""
+    return name.endswith("/") or os.path.basename(name) in (".", "..")
 
 
 def read_layer(path: str, fmt: str, host) -> Layer:

@@ -71,6 +71,8 @@ class Server:
         self.retired = False  # out of the pool: never started again
         self.dead: str | None = None  # a writable server that died: why, for every later request
         self._outage: float | None = None  # when its requests began to fail (read-only: asked again)
+        self.exits = 0  # times it ended by itself (not killed), and how the last did
+        self.last_exit = ""
         # A start that failed: (why, not again before, first failure), for readers asking again.
         self._failed: tuple[Unavailable, float, float] | None = None
 
@@ -98,6 +100,11 @@ class Server:
                 log.error("%s", self.dead)
                 raise TransportError(self.dead, errno.EIO)
             if self.process is not None:
+                if not self.process.killed:
+                    # It ended by itself: qemu-nbd drops a client whose read
+                    # failed ("reading from file failed"), then exits.
+                    self.exits += 1
+                    self.last_exit = self.process.ended()
                 log.warning("qemu-nbd for %s died; restarting it", self.spec.describe())
                 await self._shutdown()
             if self._outage is None:
@@ -195,6 +202,7 @@ class Server:
             return await self._write_request(request)
         since = None
         delay = 0.005
+        exits = self.exits
         while True:
             try:
                 result = await self._attempt(request)
@@ -203,6 +211,12 @@ class Server:
             except (TransportError, Unavailable) as e:
                 if isinstance(e, TransportError) and not e.disconnected and e.errno != errno.ENOENT:
                     raise  # the server answered: an error of the request itself
+                if self.exits - exits >= 2:
+                    # Twice it hung up on this request and exited by itself: the
+                    # image cannot be read there, asking again changes nothing.
+                    reason = f"qemu-nbd for {self.spec.describe()} cannot read it: it {self.last_exit}"
+                    log.warning("%s", reason)
+                    raise TransportError(reason, errno.EIO) from None
                 now = trio.current_time()
                 if since is None:
                     since = now

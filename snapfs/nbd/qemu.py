@@ -194,6 +194,11 @@ class QemuNBD:
         return how if said == "qemu-nbd failed" else f"{how} ({said})"
 
     @property
+    def killed(self) -> bool:
+        """It ended by a signal (killed by someone), not by itself."""
+        return self.proc is not None and self.proc.returncode is not None and self.proc.returncode < 0
+
+    @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

@@ -167,6 +167,8 @@ class View:
         }
         if self.layer.backing_path:
             x["user.snapfs.backing"] = self.layer.backing_path
+        if self.spec.snapshot is not None:
+            x["user.snapfs.snapshot"] = self.spec.snapshot
         host = getattr(self.layer.host, "name", None)
         if host is not None:
             x["user.snapfs.host"] = host
@@ -234,6 +236,16 @@ def link_layers(views: list[View]) -> None:
     for v in views:
         if v.kind == "layer" and v.layer.backing_path:
             v.below = by_disk[id(v.disk)].get(v.layer.host.realpath(v.layer.backing_path))
+    # An image that names itself, or a loop of them (the scan reports it):
+    # no layer view names a loop's .qcow2, and nothing walks it for ever.
+    for v in views:
+        seen = set()
+        w = v
+        while w is not None and w.kind == "layer" and id(w) not in seen:
+            seen.add(id(w))
+            w = w.below
+        if w is not None and id(w) in seen:
+            w.below = None
 
 
 def mark_writable(views: list[View]) -> None:
