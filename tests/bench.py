@@ -160,6 +160,18 @@ def find_snapfs_pid(mountpoint: str) -> int:
     raise StepError(f"no snapfs process found for {mountpoint}")
 
 
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's peak RSS so far (VmHWM), in MB."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def rss_mb(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:

@@ -32,6 +32,7 @@ import xml.etree.ElementTree as ET
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from bench import find_snapfs_pid, peak_rss_mb  # noqa: E402
 from libvirt_env import DiskSpec, TestDomain, accelerator, libvirt_conn, new_image_dir  # noqa: E402
 
 SNAPFS = os.path.join(os.path.dirname(HERE), ".venv", "bin", "snapfs")
@@ -74,6 +75,7 @@ def main(argv=None) -> int:
     os.mkdir(mnt)
     copy = "/dev/shm/snapfs-bench-lv.raw"
     rows: dict[str, list[float]] = {}
+    peak: dict[str, float | None] = {}
     try:
         with TestDomain.define(conn, "bench", [DiskSpec("vda", f"{d}/vda.qcow2", size=DISK)],
                                memory_mib=128) as dom:
@@ -96,6 +98,7 @@ def main(argv=None) -> int:
                 os.unlink(copy)
                 rows.setdefault("snapfs refresh (new job)", []).append(
                     timed(SNAPFS, "refresh", mnt, dom.name))
+            peak["full backups (cp chain/current.raw)"] = peak_rss_mb(find_snapfs_pid(mnt))
             sh(SNAPFS, "umount", mnt)
 
             log("guest changes 256 MiB and zeroes 128 MiB")
@@ -109,6 +112,7 @@ def main(argv=None) -> int:
                 rows.setdefault("snapfs dirty/ck1.raw: cp", []).append(
                     timed("cp", "--sparse=auto", f"{base}/dirty/ck1.raw", copy))
                 os.unlink(copy)
+            peak["incrementals (cp dirty/ck1.raw)"] = peak_rss_mb(find_snapfs_pid(mnt))
             sh(SNAPFS, "umount", mnt)
     finally:
         if os.path.ismount(mnt):
@@ -132,6 +136,9 @@ def main(argv=None) -> int:
     print(f"(runs: {args.reps}; MB/s = data moved / best; the dirty view holds 256 MiB of changed "
           "data and 128 MiB of changed zeros, which move no data)")
     print(f"(VM: {accelerator(conn.getURI())[1]})")
+    for flow, mb in peak.items():
+        if mb is not None:
+            print(f"snapfs peak RSS (VmHWM), the mount of the {flow}: {mb:.1f} MB")
     cp = statistics.median(rows["snapfs chain/current.raw: cp"])
     nbdcopy = statistics.median(rows["nbdcopy job export to null (limit)"])
     print("\ntargets (medians):")

@@ -76,6 +76,7 @@ from bench import (
     StepError,
     find_snapfs_pid,
     log,
+    peak_rss_mb,
     qemu_nbd_children,
     run,
     run_steps,
@@ -106,6 +107,7 @@ class Qcow2Bench(Bench):
         self.dest = f"/dev/shm/snapfs-bench-qcow2-{os.getpid()}"
         self.copies = {n: [] for n in (QCOW2_CP, RAW_CP, CONVERT)}
         self.checked: set[str] = set()
+        self.peak_rss: float | None = None
         self.checks: list[str] = []
         self.cold = {"qcow2": [], "raw": []}
         self.warm = {"qcow2": [], "raw": []}
@@ -128,6 +130,9 @@ class Qcow2Bench(Bench):
             self.pid = find_snapfs_pid(self.mnt)
             yield
         finally:
+            rss = peak_rss_mb(self.pid) if self.pid else None
+            if rss is not None:
+                self.peak_rss = max(self.peak_rss or 0.0, rss)
             self.snapfs_umount(self.mnt)
             self.pid = None
 
@@ -257,6 +262,8 @@ class Qcow2Bench(Bench):
               f"layer view of an {DISK_SIZE // GiB} GiB qcow2)")
         for line in self.checks:
             print(f"  checked once: {line}")
+        if self.peak_rss is not None:
+            print(f"snapfs peak RSS (VmHWM, the largest of this bench's mounts): {self.peak_rss:.1f} MB")
         if self.data_bytes is not None:
             over = self.qcow2_size - self.data_bytes
             print()

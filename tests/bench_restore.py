@@ -84,6 +84,7 @@ from bench import (
     find_snapfs_pid,
     fuse_unmount,
     log,
+    peak_rss_mb,
     proc_cmdline,
     read_tail,
     run,
@@ -169,6 +170,7 @@ class RestoreBench:
         self.phase_report: list[str] = []
         self.mismatches: list[str] = []
         self.pid: int | None = None
+        self.peak_rss: float | None = None
         for d in ("anchor", "images", "mnt"):
             os.mkdir(self.path(d))
 
@@ -250,6 +252,7 @@ class RestoreBench:
             self.pid = find_snapfs_pid(self.mnt)
             yield
         finally:
+            self.peak_rss = peak_rss_mb(self.pid) if self.pid else None
             r = subprocess.run([SNAPFS, "umount", self.mnt], capture_output=True, text=True)
             if r.returncode != 0:
                 log(f"snapfs umount {self.mnt} failed: {r.stderr.strip()}")
@@ -441,6 +444,8 @@ class RestoreBench:
                   + (f"; snapfs cp / qemu-nbd reference: {snap.median / ref.median:.2f}x" if ref.times else ""))
         if self.snapfs_cpu:
             print(f"snapfs CPU per cp (median): {statistics.median(self.snapfs_cpu):.2f} s")
+        if self.peak_rss is not None:
+            print(f"snapfs peak RSS (VmHWM) over every run of this mount: {self.peak_rss:.1f} MB")
         if self.released:
             print(f"after cp returned, its writable qemu-nbd was gone (image free for qemu-img) within "
                   f"{statistics.median(self.released):.3f} s (median), {max(self.released):.3f} s (max)")
