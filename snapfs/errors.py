@@ -10,17 +10,20 @@
     │   └── ControlError           a ``snapfs refresh`` that failed
     ├── Unavailable                this export or view cannot be served: the
     │   │                          view disappears, its reason goes to the
-    │   │                          status file (the errno on a read of an
-    │   │                          open file)
+    │   │                          status file
+    │   ├── ImageRefused           qemu itself refused to open the image (its
+    │   │                          message): the view goes at its first open
     │   └── Gone                   ... and a lookup or open of it: ENOENT
     ├── Refused                    this request is not allowed; nothing else
     │   │                          is wrong (a seek past the data: ENXIO)
     │   └── Busy                   ... not now: the image is open for writing,
     │                              or held by another program (EBUSY)
     └── TransportError             an NBD request failed: libnbd's errno;
-                                   ``disconnected`` ones to a read-only
-                                   export are asked again (a restarted
-                                   server) within --retry-timeout, then EIO
+                                   to a read-only export, a lost connection,
+                                   a socket gone or a server that fails to
+                                   restart is asked again within
+                                   --retry-timeout, then EIO (a server that
+                                   hangs up on the request itself: at once)
 
 Requests a mount never serves (writes to a read-only mount: EROFS, to a
 view that is not writable: EACCES) are answered by the handlers themselves.
@@ -73,6 +76,10 @@ class ControlError(UserError):
 
 class Unavailable(SnapfsError):
     """An export or view that cannot be served (qemu-nbd refused the image...)."""
+
+
+class ImageRefused(Unavailable):
+    """qemu-nbd exited at start with qemu's own refusal of the image."""
 
 
 class Gone(Unavailable):

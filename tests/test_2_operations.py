@@ -125,14 +125,14 @@ class FakeProcess:
 
     def __init__(self, image, spec, socket):
         self.image, self.spec, self.socket = image, spec, socket
-        self.running = self.dead = False
+        self.running = self.dead = self.serving = False
         # Its socket is gone but its exit not yet seen (a killed qemu-nbd not reaped yet).
         self.unreachable = False
         self.preads = 0
         self.stops: list[float] = []  # trio.current_time() of each stop
 
     async def start(self):
-        self.running = True
+        self.running = self.serving = True
 
     async def stop(self):
         self.running = False
@@ -142,9 +142,11 @@ class FakeProcess:
     def alive(self):
         return self.running and not self.dead
 
-    @property
-    def killed(self):
-        return self.dead  # as by SIGKILL: asked again
+    def hangups(self):
+        return 0, ""  # it dies instead (as by SIGKILL): asked again
+
+    async def hung_up(self, before):
+        return None
 
     def failure(self):
         return Unavailable("fake qemu-nbd died")

@@ -20,7 +20,7 @@ import errno
 
 import trio
 
-from ..errors import Busy, Unavailable
+from ..errors import Busy, ImageRefused, Unavailable
 from ..nbd.pool import Server, ServerPool
 from ..nbd.spec import ExportSpec
 from ..views import View
@@ -88,15 +88,15 @@ class Exports:
         return lease
 
     async def _first_server(self, view: View) -> Server:
-        """The view's read-only server. When its map came from the files, this is
-        the first time qemu opens its images: if qemu refuses them, the view is
-        not servable, and goes (its reason, qemu's, in the status file)."""
+        """The view's read-only server. When its map came from the files, this may
+        be the first time qemu opens its images: if qemu refuses them, the view
+        is not servable, and goes (its reason, qemu's, in the status file). A
+        server that fails otherwise (a start that timed out, a qemu-nbd killed
+        while starting) fails this open only."""
         try:
             return await self._acquire(view.spec)
-        except Unavailable as e:
-            if e.errno == errno.EIO:
-                raise view.fail(e) from None
-            raise
+        except ImageRefused as e:
+            raise view.fail(e) from None
 
     async def open_qcow2(self, view: View, path: str) -> Lease:
         """A lease for a ``.qcow2`` file: its layout is fixed at open, from the view's map then.

@@ -346,9 +346,9 @@ def json_node(layers, protocol_driver, backing: bool = True) -> str:
     return "json:" + json.dumps(node, ensure_ascii=False)
 
 
-def check_pinned(path: str, pin: tuple[int, int]) -> None:
+def check_pinned(path: str, pin: tuple[int, int]) -> os.stat_result:
     """OSError unless ``path``, reached without following any symlink, is
-    still the file ``pin`` names (as read at scan time).
+    still the file ``pin`` names (as read at scan time); its stat.
 
     A file swapped for a symlink (to a file its owner may not read) or for
     another file since the scan fails here, before qemu opens anything.
@@ -369,3 +369,4 @@ def check_pinned(path: str, pin: tuple[int, int]) -> None:
         os.close(fd)
     if (st.st_dev, st.st_ino) != tuple(pin) or not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise OSError(errno.ESTALE, "not the file found when the mount was made", path)
+    return st

@@ -71,8 +71,6 @@ class Server:
         self.retired = False  # out of the pool: never started again
         self.dead: str | None = None  # a writable server that died: why, for every later request
         self._outage: float | None = None  # when its requests began to fail (read-only: asked again)
-        self.exits = 0  # times it ended by itself (not killed), and how the last did
-        self.last_exit = ""
         # A start that failed: (why, not again before, first failure), for readers asking again.
         self._failed: tuple[Unavailable, float, float] | None = None
 
@@ -100,11 +98,6 @@ class Server:
                 log.error("%s", self.dead)
                 raise TransportError(self.dead, errno.EIO)
             if self.process is not None:
-                if not self.process.killed:
-                    # It ended by itself: qemu-nbd drops a client whose read
-                    # failed ("reading from file failed"), then exits.
-                    self.exits += 1
-                    self.last_exit = self.process.ended()
                 log.warning("qemu-nbd for %s died; restarting it", self.spec.describe())
                 await self._shutdown()
             if self._outage is None:
@@ -115,7 +108,8 @@ class Server:
             # once per request.
             now = trio.current_time()
             if self._failed is not None and now < self._failed[1]:
-                raise self._failed[0]
+                e = self._failed[0]
+                raise type(e)(e.reason, e.errno)
             try:
                 await self._start()
             except Unavailable as e:
@@ -153,8 +147,9 @@ class Server:
     def _socket(self) -> str:
         if self.spec.socket is not None:
             return self.spec.socket
-        if self.process is None:
-            raise TransportError("the server was stopped", errno.ENOTCONN)
+        if self.process is None or not self.process.serving:
+            # Stopped, or (re)starting: what it opened is not checked yet.
+            raise TransportError("the server was stopped or is starting", errno.ENOTCONN)
         return self.process.socket
 
     async def _connect(self) -> Connection:
@@ -202,19 +197,25 @@ class Server:
             return await self._write_request(request)
         since = None
         delay = 0.005
-        exits = self.exits
+        hangups = 0
         while True:
+            sent_to = []  # the process the request went to, and its hang-ups then
             try:
-                result = await self._attempt(request)
+                result = await self._attempt(request, sent_to)
             except Retired:
                 raise
             except (TransportError, Unavailable) as e:
                 if isinstance(e, TransportError) and not e.disconnected and e.errno != errno.ENOENT:
                     raise  # the server answered: an error of the request itself
-                if self.exits - exits >= 2:
-                    # Twice it hung up on this request and exited by itself: the
-                    # image cannot be read there, asking again changes nothing.
-                    reason = f"qemu-nbd for {self.spec.describe()} cannot read it: it {self.last_exit}"
+                # qemu-nbd hangs up on a client whose request it cannot serve
+                # (a read of a damaged image) and serves the others on: that
+                # is this request's fault, not a server killed under it, and
+                # twice is enough to tell.
+                why = await sent_to[0].hung_up(sent_to[1]) if sent_to and isinstance(e, TransportError) else None
+                hangups += why is not None
+                if hangups >= 2:
+                    self._outage = None
+                    reason = f"qemu-nbd for {self.spec.describe()} cannot serve this request: {why}"
                     log.warning("%s", reason)
                     raise TransportError(reason, errno.EIO) from None
                 now = trio.current_time()
@@ -227,6 +228,7 @@ class Server:
                 if now - since >= self._pool.retry_timeout:
                     reason = (f"{self._what()} did not come back within {self._pool.retry_timeout:g} s: "
                               f"{e.reason}")
+                    self._outage = None
                     log.warning("%s", reason)
                     raise TransportError(reason, errno.EIO) from None
                 await trio.sleep(min(delay, since + self._pool.retry_timeout - now))
@@ -244,9 +246,12 @@ class Server:
                    "snapfs refresh MOUNTPOINT DOMAIN starts a new one)"
         return f"qemu-nbd for {self.spec.describe()}"
 
-    async def _attempt(self, request: Callable[[Connection], object]):
-        """One try: a running server, a connection, the request."""
+    async def _attempt(self, request: Callable[[Connection], object], sent_to: list):
+        """One try: a running server, a connection, the request. ``sent_to``
+        gets the server's process and how often it had hung up on a client."""
         await self.ensure_running()
+        if self.process is not None:
+            sent_to[:] = [self.process, self.process.hangups()[0]]
         async with self._limiter:
             conn = await self._connection()
             try:

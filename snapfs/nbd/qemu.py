@@ -27,7 +27,7 @@ import subprocess
 
 import trio
 
-from ..errors import Unavailable
+from ..errors import ImageRefused, Unavailable
 from ..formats import check_pinned
 from .spec import ExportSpec
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 1.0
+HANGUP_WAIT = 0.2  # for qemu-nbd to say why it dropped a connection
 
 
 def _reason_from_stderr(text: str, what: str = "the image") -> Unavailable:
@@ -98,18 +99,23 @@ class QemuNBD:
 
     def _check_pins(self) -> None:
         """Every layer is still the file scanned, reached without a symlink."""
-        for (path, _), pin in zip(self.spec.layers, self.spec.pins, strict=True):
+        ctimes = self.spec.ctimes or (None,) * len(self.spec.layers)
+        for (path, _), pin, ctime in zip(self.spec.layers, self.spec.pins, ctimes, strict=True):
             if pin is None:
                 continue
             try:
-                check_pinned(path, pin)
+                st = check_pinned(path, pin)
             except OSError as e:
                 raise Unavailable(f"{path} was replaced since the mount was made (remount to see "
                                   f"it): {e.strerror}", errno.ESTALE) from None
+            if ctime is not None and st.st_ctime_ns != ctime:
+                raise Unavailable(f"{path} changed since the mount was made, and qemu would follow "
+                                  "its header (snapfs refresh MOUNTPOINT, or remount)", errno.ESTALE)
 
-    def _opened_files(self) -> dict[tuple[int, int], str]:
+    def _opened_files(self) -> dict[tuple[int, int], tuple[str, int]]:
         """``(st_dev, st_ino)`` of every regular file and block device the running
-        qemu-nbd holds open (but its own pid and error files), with its path."""
+        qemu-nbd holds open (but its own pid and error files), with its path
+        and st_ctime_ns."""
         out = {}
         fd_dir = f"/proc/{self.proc.pid}/fd"
         try:
@@ -132,7 +138,7 @@ class QemuNBD:
                 continue
             key = (st.st_dev, st.st_ino)
             if (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)) and key not in own:
-                out[key] = target
+                out[key] = (target, st.st_ctime_ns)
         return out
 
     async def start(self) -> None:
@@ -155,7 +161,9 @@ class QemuNBD:
         with trio.move_on_after(START_TIMEOUT) as timeout:
             while not os.path.exists(self.pidfile):
                 if self.proc.poll() is not None:
-                    raise self.failure()
+                    e = self.failure()
+                    # It said why it stopped: qemu's verdict on the image.
+                    raise ImageRefused(e.reason, e.errno) if e.reason != "qemu-nbd failed" else e
                 await trio.sleep(delay)
                 delay = min(delay * 2, 0.05)
         if timeout.cancelled_caught:
@@ -166,10 +174,14 @@ class QemuNBD:
                               + ("" if said == "qemu-nbd failed" else f" (it said: {said})"))
         opened = self._opened_files()
         pins = {p for p in self.spec.pins if p is not None}
-        # Exactly the files scanned: none missing (one was replaced), and, when
-        # qemu followed the headers itself, none more (a header changed).
-        extra = sorted(path for key, path in opened.items() if key not in pins) \
+        # Exactly the files scanned: none missing (one was replaced), none
+        # more, and, when qemu followed the headers itself, none changed
+        # since the scan (a header rewritten in place).
+        extra = sorted(path for key, (path, _) in opened.items() if key not in pins) \
             if None not in self.spec.pins else []
+        if self.spec.ctimes:
+            extra += sorted(f"{opened[pin][0]} (changed)" for pin, ctime in zip(
+                self.spec.pins, self.spec.ctimes, strict=True) if pin in opened and opened[pin][1] != ctime)
         if pins - opened.keys() or extra:
             await self.stop()
             raise Unavailable("an image was replaced since the mount was made (remount to see it): "
@@ -193,10 +205,30 @@ class QemuNBD:
         said = self.failure().reason
         return how if said == "qemu-nbd failed" else f"{how} ({said})"
 
-    @property
-    def killed(self) -> bool:
-        """It ended by a signal (killed by someone), not by itself."""
-        return self.proc is not None and self.proc.returncode is not None and self.proc.returncode < 0
+    def hangups(self) -> tuple[int, str]:
+        """How often it hung up on a client whose request it could not serve
+        ("Disconnect client, due to: ..."), and the latest reason."""
+        try:
+            with open(self.errfile, errors="replace") as f:
+                lines = [line for line in f if "Disconnect client, due to: " in line]
+        except OSError:
+            return 0, ""
+        return len(lines), lines[-1].split("Disconnect client, due to: ", 1)[1].strip() if lines else ""
+
+    async def hung_up(self, before: int) -> str | None:
+        """Why it hung up on a client since it had done so ``before`` times; None
+        if it did not (killed, or dropped the connection without a word).
+        qemu-nbd writes why a moment after the connection is gone."""
+        with trio.move_on_after(HANGUP_WAIT):
+            while True:
+                count, why = self.hangups()
+                if count > before:
+                    return why
+                rc = self.proc.poll() if self.proc is not None else -1
+                if rc is not None and rc < 0:
+                    return None  # killed: it says nothing
+                await trio.sleep(0.005)
+        return None
 
     @property
     def alive(self) -> bool:

@@ -24,7 +24,10 @@ def headers_name(layers) -> bool:
         if (upper.format != "qcow2" or upper.backing_path != lower.path
                 or upper.backing_format != lower.format):
             return False
-    return layers[-1].backing_path is None
+    # qemu resolves a backing name beside the file it opened: the path
+    # scanned must be that file's (no symlink on the way), and pinned.
+    return layers[-1].backing_path is None and all(
+        lay.pin is not None and lay.real in ("", lay.path) for lay in layers)
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class ExportSpec:
     qemu's time to open a nested ``json:`` grows as the cube of its depth,
     41 s at 500 layers against 2 s). Pinning holds either way: qemu-nbd
     must hold open exactly the pinned files (``qemu.QemuNBD.start``).
+    ctimes: with headers, each layer's st_ctime_ns as scanned: a header
+    rewritten in place since (a backing name qemu would follow to something
+    that is no file: ``fat:``, ``nbd:``) changes it, and the server is refused.
     host: the machine the images are on (``hosts/``): it starts the server
     and connects to it. Exports of the same paths on two hosts differ.
     """
@@ -61,14 +67,17 @@ class ExportSpec:
     pins: tuple[tuple[int, int] | None, ...] = ()
     writable: bool = False
     headers: bool = False
+    ctimes: tuple[int, ...] = ()
     host: object = field(default=None, repr=False)
 
     @classmethod
     def of(cls, layers, **kw) -> ExportSpec:
         """The export of ``layers`` (``formats.Layer``, top first), on their host."""
         layers = tuple(layers)
+        headers = len(layers) > DEEP_CHAIN and headers_name(layers)
         return cls(tuple(lay.node for lay in layers), pins=tuple(lay.pin for lay in layers),
-                   host=layers[0].host, headers=len(layers) > DEEP_CHAIN and headers_name(layers), **kw)
+                   host=layers[0].host, headers=headers,
+                   ctimes=tuple(lay.ctime_ns for lay in layers) if headers else (), **kw)
 
     @property
     def image(self) -> str:
