@@ -64,7 +64,7 @@ def test_export_runs_are_the_area_by_area_answer():
 
 def test_chains_read_in_any_order_and_forgotten_midway_give_each_exports_runs():
     rng = random.Random(2)
-    depth = 40  # more than Chains.LIMIT / 2: entries are evicted on the way
+    depth = 40  # more than Chains.LIMIT (16 here): entries are evicted on the way
     Chains.LIMIT, limit = 16, Chains.LIMIT
     try:
         paths = [f"/d/m{i:02d}.qcow2" for i in range(depth)]

@@ -46,7 +46,7 @@ class Chains:
     whose image changed).
     """
 
-    LIMIT = 64
+    LIMIT = 16
 
     def __init__(self):
         self._lock = threading.Lock()

@@ -55,7 +55,7 @@ from ..hosts.local import LOCAL
 from ..needs import LIST, READ, SEARCH, WRITE, parents
 from .tree import Node, Qcow2File, ViewFile, ViewNode
 
-__all__ = ["LIST", "READ", "SEARCH", "WRITE", "Facts", "access", "node_needs", "parents"]
+__all__ = ["LIST", "READ", "SEARCH", "WRITE", "Facts", "access", "node_needs", "parents", "view_access"]
 
 
 class Facts:
@@ -93,6 +93,33 @@ class Facts:
     def parents(self, path: str, host=LOCAL) -> list[str]:
         return self._get("parents", host, path, parents)
 
+    def chain_items(self, files: tuple, gated: frozenset, host=LOCAL) -> frozenset:
+        """The distinct items (``_item``) of reading ``files`` (top first) and
+        searching the directories above them but ``gated``: built from the
+        longest tail of ``files`` asked about within ``ttl``."""
+        i = len(files)
+        items = frozenset()
+        for j in range(1, len(files)):
+            hit = self._fresh(("chain", id(host), files[j:], gated))
+            if hit is not None:
+                i, items = j, hit
+                break
+        for j in range(i - 1, -1, -1):
+            f = files[j]
+            items = items | {_item(self, f, READ, host)} | {
+                _item(self, d, SEARCH, host) for d in self.parents(f, host) if d not in gated}
+            self._put(("chain", id(host), files[j:], gated), items)
+        return items
+
+    def _fresh(self, key):
+        hit = self._facts.get(key)
+        return hit[1] if hit is not None and self.clock() - hit[0] < self.ttl else None
+
+    def _put(self, key, value) -> None:
+        if len(self._facts) > 65536:
+            self._facts.clear()
+        self._facts[key] = (self.clock(), value)
+
 
 def _stat(path: str, host) -> os.stat_result | None:
     try:
@@ -105,26 +132,25 @@ def _has_acl(path: str, host) -> bool:
     return host.has_acl(path)
 
 
-def access(needs, facts: Facts | None = None, host=LOCAL) -> tuple[int, int, int]:
-    """``(uid, gid, mode bits)`` for a node whose reader needs ``needs``.
+# What one need contributes: (mode bits, need, has an ACL, st_uid, st_gid);
+# MISSING for a file that cannot be stat'ed (it grants nothing).
+MISSING = (0, 0, True, -1, -1)
 
-    needs: ``(path, READ | SEARCH | LIST | WRITE)`` pairs on ``host``; the
-    first decides owner and group.
-    """
-    facts = facts or Facts(ttl=0)
-    sts = []
-    for path, need in needs:
-        st = facts.stat(path, host)
-        if st is None:
-            return 0, 0, 0
-        sts.append((st, need, path))
-    if not sts:
-        return 0, 0, 0
-    uid, gid = sts[0][0].st_uid, sts[0][0].st_gid
-    writes = any(need == WRITE for _, need, _ in sts)
+
+def _item(facts: Facts, path: str, need: int, host) -> tuple:
+    st = facts.stat(path, host)
+    if st is None:
+        return MISSING
+    return stat.S_IMODE(st.st_mode), need, facts.has_acl(path, host), st.st_uid, st.st_gid
+
+
+def _bits(items, uid: int, gid: int) -> int:
+    """The mode bits that every item grants (the module's table)."""
+    if MISSING in items:
+        return 0
+    writes = any(need == WRITE for _, need, _, _, _ in items)
     owner = group = other = 7
-    for st, need, path in sts:
-        m = stat.S_IMODE(st.st_mode)
+    for m, need, acl, st_uid, st_gid in items:
         u, g, o = m >> 6 & 7, m >> 3 & 7, m & 7
         if need == READ and writes:
             u, g, o = (b | 2 for b in (u, g, o))  # write comes from the WRITE need alone
@@ -132,13 +158,55 @@ def access(needs, facts: Facts | None = None, host=LOCAL) -> tuple[int, int, int
             u, g, o = (7 if b & 1 else 0 for b in (u, g, o))
         elif need == LIST:
             u, g, o = (7 if b & 5 == 5 else 0 for b in (u, g, o))
-        if facts.has_acl(path, host):
+        if acl:
             g = o = 0
-        same_u, same_g = st.st_uid == uid, st.st_gid == gid
+        same_u, same_g = st_uid == uid, st_gid == gid
         owner &= u if same_u else g & o
         group &= g & (7 if same_u else u) & (7 if same_g else o)
         other &= o & (7 if same_u else u) & (7 if same_g else g)
-    return uid, gid, owner << 6 | group << 3 | other
+    return owner << 6 | group << 3 | other
+
+
+def access(needs, facts: Facts | None = None, host=LOCAL) -> tuple[int, int, int]:
+    """``(uid, gid, mode bits)`` for a node whose reader needs ``needs``.
+
+    needs: ``(path, READ | SEARCH | LIST | WRITE)`` pairs on ``host``; the
+    first decides owner and group.
+    """
+    facts = facts or Facts(ttl=0)
+    items = [_item(facts, path, need, host) for path, need in needs]
+    if not items or items[0] is MISSING:
+        return 0, 0, 0
+    uid, gid = items[0][3], items[0][4]
+    return uid, gid, _bits(items, uid, gid)
+
+
+def view_access(node: ViewNode, facts: Facts) -> tuple[int, int, int]:
+    """``access(node_needs(node))``, in time that does not grow with the chain.
+
+    What a view needs is every file of its chain and the directories above
+    them: the chain view of layer N needs what the one of layer N-1 needs,
+    and layer N. The distinct items a chain contributes are kept per chain
+    (``Facts.chain_items``), each built from the one beneath it, so the
+    first ``ls -l chain/`` of a 500-layer disk looks at each file once,
+    not 125,000 times. Owner and group are the first file's, as ``access``.
+    """
+    host = node.host or LOCAL
+    view = node.view
+    folder = node.parent
+    gated = frozenset(p for p, need in (folder.paths or ()) if need == SEARCH) if folder else frozenset()
+    specs = view.qcow2_specs() if isinstance(node, Qcow2File) else view.specs()
+    if len(specs) == 1:
+        files = tuple(path for path, _ in specs[0].layers)
+    else:
+        files = tuple({path: None for spec in specs for path, _ in spec.layers})
+    items = facts.chain_items(files, gated, host)
+    first = _item(facts, files[0], READ, host)
+    if MISSING in items or first is MISSING:
+        return 0, 0, 0
+    if isinstance(node, ViewFile) and view.writable:
+        items = items | {_item(facts, view.spec.image, WRITE, host)}
+    return first[3], first[4], _bits(items, first[3], first[4])
 
 
 def node_needs(node: Node, facts: Facts | None = None) -> tuple | None:

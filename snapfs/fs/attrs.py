@@ -16,7 +16,7 @@ from ..data.writes import Writes
 from ..errors import Busy
 from ..hosts.local import LOCAL
 from ..views import FOLDERS
-from .access import Facts, access, node_needs
+from .access import Facts, access, node_needs, view_access
 from .layout import Catalog
 from .tree import Directory, MapFile, Node, Qcow2File, StatusFile, Tree, ViewFile, ViewNode
 
@@ -31,6 +31,8 @@ def _ownership(tree: Tree, node: Node, facts: Facts | None) -> tuple[int, int, i
         # It names what is in directories others may not list: the mounting
         # user's alone.
         return tree.uid, tree.gid, 0o400
+    if isinstance(node, ViewNode):
+        return view_access(node, facts or Facts(ttl=0))
     needs = node_needs(node, facts)
     if needs is None:
         return tree.uid, tree.gid, 0o555
