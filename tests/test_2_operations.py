@@ -657,3 +657,26 @@ async def test_a_sequential_reader_gets_readahead_within_the_budget(tmp_path, ca
         # Each chunk fetched once: nothing fetched ahead was evicted before it was read.
         assert sorted(image.preads) == [(i * CHUNK, CHUNK) for i in range(16)]
         await ops.release(fh)
+
+
+# -- ownership ----------------------------------------------------------------
+
+@pytest.mark.parametrize("modes", [(0o644, 0o644, 0), (0o640, 0o600, 65534), (0o604, 0o644, 0)])
+async def test_ownership_built_chain_by_chain_is_every_needs_answer(tmp_path, modes):
+    """``view_access`` (each chain's items built from the chain beneath, kept
+    for the facts' second) gives what ``access(node_needs(node))`` gives, asked
+    in any order."""
+    from snapfs.fs.access import Facts, access, node_needs, view_access
+    from snapfs.fs.tree import ViewNode
+    mount = Mount(tmp_path, Image(LAYOUT))
+    base_mode, top_mode, base_owner = modes
+    os.chmod(tmp_path / "vm/base.qcow2", base_mode)
+    os.chmod(tmp_path / "vm/top.qcow2", top_mode)
+    os.chown(tmp_path / "vm/base.qcow2", base_owner, base_owner)
+    nodes = [n for n in mount.tree.nodes.values() if isinstance(n, ViewNode)]
+    assert len(nodes) > 10
+    random.Random(sum(modes)).shuffle(nodes)
+    shared = Facts(ttl=60)
+    for node in nodes:
+        assert view_access(node, shared) == access(node_needs(node, Facts(ttl=0)), Facts(ttl=0), node.host), \
+            node.path
