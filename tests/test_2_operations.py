@@ -42,6 +42,7 @@ from contextlib import asynccontextmanager
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 from trio.testing import wait_all_tasks_blocked
 
 from snapfs.config import MountConfig
@@ -65,6 +66,14 @@ KINDS = {"data": (0, 1), "zero": (STATE_ZERO, 1), "hole": (STATE_ZERO | STATE_HO
 LAYER = "vm/top.qcow2/layers/01-top"  # the top layer alone: ALLOC + DEPTH
 CHAIN = "vm/top.qcow2/chain/01-top"  # the whole chain: ALLOC + DEPTH
 DIRTYV = "vm/top.qcow2/dirty/b1"  # the whole chain with b1: ALLOC + DEPTH + DIRTY
+
+
+@pytest.fixture
+def autojump_clock():
+    """A clock that jumps once nothing has happened for 10 ms of real time:
+    a fake server's reply in a worker thread is never taken for a hung one
+    (pytest-trio's jumps at once, while a thread runs)."""
+    return trio.testing.MockClock(autojump_threshold=0.01)
 
 
 class Image:
@@ -147,6 +156,9 @@ class FakeProcess:
 
     async def hung_up(self, before):
         return None
+
+    def kill(self):
+        self.dead = True
 
     def failure(self):
         return Unavailable("fake qemu-nbd died")

@@ -207,3 +207,24 @@ def test_a_read_qemu_cannot_do_fails_at_once_not_after_the_bound(tmp_path, mount
     # Elsewhere (another chunk) it reads.
     with open(m / "c.qcow2/chain/00-c.raw", "rb") as f:
         assert os.pread(f.fileno(), 4096, 2 * MiB) == b"\x32" * 4096
+
+
+@pytest.mark.log_allows(r"died; restarting it", r"did not answer a read within 3 s: killing it", r"exited with -9")
+def test_a_hung_server_is_killed_and_its_restart_answers(chain, mount, tmp_path):
+    """A qemu-nbd stopped (SIGSTOP) under a reader never answers: after
+    --retry-timeout it is killed, and the read gets its bytes from its restart."""
+    images, truth = chain
+    m = mount(images, "--idle-timeout", "60", "--retry-timeout", "3")
+    view = "chain/01-top.raw"
+    with open(m / f"top.qcow2/{view}", "rb", buffering=0) as f:
+        assert f.read(4096) == truth[view][:4096]
+        servers = children(m.pid)
+        for pid in servers:
+            os.kill(pid, signal.SIGSTOP)
+        top = truth[view]
+        data_at = next(off for off in range(40 * MiB, SIZE, 4096) if top[off:off + 4096].strip(b"\0"))
+        t = time.monotonic()
+        assert os.pread(f.fileno(), 4096, data_at) == top[data_at:data_at + 4096]
+        waited = time.monotonic() - t
+    assert 2.5 < waited < 10
+    assert not alive(servers)

@@ -184,7 +184,7 @@ class Server:
         self._all.append(conn)
         return conn
 
-    async def _request(self, request: Callable[[Connection], object]):
+    async def _request(self, request: Callable[[Connection], object], bounded: bool = False):
         """Run ``request(connection)`` in a worker thread.
 
         A read-only export is idempotent: a request that meets a dead, dying
@@ -192,6 +192,10 @@ class Server:
         up to the pool's ``retry_timeout``; then it fails with EIO and the
         reason (never a network errno). A writable one is never asked
         again: what it acknowledged may be lost (``_write_request``).
+        bounded: a qemu-nbd that has not answered within ``retry_timeout``
+        is taken for hung (stopped, stuck): it is killed, and the request
+        asked again of its restart (reads: block status of a large image
+        may take long).
         """
         if self.spec.writable:
             return await self._write_request(request)
@@ -201,7 +205,7 @@ class Server:
         while True:
             sent_to = []  # the process the request went to, and its hang-ups then
             try:
-                result = await self._attempt(request, sent_to)
+                result = await self._attempt(request, sent_to, bounded)
             except Retired:
                 raise
             except (TransportError, Unavailable) as e:
@@ -246,17 +250,35 @@ class Server:
                    "snapfs refresh MOUNTPOINT DOMAIN starts a new one)"
         return f"qemu-nbd for {self.spec.describe()}"
 
-    async def _attempt(self, request: Callable[[Connection], object], sent_to: list):
+    async def _attempt(self, request: Callable[[Connection], object], sent_to: list, bounded: bool = False):
         """One try: a running server, a connection, the request. ``sent_to``
         gets the server's process and how often it had hung up on a client."""
         await self.ensure_running()
-        if self.process is not None:
-            sent_to[:] = [self.process, self.process.hangups()[0]]
+        process = self.process
+        if process is not None:
+            sent_to[:] = [process, process.hangups()[0]]
         async with self._limiter:
             conn = await self._connection()
             try:
-                result = await trio.to_thread.run_sync(request, conn)
+                if bounded and process is not None:
+                    with trio.move_on_after(self._pool.retry_timeout) as waited:
+                        # Abandoned if it never returns: the thread ends once
+                        # the killed server's socket closes under it.
+                        result = await trio.to_thread.run_sync(request, conn, abandon_on_cancel=True)
+                    if waited.cancelled_caught:
+                        if conn in self._all:
+                            self._all.remove(conn)  # its thread may still hold it: not closed here
+                        if self.process is process and process.alive:
+                            log.warning("qemu-nbd for %s did not answer a read within %g s: killing it",
+                                        self.spec.describe(), self._pool.retry_timeout)
+                            process.kill()
+                        raise TransportError(f"qemu-nbd did not answer within {self._pool.retry_timeout:g} s",
+                                             errno.ETIMEDOUT)
+                else:
+                    result = await trio.to_thread.run_sync(request, conn)
             except TransportError as e:
+                if e.errno == errno.ETIMEDOUT:
+                    raise
                 if not e.disconnected:
                     self._put_back(conn)  # the request failed, not the connection (ENOSPC)
                     raise
@@ -304,7 +326,7 @@ class Server:
         conn.close()
 
     async def pread(self, length: int, offset: int) -> bytes:
-        return await self._request(lambda c: c.pread(length, offset))
+        return await self._request(lambda c: c.pread(length, offset), bounded=True)
 
     async def block_status(self, size: int, start: int = 0, end: int | None = None) -> dict[str, list[Run]]:
         return await self._request(lambda c: c.block_status(size, start, end))

@@ -230,6 +230,11 @@ class QemuNBD:
                 await trio.sleep(0.005)
         return None
 
+    def kill(self) -> None:
+        """SIGKILL it (hung: it did not answer); ``stop`` reaps it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
