@@ -90,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
                                    "qemu-nbd and libvirt backup job it started, and clean up after "
                                    "one that was killed. umount(8) and fusermount3 -u unmount too.")
     u.add_argument("mountpoint", metavar="MOUNTPOINT", help="a snapfs mount")
+    u.add_argument("--force", action="store_true",
+                   help="unmount even while files of the mount are open (snapfs umount refuses "
+                        "otherwise, naming them and who opened them): their readers, a VM booted "
+                        "from a view among them, get I/O errors from then on")
 
     r = sub.add_parser("refresh", help="see images that changed, or a new point in time of a domain",
                        description="Image-directory mounts: scan DIR again, without remounting: new "
@@ -279,10 +283,14 @@ def _umount(args) -> int:
     from .errors import MountError
     from .fs.mount import umount
     _setup_logging(False)
+    from .fs.mount import describe_in_use
     try:
-        umount(args.mountpoint)
+        busy = umount(args.mountpoint, force=args.force)
     except MountError as e:
         return _fail(str(e))
+    if busy:
+        print(f"snapfs: unmounted {args.mountpoint} with {len(busy)} file(s) open; their readers get I/O "
+              f"errors from now on:\n{describe_in_use(busy)}", file=sys.stderr)
     return 0
 
 

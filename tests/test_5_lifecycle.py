@@ -195,3 +195,35 @@ def test_help_describes_the_commands():
     for opt in ("--images", "--foreground", "--debug", "--allow-other", "--allow-outside-backing"):
         assert opt in out
 
+
+
+def test_umount_refuses_while_a_view_is_open_and_names_who_holds_it(images, mount):
+    m = mount(images)
+    view = m / "top.qcow2/chain/01-top.raw"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; f = open(sys.argv[1], 'rb'); "
+                               "f.read(4); print('open', flush=True); time.sleep(60)", view],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "open\n"
+        r = run(*SNAPFS, "umount", m.path, cwd=REPO, check=False)
+        assert r.returncode == 1
+        assert f"{m.path} is in use: 1 file(s) open" in r.stderr
+        assert f"top.qcow2/chain/01-top.raw: opened by python3 (pid {holder.pid})" in r.stderr \
+            or f"top.qcow2/chain/01-top.raw: opened by python (pid {holder.pid})" in r.stderr, r.stderr
+        assert "snapfs umount --force" in r.stderr
+        # The mount goes on working, for the holder and for everyone else.
+        assert os.path.ismount(m.path)
+        with open(m / "top.qcow2/chain/00-base.raw", "rb") as f:
+            assert f.read(4) == b"\x61" * 4
+        # fusermount3 -u refuses too (EBUSY): a plain unmount never pulls a disk from under a reader.
+        assert run("fusermount3", "-u", m.path, check=False).returncode != 0
+        assert os.path.ismount(m.path)
+        # --force unmounts, and says what breaks.
+        r = run(*SNAPFS, "umount", "--force", m.path, cwd=REPO, check=False)
+        assert r.returncode == 0, r.stderr
+        assert "with 1 file(s) open; their readers get I/O errors from now on" in r.stderr
+        assert "top.qcow2/chain/01-top.raw: opened by python" in r.stderr
+        assert not os.path.ismount(m.path)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -1,8 +1,9 @@
 """``snapfs refresh``: a mount's control socket, and the refresh of its sources.
 
 Every mount listens on ``control.sock`` in its runtime directory (0600) for
-one JSON request per connection; ``snapfs refresh MOUNTPOINT [DOMAIN]``
-sends it and prints the answer. ``Refresher`` carries it out the same way
+one JSON request per connection: ``refresh`` (``snapfs refresh MOUNTPOINT
+[DOMAIN]`` sends it and prints the answer) and ``in-use`` (the open files
+and who opened them: ``snapfs umount`` refuses while there are any). ``Refresher`` carries it out the same way
 for every kind of source: the source says which of its units change
 (``sources/base.py``, ``plan_refresh``), and the refresher replaces them
 once their files are closed, stopping their servers first so a reader never
@@ -167,10 +168,14 @@ async def control_server(path: str, refresher: Refresher, *, task_status=trio.TA
                 data += chunk
             try:
                 req = json.loads(data)
-                if req.get("command") != "refresh":
+                if req.get("command") == "in-use":
+                    reply = {"ok": True, "message": json.dumps(refresher.files.in_use())}
+                elif req.get("command") == "refresh":
+                    msg = await refresher.refresh(Refresh(req.get("domain"), req.get("since"),
+                                                          req.get("checkpoint")))
+                    reply = {"ok": True, "message": msg}
+                else:
                     raise ControlError(f"unknown request {req.get('command')!r}")
-                msg = await refresher.refresh(Refresh(req.get("domain"), req.get("since"), req.get("checkpoint")))
-                reply = {"ok": True, "message": msg}
             except ControlError as e:
                 reply = {"ok": False, "message": str(e)}
             except Exception as e:

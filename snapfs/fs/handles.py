@@ -86,6 +86,14 @@ class Files:
             if not self.opening[disk]:
                 del self.opening[disk]
 
+    def in_use(self) -> list[dict]:
+        """Every open file: its path in the mount, and who opened it."""
+        out = []
+        for h in self.handles.values():
+            pid, name = h.opener or (0, "")
+            out.append({"path": h.node.path, "pid": pid, "process": name})
+        return sorted(out, key=lambda x: (x["path"], x["pid"]))
+
     def open_files(self, prefix: str) -> int:
         """How many files of the disk at mount path ``prefix``, or of disks under it,
         are open (or being opened)."""
@@ -95,10 +103,24 @@ class Files:
                 + sum(n for rel, n in self.opening.items() if under(rel)))
 
 
+def process_name(pid: int) -> str:
+    """A process's command name (``/proc/PID/comm``), or "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 class Handle:
-    """An open file: ``disk`` is its disk's mount path (None: not a view's file)."""
+    """An open file: ``disk`` is its disk's mount path (None: not a view's file).
+
+    opener: ``(pid, command name)`` of the process that opened it (``snapfs
+    umount`` names who would lose it).
+    """
 
     disk: str | None = None
+    opener: tuple[int, str] | None = None
 
     def __init__(self, files: Files, node: Node):
         self.files = files

@@ -203,11 +203,42 @@ async def _signals(scope: trio.CancelScope) -> None:
             return
 
 
-def umount(mountpoint: str, timeout: float = 10.0) -> None:
-    """Unmount, wait for the snapfs process, and stop any qemu-nbd it left."""
+def in_use(mountpoint: str) -> list[dict]:
+    """The open files of a live mount, and who opened them ([] if it cannot say)."""
+    from .control import control_request
+    try:
+        return json.loads(control_request(mountpoint, {"command": "in-use"}, timeout=10))
+    except (MountError, ValueError):
+        return []
+
+
+def describe_in_use(files: list[dict]) -> str:
+    lines = []
+    for f in files:
+        who = f"{f['process'] or 'a process now gone'} (pid {f['pid']})" if f["pid"] else "the kernel"
+        lines.append(f"  {f['path']}: opened by {who}")
+    return "\n".join(lines)
+
+
+def umount(mountpoint: str, timeout: float = 10.0, force: bool = False) -> list[dict]:
+    """Unmount, wait for the snapfs process, and stop any qemu-nbd it left.
+
+    A mount with open files is left working (MountError naming them and who
+    opened them): a VM booted from a view would lose its disk, even in its
+    own mount namespace. ``force`` unmounts anyway; the open files are
+    returned, for the caller to say what breaks.
+    """
     found = find_mount(mountpoint)
+    busy = in_use(mountpoint) if found is not None and is_mounted(mountpoint) else []
+    if busy and not force:
+        raise MountError(f"{mountpoint} is in use: {len(busy)} file(s) open, and whoever reads them would get "
+                         f"I/O errors from now on:\n{describe_in_use(busy)}\nclose them (for a VM: shut it "
+                         "down, or move its disk home with virsh blockcopy --pivot), or unmount anyway with "
+                         "snapfs umount --force")
     if is_mounted(mountpoint):
-        r = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+        # --force: detached even where it is busy (-z); its snapfs is stopped below.
+        r = subprocess.run(["fusermount3", "-u", *(["-z"] if force else []), mountpoint],
+                           capture_output=True, text=True)
         if r.returncode != 0:
             msg = r.stderr.strip() or f"fusermount3 exited with {r.returncode}"
             raise MountError(f"cannot unmount {mountpoint}: {msg}")
@@ -235,3 +266,4 @@ def umount(mountpoint: str, timeout: float = 10.0) -> None:
         clean_up_after(info, rundir)
     stop_leftovers(rundir)
     shutil.rmtree(rundir, ignore_errors=True)
+    return busy

@@ -24,7 +24,7 @@ import pyfuse3
 
 from ..errors import Refused, Unavailable, fuse_errno
 from .attrs import Attributes
-from .handles import ContentHandle, Files, Qcow2Handle, ViewHandle
+from .handles import ContentHandle, Files, Qcow2Handle, ViewHandle, process_name
 from .layout import Catalog
 from .tree import Directory, MapFile, Node, Qcow2File, StatusFile, Tree, ViewFile, ViewNode
 
@@ -123,7 +123,10 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         node = self._node(inode)
         with self.files.counted(node.disk_path if isinstance(node, ViewNode) else None):
-            return await self._open(node, flags)
+            info = await self._open(node, flags)
+        pid = getattr(ctx, "pid", 0) or 0
+        self.files.handles[info.fh].opener = (pid, process_name(pid) if pid else "")
+        return info
 
     async def _open(self, node: Node, flags: int):
         if isinstance(node, Directory):
