@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="stop a qemu-nbd this long after its last file is closed (default: 2)")
     m.add_argument("--retry-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="how long a read of a read-only view waits for a qemu-nbd (or backup job "
-                        "export) that died to answer again before it fails with EIO (default: 30)")
+                        "export) that died to answer again before it fails with EIO; a qemu-nbd that "
+                        "answers nothing that long is killed and restarted (default: 30)")
     m.add_argument("--cache-size", type=int, default=64, metavar="MIB",
                    help="MiB of view data kept in memory and read ahead, for all exports together "
                         "(default: 64, at least 4; one export keeps at most 16)")

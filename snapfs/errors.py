@@ -116,7 +116,7 @@ class TransportError(SnapfsError):
     def disconnected(self) -> bool:
         """The connection is gone (the server died or dropped it): retry elsewhere."""
         return self.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESHUTDOWN,
-                              errno.ECONNREFUSED, errno.ETIMEDOUT)
+                              errno.ECONNREFUSED)
 
 
 def fuse_errno(exc: BaseException, what: str) -> int:

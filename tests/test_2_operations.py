@@ -70,10 +70,10 @@ DIRTYV = "vm/top.qcow2/dirty/b1"  # the whole chain with b1: ALLOC + DEPTH + DIR
 
 @pytest.fixture
 def autojump_clock():
-    """A clock that jumps once nothing has happened for 10 ms of real time:
+    """A clock that jumps once nothing has happened for 50 ms of real time:
     a fake server's reply in a worker thread is never taken for a hung one
     (pytest-trio's jumps at once, while a thread runs)."""
-    return trio.testing.MockClock(autojump_threshold=0.01)
+    return trio.testing.MockClock(autojump_threshold=0.05)
 
 
 class Image:

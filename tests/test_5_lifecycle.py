@@ -227,3 +227,17 @@ def test_umount_refuses_while_a_view_is_open_and_names_who_holds_it(images, moun
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_umount_refuses_when_its_snapfs_runs_but_cannot_say_what_is_open(images, mount):
+    m = mount(images)
+    os.kill(m.pid, signal.SIGSTOP)
+    try:
+        r = run(*SNAPFS, "umount", m.path, cwd=REPO, check=False)
+    finally:
+        os.kill(m.pid, signal.SIGCONT)
+    assert r.returncode == 1
+    assert "cannot ask the snapfs of" in r.stderr and "snapfs umount --force" in r.stderr
+    assert os.path.ismount(m.path)
+    with open(m / "top.qcow2/chain/00-base.raw", "rb") as f:
+        assert f.read(4) == b"\x61" * 4

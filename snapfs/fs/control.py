@@ -162,7 +162,10 @@ async def control_server(path: str, refresher: Refresher, *, task_status=trio.TA
         async with stream:
             data = b""
             while not data.endswith(b"\n"):
-                chunk = await stream.receive_some(65536)
+                try:
+                    chunk = await stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
                 if not chunk:
                     return
                 data += chunk
@@ -181,7 +184,11 @@ async def control_server(path: str, refresher: Refresher, *, task_status=trio.TA
             except Exception as e:
                 log.exception("control request failed")
                 reply = {"ok": False, "message": f"internal error: {e}"}
-            await stream.send_all(json.dumps(reply).encode() + b"\n")
+            try:
+                await stream.send_all(json.dumps(reply).encode() + b"\n")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # The client gave up waiting (timed out, killed): the mount goes on.
+                log.info("control client left before its answer: %s", reply.get("message", "")[:200])
 
     await trio.serve_listeners(handle, [trio.SocketListener(sock)])
 

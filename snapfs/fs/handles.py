@@ -103,13 +103,17 @@ class Files:
                 + sum(n for rel, n in self.opening.items() if under(rel)))
 
 
-def process_name(pid: int) -> str:
-    """A process's command name (``/proc/PID/comm``), or "" once it is gone."""
+def opener(tid: int) -> tuple[int, str]:
+    """``(pid, command name)`` of the process of thread ``tid`` (FUSE gives the
+    caller's thread id); ``(tid, "")`` once it is gone, ``(0, "")`` for 0."""
+    if not tid:
+        return 0, ""
     try:
-        with open(f"/proc/{pid}/comm", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
+        with open(f"/proc/{tid}/status", errors="replace") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["Tgid"]), fields["Name"].strip()
+    except (OSError, KeyError, ValueError):
+        return tid, ""
 
 
 class Handle:

@@ -203,19 +203,26 @@ async def _signals(scope: trio.CancelScope) -> None:
             return
 
 
-def in_use(mountpoint: str) -> list[dict]:
-    """The open files of a live mount, and who opened them ([] if it cannot say)."""
+def in_use(mountpoint: str, pid: int | None) -> list[dict]:
+    """The open files of a live mount, and who opened them. A snapfs that is
+    gone has none; one that runs but cannot say: MountError."""
     from .control import control_request
+    if not pid or not pid_alive(pid):
+        return []
     try:
         return json.loads(control_request(mountpoint, {"command": "in-use"}, timeout=10))
-    except (MountError, ValueError):
-        return []
+    except (MountError, ValueError) as e:
+        raise MountError(f"cannot ask the snapfs of {mountpoint} which of its files are open ({e}): "
+                         "unmount anyway with snapfs umount --force") from None
 
 
 def describe_in_use(files: list[dict]) -> str:
     lines = []
     for f in files:
-        who = f"{f['process'] or 'a process now gone'} (pid {f['pid']})" if f["pid"] else "the kernel"
+        if not f["pid"]:
+            who = "a process snapfs cannot see (another PID namespace)"
+        else:
+            who = f"{f['process'] or 'a process now gone'} (pid {f['pid']})"
         lines.append(f"  {f['path']}: opened by {who}")
     return "\n".join(lines)
 
@@ -229,7 +236,13 @@ def umount(mountpoint: str, timeout: float = 10.0, force: bool = False) -> list[
     returned, for the caller to say what breaks.
     """
     found = find_mount(mountpoint)
-    busy = in_use(mountpoint) if found is not None and is_mounted(mountpoint) else []
+    busy = []
+    if found is not None and is_mounted(mountpoint):
+        try:
+            busy = in_use(mountpoint, found[1].get("pid"))
+        except MountError:
+            if not force:
+                raise
     if busy and not force:
         raise MountError(f"{mountpoint} is in use: {len(busy)} file(s) open, and whoever reads them would get "
                          f"I/O errors from now on:\n{describe_in_use(busy)}\nclose them (for a VM: shut it "
@@ -241,11 +254,13 @@ def umount(mountpoint: str, timeout: float = 10.0, force: bool = False) -> list[
                            capture_output=True, text=True)
         if r.returncode != 0:
             msg = r.stderr.strip() or f"fusermount3 exited with {r.returncode}"
-            raise MountError(f"cannot unmount {mountpoint}: {msg}")
+            hint = "; files of it are open here: close them, or snapfs umount --force" \
+                if "busy" in msg.lower() and not force else ""
+            raise MountError(f"cannot unmount {mountpoint}: {msg}{hint}")
     elif found is None:
         raise MountError(f"{mountpoint} is not a snapfs mount")
     if found is None:
-        return
+        return busy
     rundir, info = found
     pid = info.get("pid")
     deadline = time.monotonic() + timeout

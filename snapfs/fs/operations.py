@@ -24,7 +24,7 @@ import pyfuse3
 
 from ..errors import Refused, Unavailable, fuse_errno
 from .attrs import Attributes
-from .handles import ContentHandle, Files, Qcow2Handle, ViewHandle, process_name
+from .handles import ContentHandle, Files, Qcow2Handle, ViewHandle, opener
 from .layout import Catalog
 from .tree import Directory, MapFile, Node, Qcow2File, StatusFile, Tree, ViewFile, ViewNode
 
@@ -124,8 +124,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         with self.files.counted(node.disk_path if isinstance(node, ViewNode) else None):
             info = await self._open(node, flags)
-        pid = getattr(ctx, "pid", 0) or 0
-        self.files.handles[info.fh].opener = (pid, process_name(pid) if pid else "")
+        self.files.handles[info.fh].opener = opener(getattr(ctx, "pid", 0) or 0)
         return info
 
     async def _open(self, node: Node, flags: int):

@@ -26,6 +26,7 @@ import itertools
 import logging
 from typing import TYPE_CHECKING, Callable
 
+import outcome
 import trio
 
 from ..errors import TransportError, Unavailable
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 # How long a request to a read-only export waits for its server to come back (--retry-timeout).
 RETRY_TIMEOUT = 30.0
+KILL_WAIT = 5.0  # for a hung qemu-nbd to die once killed
 
 
 class Retired(TransportError):
@@ -71,6 +73,7 @@ class Server:
         self.retired = False  # out of the pool: never started again
         self.dead: str | None = None  # a writable server that died: why, for every later request
         self._outage: float | None = None  # when its requests began to fail (read-only: asked again)
+        self._answered = 0.0  # when a request last got its answer (``_watch``)
         # A start that failed: (why, not again before, first failure), for readers asking again.
         self._failed: tuple[Unavailable, float, float] | None = None
 
@@ -192,10 +195,9 @@ class Server:
         up to the pool's ``retry_timeout``; then it fails with EIO and the
         reason (never a network errno). A writable one is never asked
         again: what it acknowledged may be lost (``_write_request``).
-        bounded: a qemu-nbd that has not answered within ``retry_timeout``
-        is taken for hung (stopped, stuck): it is killed, and the request
-        asked again of its restart (reads: block status of a large image
-        may take long).
+        bounded: a qemu-nbd that answers nothing for ``retry_timeout`` while
+        the request waits is taken for hung, and killed (``_watch``): reads
+        only, as block status of a large image may take long.
         """
         if self.spec.writable:
             return await self._write_request(request)
@@ -252,42 +254,74 @@ class Server:
 
     async def _attempt(self, request: Callable[[Connection], object], sent_to: list, bounded: bool = False):
         """One try: a running server, a connection, the request. ``sent_to``
-        gets the server's process and how often it had hung up on a client."""
+        gets the server's process and how often it had hung up on a client.
+        bounded: watched (``_watch``) while it connects and waits."""
         await self.ensure_running()
         process = self.process
         if process is not None:
             sent_to[:] = [process, process.hangups()[0]]
         async with self._limiter:
-            conn = await self._connection()
-            try:
-                if bounded and process is not None:
-                    with trio.move_on_after(self._pool.retry_timeout) as waited:
-                        # Abandoned if it never returns: the thread ends once
-                        # the killed server's socket closes under it.
-                        result = await trio.to_thread.run_sync(request, conn, abandon_on_cancel=True)
-                    if waited.cancelled_caught:
-                        if conn in self._all:
-                            self._all.remove(conn)  # its thread may still hold it: not closed here
-                        if self.process is process and process.alive:
-                            log.warning("qemu-nbd for %s did not answer a read within %g s: killing it",
-                                        self.spec.describe(), self._pool.retry_timeout)
-                            process.kill()
-                        raise TransportError(f"qemu-nbd did not answer within {self._pool.retry_timeout:g} s",
-                                             errno.ETIMEDOUT)
-                else:
-                    result = await trio.to_thread.run_sync(request, conn)
-            except TransportError as e:
-                if e.errno == errno.ETIMEDOUT:
-                    raise
-                if not e.disconnected:
-                    self._put_back(conn)  # the request failed, not the connection (ENOSPC)
-                    raise
-                self._drop(conn)
-                if self.retired:
-                    raise Retired(self.spec) from None
+            if not bounded or process is None:
+                return await self._send(request, await self._connection())
+            used: list[Connection] = []
+
+            async def connect_and_send():
+                conn = await self._connection()
+                used.append(conn)
+                return await self._send(request, conn, abandon=True)
+
+            with trio.CancelScope() as stuck:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch, process, stuck)
+                    # Captured, raised below: not wrapped in the nursery's exception group.
+                    result = await outcome.acapture(connect_and_send)
+                    nursery.cancel_scope.cancel()
+            if stuck.cancel_called:
+                # The process could not be killed: its connection is left to
+                # the thread still blocked on it.
+                self._all = [c for c in self._all if c not in used]
+                raise TransportError(self.dead, errno.EIO)
+            return result.unwrap()
+
+    async def _send(self, request: Callable[[Connection], object], conn: Connection, abandon: bool = False):
+        try:
+            result = await trio.to_thread.run_sync(request, conn, abandon_on_cancel=abandon)
+        except TransportError as e:
+            if not e.disconnected:
+                self._put_back(conn)  # the request failed, not the connection (ENOSPC)
                 raise
-            self._put_back(conn)
-            return result
+            self._drop(conn)
+            if self.retired:
+                raise Retired(self.spec) from None
+            raise
+        self._answered = trio.current_time()
+        self._put_back(conn)
+        return result
+
+    async def _watch(self, process, stuck: trio.CancelScope) -> None:
+        """A read's watchdog: a qemu-nbd that answers nothing, on any connection,
+        for ``retry_timeout`` seconds is hung (stopped, stuck): it is killed, and
+        the read fails over to its restart. One that cannot be killed (stuck in
+        the kernel) fails its reads with EIO from then on."""
+        timeout = self._pool.retry_timeout
+        start = trio.current_time()
+        while True:
+            quiet_since = max(start, self._answered)
+            await trio.sleep_until(quiet_since + timeout)
+            if self._answered <= quiet_since:
+                break  # nothing answered: hung
+        if self.process is not process or not process.alive:
+            return
+        log.warning("qemu-nbd for %s answered nothing for %g s: killing it", self.spec.describe(), timeout)
+        process.kill()
+        with trio.move_on_after(KILL_WAIT):
+            while process.alive:
+                await trio.sleep(0.05)
+            return  # its sockets closed: the read gets an error and asks its restart
+        self.dead = (f"qemu-nbd for {self.spec.describe()} answered nothing for {timeout:g} s and does not "
+                     "die when killed (stuck in the kernel)")
+        log.error("%s", self.dead)
+        stuck.cancel()
 
     async def _write_request(self, request: Callable[[Connection], object]):
         """A writer's request: once. A writer that cannot be reached, or that
