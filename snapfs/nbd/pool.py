@@ -156,8 +156,10 @@ class Server:
         return self.process.socket
 
     async def _connect(self) -> Connection:
+        # Abandoned when cancelled (a server stuck in the kernel never answers
+        # the handshake): the connection the thread makes then is dropped.
         return await trio.to_thread.run_sync(
-            self.spec.host.connect, self._socket(), self.spec.contexts, self.spec.export)
+            self.spec.host.connect, self._socket(), self.spec.contexts, self.spec.export, abandon_on_cancel=True)
 
     async def _first_connection(self) -> Connection:
         """Connect as soon as the server listens.
