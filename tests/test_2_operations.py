@@ -151,11 +151,8 @@ class FakeProcess:
     def alive(self):
         return self.running and not self.dead
 
-    def hangups(self):
-        return 0, ""  # it dies instead (as by SIGKILL): asked again
-
-    async def hung_up(self, before):
-        return None
+    async def hung_up(self):
+        return None  # it dies instead (as by SIGKILL): asked again
 
     def kill(self):
         self.dead = True

@@ -207,7 +207,7 @@ class Server:
         delay = 0.005
         hangups = 0
         while True:
-            sent_to = []  # the process the request went to, and its hang-ups then
+            sent_to = []  # the process the request went to
             try:
                 result = await self._attempt(request, sent_to, bounded)
             except Retired:
@@ -219,7 +219,7 @@ class Server:
                 # (a read of a damaged image) and serves the others on: that
                 # is this request's fault, not a server killed under it, and
                 # twice is enough to tell.
-                why = await sent_to[0].hung_up(sent_to[1]) if sent_to and isinstance(e, TransportError) else None
+                why = await sent_to[0].hung_up() if sent_to and isinstance(e, TransportError) else None
                 hangups += why is not None
                 if hangups >= 2:
                     self._outage = None
@@ -256,12 +256,12 @@ class Server:
 
     async def _attempt(self, request: Callable[[Connection], object], sent_to: list, bounded: bool = False):
         """One try: a running server, a connection, the request. ``sent_to``
-        gets the server's process and how often it had hung up on a client.
+        gets the server's process.
         bounded: watched (``_watch``) while it connects and waits."""
         await self.ensure_running()
         process = self.process
         if process is not None:
-            sent_to[:] = [process, process.hangups()[0]]
+            sent_to[:] = [process]
         async with self._limiter:
             if not bounded or process is None:
                 return await self._send(request, await self._connection())

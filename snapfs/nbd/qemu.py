@@ -79,6 +79,7 @@ class QemuNBD:
         self.connections = connections
         self.proc: trio.Process | None = None
         self.serving = False  # it listened: a failure from now on is news
+        self.hangups = 0  # its "Disconnect client" lines already told (``hung_up``)
 
     def command(self) -> list[str]:
         cmd = ["qemu-nbd", f"--shared={self.connections + 1}",
@@ -205,25 +206,21 @@ class QemuNBD:
         said = self.failure().reason
         return how if said == "qemu-nbd failed" else f"{how} ({said})"
 
-    def hangups(self) -> tuple[int, str]:
-        """How often it hung up on a client whose request it could not serve
-        ("Disconnect client, due to: ..."), and the latest reason."""
-        try:
-            with open(self.errfile, errors="replace") as f:
-                lines = [line for line in f if "Disconnect client, due to: " in line]
-        except OSError:
-            return 0, ""
-        return len(lines), lines[-1].split("Disconnect client, due to: ", 1)[1].strip() if lines else ""
-
-    async def hung_up(self, before: int) -> str | None:
-        """Why it hung up on a client since it had done so ``before`` times; None
-        if it did not (killed, or dropped the connection without a word).
-        qemu-nbd writes why a moment after the connection is gone."""
+    async def hung_up(self) -> str | None:
+        """Why it hung up on a client ("Disconnect client, due to: ..." on its
+        stderr), for the first request to ask after it did; None if it did not
+        (killed, or dropped the connection without a word). qemu-nbd writes
+        why a moment after the connection is gone."""
         with trio.move_on_after(HANGUP_WAIT):
             while True:
-                count, why = self.hangups()
-                if count > before:
-                    return why
+                try:
+                    with open(self.errfile, errors="replace") as f:
+                        lines = [line for line in f if "Disconnect client, due to: " in line]
+                except OSError:
+                    return None  # stopped meanwhile
+                if len(lines) > self.hangups:
+                    self.hangups = len(lines)
+                    return lines[-1].split("Disconnect client, due to: ", 1)[1].strip()
                 rc = self.proc.poll() if self.proc is not None else -1
                 if rc is not None and rc < 0:
                     return None  # killed: it says nothing
