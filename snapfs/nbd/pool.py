@@ -333,21 +333,20 @@ class Server:
             try:
                 conn = await self._connection()
             except TransportError as e:
-                await self.ensure_running()  # raises once the death is seen
-                raise TransportError(f"{e} (qemu-nbd writing {self.spec.image} is gone)", errno.EIO) from None
+                await self._gone(e)
             try:
-                result = await trio.to_thread.run_sync(request, conn)
+                return await self._send(request, conn)
+            except Retired:
+                raise
             except TransportError as e:
                 if not e.disconnected:
-                    self._put_back(conn)
                     raise
-                self._drop(conn)
-                if self.retired:
-                    raise Retired(self.spec) from None
-                await self.ensure_running()  # raises: the server is gone
-                raise TransportError(f"{e} (qemu-nbd writing {self.spec.image} is gone)", errno.EIO) from None
-            self._put_back(conn)
-            return result
+                await self._gone(e)
+
+    async def _gone(self, e: TransportError):
+        """A writer that lost its connection, or cannot be connected to, is gone."""
+        await self.ensure_running()  # raises once the death is seen
+        raise TransportError(f"{e} (qemu-nbd writing {self.spec.image} is gone)", errno.EIO) from None
 
     def _put_back(self, conn: Connection) -> None:
         """A connection free again; one of a server stopped meanwhile is closed instead."""
