@@ -160,27 +160,25 @@ def find_snapfs_pid(mountpoint: str) -> int:
     raise StepError(f"no snapfs process found for {mountpoint}")
 
 
-def peak_rss_mb(pid: int) -> float | None:
-    """The process's peak RSS so far (VmHWM), in MB."""
+def status_mb(pid: int, field: str) -> float | None:
+    """A kB field of ``/proc/PID/status`` (``VmRSS``, ``VmHWM``...) in MB; None once it is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's peak RSS so far (VmHWM), in MB."""
+    return status_mb(pid, "VmHWM")
 
 
 def rss_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    return status_mb(pid, "VmRSS")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -77,7 +77,7 @@ import tempfile
 import threading
 import time
 
-from bench import MiB, StepError, find_snapfs_pid, fuse_unmount, is_mounted, log, run, run_steps
+from bench import MiB, StepError, find_snapfs_pid, fuse_unmount, is_mounted, log, run, run_steps, status_mb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -154,22 +154,33 @@ def write_sparse(path: str, data: bytes, block: int = 4096) -> None:
         os.close(fd)
 
 
-def image_dir(disks: int) -> str:
-    """The cached image directory of ``disks`` disks; built if missing.
-
-    Built under a temporary name and renamed when complete, so an
-    interrupted build is never taken for a finished one.
-    """
-    final = cache_dir(disks)
+def cached(final: str, what: str, label: str, build) -> str:
+    """``final``, built by ``build(directory)`` if missing: under a temporary
+    name, renamed when complete, so an interrupted build is never taken for
+    a finished one."""
     if os.path.exists(os.path.join(final, ".complete")):
-        log(f"image directory {final} (cached)")
+        log(f"{what} {final} (cached)")
         return final
     if os.path.exists(final):
         shutil.rmtree(final)  # not complete: ours, interrupted
-    log(f"building {disks} disks x {LAYERS} layers in {final} ...")
+    log(f"building {what} in {final} ...")
     t0 = time.perf_counter()
     building = tempfile.mkdtemp(prefix=os.path.basename(final) + ".building-", dir=CACHE_BASE)
     try:
+        build(building)
+        with open(os.path.join(building, ".complete"), "w") as f:
+            f.write(f"{label} v{IMAGE_VERSION}\n")
+        os.rename(building, final)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    log(f"built in {time.perf_counter() - t0:.1f} s")
+    return final
+
+
+def image_dir(disks: int) -> str:
+    """The cached image directory of ``disks`` disks; built if missing."""
+    def build(building: str) -> None:
         with tempfile.TemporaryDirectory(prefix="snapfs-bench-scale-tpl-") as tpl:
             files = build_template(tpl)
         for d in range(disks):
@@ -177,14 +188,8 @@ def image_dir(disks: int) -> str:
             os.mkdir(sub)
             for name, data in files.items():
                 write_sparse(os.path.join(sub, name), data)
-        with open(os.path.join(building, ".complete"), "w") as f:
-            f.write(f"{disks}x{LAYERS} v{IMAGE_VERSION}\n")
-        os.rename(building, final)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-    log(f"built in {time.perf_counter() - t0:.1f} s")
-    return final
+
+    return cached(cache_dir(disks), f"{disks} disks x {LAYERS} layers", f"{disks}x{LAYERS}", build)
 
 
 def deep_dir(depth: int) -> str:
@@ -193,44 +198,19 @@ def deep_dir(depth: int) -> str:
     Each layer is written before it is rebased onto the one beneath (writing
     through the chain would open all of it: the square of the depth).
     """
-    final = os.path.join(CACHE_BASE, f"snapfs-bench-deep-{depth}-v{IMAGE_VERSION}")
-    if os.path.exists(os.path.join(final, ".complete")):
-        log(f"deep chain {final} (cached)")
-        return final
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    log(f"building a chain of {depth} layers in {final} ...")
-    t0 = time.perf_counter()
-    building = tempfile.mkdtemp(prefix=os.path.basename(final) + ".building-", dir=CACHE_BASE)
-    try:
+    def build(building: str) -> None:
         for i in range(depth):
             img = os.path.join(building, f"m{i:03d}.qcow2")
             run(["qemu-img", "create", "-q", "-f", "qcow2", img, str(SIZE)])
             run(["qemu-io", "-f", "qcow2", "-c", f"write -q -P {i % 255 + 1} {i * 64}k 4k", img])
             if i:
                 run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", f"m{i - 1:03d}.qcow2", "-F", "qcow2", img])
-        with open(os.path.join(building, ".complete"), "w") as f:
-            f.write(f"{depth} v{IMAGE_VERSION}\n")
-        os.rename(building, final)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-    log(f"built in {time.perf_counter() - t0:.1f} s")
-    return final
+
+    return cached(os.path.join(CACHE_BASE, f"snapfs-bench-deep-{depth}-v{IMAGE_VERSION}"),
+                  f"a chain of {depth} layers", str(depth), build)
 
 
 # -- processes -----------------------------------------------------------------
-
-def status_kb(pid: int, field: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
 
 def proc_cpu(pid: int) -> tuple[float, float]:
     """CPU seconds (user + system) of pid, all its threads, and of its reaped children."""
@@ -682,7 +662,7 @@ class ScaleBench:
             res: dict[str, float | int] = {"mount ready": time.perf_counter() - t0}
             try:
                 pid = find_snapfs_pid(mnt)
-                res["RSS once mounted"] = (status_kb(pid, "VmRSS") or 0) / 1024
+                res["RSS once mounted"] = status_mb(pid, "VmRSS") or 0
                 profiler = self.start_profiler(pid, i)
                 cpu0, kids0 = proc_cpu(pid)
                 with ServerSampler(pid) as servers:
@@ -703,7 +683,7 @@ class ScaleBench:
                 res["second ls -lR"] = t
                 if r.returncode != 0:
                     self.error(f"second ls -lR exited with {r.returncode}")
-                res["peak RSS"] = (status_kb(pid, "VmHWM") or 0) / 1024
+                res["peak RSS"] = status_mb(pid, "VmHWM") or 0
                 if i == 0:
                     want = self.args.disks * VIEWS_PER_DISK
                     for ext, n in count_files(mnt).items():
@@ -748,7 +728,7 @@ class ScaleBench:
                     except (OSError, StopIteration) as e:
                         self.error(f"the top chain view of {depth} layers: {e!r}")
                     res["first read of the top"] = time.perf_counter() - t0
-                    res["peak RSS"] = (status_kb(pid, "VmHWM") or 0) / 1024
+                    res["peak RSS"] = status_mb(pid, "VmHWM") or 0
                 finally:
                     res["umount"] = self.unmount(mnt)
                 self.deep.setdefault(depth, []).append(res)
