@@ -673,10 +673,25 @@ async def test_a_sequential_reader_gets_readahead_within_the_budget(tmp_path, ca
 @pytest.mark.parametrize("modes", [(0o644, 0o644, 0), (0o640, 0o600, 65534), (0o604, 0o644, 0)])
 async def test_ownership_built_chain_by_chain_is_every_needs_answer(tmp_path, modes):
     """``view_access`` (each chain's items built from the chain beneath, kept
-    for the facts' second) gives what ``access(node_needs(node))`` gives, asked
+    for the facts' second) gives what ``access`` of its needs spelled out gives, asked
     in any order."""
-    from snapfs.fs.access import Facts, access, node_needs, view_access
-    from snapfs.fs.tree import ViewNode
+    from snapfs.fs.access import READ, SEARCH, WRITE, Facts, access, view_access
+    from snapfs.fs.tree import Qcow2File, ViewFile, ViewNode
+
+    def needs(node, facts):
+        """What reading a view's node needs, spelled out (docs/views.md): every
+        file it reads, write on the top of a writable view, and the directories
+        above the files that its disk's folder does not gate."""
+        view = node.view
+        gated = {p for p, need in (node.parent.paths or ()) if need == SEARCH}
+        files = {}
+        for spec in view.qcow2_specs() if isinstance(node, Qcow2File) else view.specs():
+            for path, _ in spec.layers:
+                files.setdefault(path)
+        dirs = {d: None for f in files for d in facts.parents(f, node.host) if d not in gated}
+        writes = ((view.spec.image, WRITE),) if isinstance(node, ViewFile) and view.writable else ()
+        return tuple((f, READ) for f in files) + writes + tuple((d, SEARCH) for d in dirs)
+
     mount = Mount(tmp_path, Image(LAYOUT))
     base_mode, top_mode, base_owner = modes
     os.chmod(tmp_path / "vm/base.qcow2", base_mode)
@@ -687,5 +702,5 @@ async def test_ownership_built_chain_by_chain_is_every_needs_answer(tmp_path, mo
     random.Random(sum(modes)).shuffle(nodes)
     shared = Facts(ttl=60)
     for node in nodes:
-        assert view_access(node, shared) == access(node_needs(node, Facts(ttl=0)), Facts(ttl=0), node.host), \
+        assert view_access(node, shared) == access(needs(node, Facts(ttl=0)), Facts(ttl=0), node.host), \
             node.path

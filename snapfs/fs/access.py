@@ -3,7 +3,7 @@
 A mount never widens access to the disks it shows. Reading a file takes
 read permission on it and search permission on every directory above it, so
 every node takes its owner, group and permission bits from what a reader
-would need without the mount (``node_needs``):
+would need without the mount (``Node.paths``; a view's, ``view_access``):
 
 - the mount's root: the image directory (read and search) and every
   directory above it (search); ``.snapfs-status`` is the mounting user's
@@ -53,9 +53,9 @@ import time
 
 from ..hosts.local import LOCAL
 from ..needs import LIST, READ, SEARCH, WRITE, parents
-from .tree import Node, Qcow2File, ViewFile, ViewNode
+from .tree import Qcow2File, ViewFile, ViewNode
 
-__all__ = ["LIST", "READ", "SEARCH", "WRITE", "Facts", "access", "node_needs", "parents", "view_access"]
+__all__ = ["LIST", "READ", "SEARCH", "WRITE", "Facts", "access", "parents", "view_access"]
 
 
 class Facts:
@@ -182,11 +182,14 @@ def access(needs, facts: Facts | None = None, host=LOCAL) -> tuple[int, int, int
 
 
 def view_access(node: ViewNode, facts: Facts) -> tuple[int, int, int]:
-    """``access(node_needs(node))``, in time that does not grow with the chain.
+    """``access`` of what reading a view's node needs, in time that does not
+    grow with the chain.
 
-    What a view needs is every file of its chain and the directories above
-    them: the chain view of layer N needs what the one of layer N-1 needs,
-    and layer N. The distinct items a chain contributes are kept per chain
+    A view needs every file it reads (read; a ``--rw`` mount's writable view
+    also write on its top image) and the directories above them (search)
+    that the disk's folder does not gate already, as it was at mount time.
+    The chain view of layer N needs what the one of layer N-1 needs, and
+    layer N. The distinct items a chain contributes are kept per chain
     (``Facts.chain_items``), each built from the one beneath it, so the
     first ``ls -l chain/`` of a 500-layer disk looks at each file once,
     not 125,000 times. Owner and group are the first file's, as ``access``.
@@ -207,22 +210,3 @@ def view_access(node: ViewNode, facts: Facts) -> tuple[int, int, int]:
     if isinstance(node, ViewFile) and view.writable:
         items = items | {_item(facts, view.spec.image, WRITE, host)}
     return first[3], first[4], _bits(items, first[3], first[4])
-
-
-def node_needs(node: Node, facts: Facts | None = None) -> tuple | None:
-    """What reading ``node`` needs without the mount, or None (the mount's own)."""
-    if isinstance(node, ViewNode):
-        facts = facts or Facts(ttl=0)
-        view = node.view
-        # The disk's folder checks these, as they were at mount time (its
-        # own needs); what they are now is no business of the view's.
-        folder = node.parent
-        gated = {p for p, need in (folder.paths or ()) if need == SEARCH} if folder else set()
-        files: dict[str, None] = {}
-        for spec in view.qcow2_specs() if isinstance(node, Qcow2File) else view.specs():
-            for path, _ in spec.layers:
-                files.setdefault(path)
-        dirs = {d: None for f in files for d in facts.parents(f, node.host or LOCAL) if d not in gated}
-        writes = ((view.spec.image, WRITE),) if isinstance(node, ViewFile) and view.writable else ()
-        return tuple((f, READ) for f in files) + writes + tuple((d, SEARCH) for d in dirs)
-    return node.paths

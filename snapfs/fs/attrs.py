@@ -16,7 +16,7 @@ from ..data.writes import Writes
 from ..errors import Busy
 from ..hosts.local import LOCAL
 from ..views import FOLDERS
-from .access import Facts, access, node_needs, view_access
+from .access import Facts, access, view_access
 from .layout import Catalog
 from .tree import Directory, MapFile, Node, Qcow2File, StatusFile, Tree, ViewFile, ViewNode
 
@@ -33,10 +33,9 @@ def _ownership(tree: Tree, node: Node, facts: Facts | None) -> tuple[int, int, i
         return tree.uid, tree.gid, 0o400
     if isinstance(node, ViewNode):
         return view_access(node, facts or Facts(ttl=0))
-    needs = node_needs(node, facts)
-    if needs is None:
+    if node.paths is None:  # the mount's own (a libvirt domain's directory)
         return tree.uid, tree.gid, 0o555
-    return access(needs, facts, node.host or LOCAL)
+    return access(node.paths, facts, node.host or LOCAL)
 
 
 def entry(tree: Tree, node: Node, size: int = 0, blocks: int = 0,
