@@ -55,11 +55,14 @@ class Host:
         return self.statuses[path]
 
 
-def test_export_runs_are_the_area_by_area_answer():
+def test_composing_layer_over_layer_is_the_area_by_area_answer():
     rng = random.Random(1)
     for _ in range(50):
         layers = [random_layer(rng) for _ in range(rng.randrange(1, 6))]
-        assert local.export_runs(layers, SIZE) == reference(layers, SIZE)
+        composed = None
+        for level, lay in enumerate(reversed(layers), 1):
+            composed = local.compose(lay, composed, level)
+        assert local.composed_runs(composed, len(layers)) == reference(layers, SIZE)
 
 
 def test_chains_read_in_any_order_and_forgotten_midway_give_each_exports_runs():

@@ -390,17 +390,3 @@ def composed_runs(composed: list[tuple[int, int, int, int]], depth: int) -> tupl
         add_run(alloc, start, length, 0 if kind == DATA else hole)
         add_run(depths, start, length, depth - level + 1 if kind != UNALLOCATED else 0)
     return alloc, depths
-
-
-def export_runs(layers: list[LayerStatus], size: int) -> tuple[list[Run], list[Run]]:
-    """The runs qemu-nbd reports for an export of ``layers`` (top first, the lowest
-    with ``"backing": null``): base:allocation and qemu:allocation-depth.
-
-    NotPlain when a layer's size is not ``size``.
-    """
-    if any(lay.size != size for lay in layers):
-        raise NotPlain("the layers differ in size")
-    composed = None
-    for level, lay in enumerate(reversed(layers), 1):
-        composed = compose(lay, composed, level)
-    return composed_runs(composed, len(layers))
