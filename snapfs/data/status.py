@@ -93,7 +93,6 @@ class BlockStatus:
         # Each layer's status read from its file, shared by every export it is in.
         self._layers: dict[tuple, local.LayerStatus | None] = {}
         self._chains = Chains()
-        self._forgotten = 0  # forget calls so far
 
     async def runs(self, spec: ExportSpec, size: int) -> dict[str, list[Run]]:
         """The runs of the whole export, from cache, the files or qemu."""
@@ -105,10 +104,10 @@ class BlockStatus:
             if runs is None and self.from_files and spec.socket is None:
                 # The cache is only touched here, in trio's thread; what a
                 # refresh forgot meanwhile (forget) is not kept.
-                generation = self._forgotten
+                generation = self._chains.generation  # forget calls so far
                 known = {k: self._layers[k] for k in _layer_keys(spec) if k in self._layers}
                 runs, new = await trio.to_thread.run_sync(self.from_images, spec, size, known)
-                if generation == self._forgotten:
+                if generation == self._chains.generation:
                     self._layers.update(new)
                     if runs is not None:
                         self._runs[spec] = runs
@@ -127,7 +126,6 @@ class BlockStatus:
         for key in [k for k in self._layers if k[0] == image]:
             del self._layers[key]
         self._chains.forget(image)
-        self._forgotten += 1
 
     def forget_export(self, spec: ExportSpec) -> None:
         """An export that is gone (a finished backup job's)."""
