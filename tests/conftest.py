@@ -34,11 +34,22 @@ MiB = 1 << 20
 IN_CI = os.environ.get("CI") == "true"
 
 
+class CommandFailed(subprocess.CalledProcessError):
+    """A failed command whose message carries what it printed on stderr."""
+
+    def __str__(self):
+        err = self.stderr.decode(errors="replace") if isinstance(self.stderr, bytes) else self.stderr
+        return f"{super().__str__()}\nstderr: {(err or '').strip()[-2000:]}"
+
+
 def run(*cmd, **kw):
-    kw.setdefault("check", True)
+    check = kw.pop("check", True)
     kw.setdefault("capture_output", True)
     kw.setdefault("text", True)
-    return subprocess.run([str(c) for c in cmd], **kw)
+    p = subprocess.run([str(c) for c in cmd], **kw)
+    if check and p.returncode:
+        raise CommandFailed(p.returncode, p.args, p.stdout, p.stderr)
+    return p
 
 
 def qemu_img(*args):
