@@ -39,12 +39,14 @@ def _parser() -> argparse.ArgumentParser:
                                    "every disk of libvirt domains, at MOUNTPOINT: read-only, or "
                                    "with --rw writable where a disk's top image is. "
                                    "Returns once the mount is live.")
-    src = m.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", metavar="DIR",
-                     help="directory of qcow2/raw images; each leaf image becomes a disk directory")
-    src.add_argument("--connect", metavar="URI", nargs="?", const=DEFAULT_URI,
-                     help=f"libvirt URI (default {DEFAULT_URI}): MOUNTPOINT/DOMAIN/TARGET/ for every "
-                          "disk of every domain, running or shut off")
+    m.add_argument("--images", metavar="DIR", action="append",
+                   help="directory of qcow2/raw images, here or on a host reached through ssh "
+                        "(ssh://[USER@]HOST[:PORT]/ABSOLUTE/PATH); each leaf image becomes a disk "
+                        "directory. Repeat, and mix with --connect, for several sources: each "
+                        "then sits in a folder named after it")
+    m.add_argument("--connect", metavar="URI", nargs="?", const=DEFAULT_URI, action="append",
+                   help=f"libvirt URI (default {DEFAULT_URI}): MOUNTPOINT/DOMAIN/TARGET/ for every "
+                        "disk of every domain, running or shut off (repeatable)")
     m.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory to mount on")
     m.add_argument("--domain", metavar="NAME", action="append",
                    help="only this domain (repeat for more; with --connect)")
@@ -71,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-outside-backing", action="store_true",
                    help="follow backing files and leaf symlinks that resolve outside DIR (off: a "
                         "crafted image or link must not make the mount read arbitrary host files)")
+    m.add_argument("--ssh-config", metavar="FILE",
+                   help="ssh configuration file for ssh:// sources (ssh -F FILE; default: the "
+                        "user's ~/.ssh/config). ssh never prompts: keys or an agent are needed")
     m.add_argument("--connections", type=int, default=4, metavar="N",
                    help="NBD connections (requests in flight) per qemu-nbd (default: 4)")
     m.add_argument("--idle-timeout", type=float, default=2.0, metavar="SECONDS",
@@ -175,6 +180,8 @@ def mount_form(argv: list[str]) -> list[str]:
         out = ["mount", "--connect", DEFAULT_URI]
     elif source.startswith(LIBVIRT_PREFIX):
         out = ["mount", "--connect", source[len(LIBVIRT_PREFIX):]]
+    elif source.startswith("ssh://"):
+        out = ["mount", "--images", source]
     elif "://" in source and source.split("://", 1)[0].replace("+", "").isalnum():
         out = ["mount", "--connect", source]
     else:
@@ -265,10 +272,27 @@ def main(argv: list[str] | None = None) -> int:
         return _umount(args)
     if args.command == "refresh":
         return _refresh(args)
-    if args.images is not None and (args.domain or args.since or args.checkpoint):
+    if not args.images and not args.connect:
+        return _fail("mount needs a source: --images DIR (or ssh://HOST/DIR), or --connect [URI]")
+    if not args.connect and (args.domain or args.since or args.checkpoint):
         return _fail("--domain, --since and --checkpoint go with --connect")
-    if args.watch and args.images is None:
-        return _fail("--watch goes with --images (libvirt mounts: snapfs refresh MOUNTPOINT DOMAIN)")
+    if args.watch and (not args.images or args.connect):
+        return _fail("--watch goes with --images alone (libvirt mounts: snapfs refresh MOUNTPOINT DOMAIN)")
+    if args.watch and any(d.startswith("ssh://") for d in args.images):
+        return _fail("--watch needs a local image directory (inotify): for ssh:// sources, "
+                     "snapfs refresh MOUNTPOINT")
+    given = (args.images or []) + (args.connect or [])
+    if len(set(given)) != len(given):
+        return _fail("a source is given twice")
+    for d in args.images or ():
+        if d.startswith("ssh://"):
+            from .hosts.ssh import parse_url
+            try:
+                parse_url(d)
+            except ValueError as e:
+                return _fail(f"--images {e}")
+    if args.ssh_config and not os.path.isfile(args.ssh_config):
+        return _fail(f"--ssh-config {args.ssh_config}: no such file")
     if args.connections < 1:
         return _fail("--connections must be at least 1")
     if not args.retry_timeout > 0:

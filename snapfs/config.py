@@ -12,7 +12,7 @@ class SourceConfig:
     """One ``--images DIR`` or ``--connect URI``: kind ``images`` or ``libvirt``."""
 
     kind: str
-    location: str  # the directory (absolute) or the URI
+    location: str  # the directory (absolute), ssh://HOST/PATH, or the URI
     given: str  # as the user wrote it: the status file, fsname
 
 
@@ -34,21 +34,22 @@ class MountConfig:
     debug: bool = False
     debug_fuse: bool = False
     log: str | None = None
+    ssh_config: str | None = None  # ssh -F FILE (absolute)
 
     @classmethod
     def from_args(cls, args) -> MountConfig:
         """From ``snapfs mount``'s parsed arguments (``cli.py``)."""
-        if args.images is not None:
-            sources = (SourceConfig("images", os.path.abspath(args.images), args.images),)
-        else:
-            sources = (SourceConfig("libvirt", args.connect, args.connect),)
+        sources = tuple(SourceConfig("images", d if d.startswith("ssh://") else os.path.abspath(d), d)
+                        for d in args.images or ()) + \
+            tuple(SourceConfig("libvirt", uri, uri) for uri in args.connect or ())
         return cls(mountpoint=args.mountpoint, sources=sources, domains=tuple(args.domain or ()),
                    since=args.since, checkpoint=args.checkpoint, writable=args.rw, watch=args.watch,
                    allow_other=args.allow_other, allow_outside_backing=args.allow_outside_backing,
                    connections=args.connections, idle_timeout=args.idle_timeout,
                    retry_timeout=args.retry_timeout,
                    cache_size=args.cache_size, debug=args.debug,
-                   debug_fuse=args.debug_fuse, log=args.log)
+                   debug_fuse=args.debug_fuse, log=args.log,
+                   ssh_config=os.path.abspath(args.ssh_config) if args.ssh_config else None)
 
     @property
     def label(self) -> str:
@@ -64,9 +65,9 @@ class MountConfig:
             out += ["--images", s.given] if s.kind == "images" else ["--connect", s.given]
         for name in self.domains:
             out += ["--domain", name]
-        for opt in ("since", "checkpoint", "log"):
+        for opt in ("since", "checkpoint", "log", "ssh_config"):
             if getattr(self, opt):
-                out += ["--" + opt, getattr(self, opt)]
+                out += ["--" + opt.replace("_", "-"), getattr(self, opt)]
         for flag, on in (("debug", self.debug), ("allow-other", self.allow_other),
                          ("allow-outside-backing", self.allow_outside_backing), ("rw", self.writable),
                          ("watch", self.watch)):

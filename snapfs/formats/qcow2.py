@@ -154,7 +154,7 @@ def read_header(path: str | os.PathLike, opener=READ_BINARY) -> Qcow2Header:
 def read_header_from(f) -> Qcow2Header:
     """``read_header`` of a file open for reading in binary mode."""
     try:
-        file_size = os.fstat(f.fileno()).st_size
+        file_size = f.seek(0, os.SEEK_END)  # a block device's too; a remote file's
         f.seek(0)
         buf = f.read(HEADER_READ)
         if len(buf) >= 24:

@@ -61,10 +61,28 @@ class Refresher:
         self.lock = trio.Lock()
 
     async def refresh(self, request: Refresh | None = None, source=None) -> str:
-        """Refresh ``source`` (the mount's only one by default) as ``request`` asks
-        (the whole source by default)."""
+        """Refresh ``source`` as ``request`` asks (the whole source by default);
+        without one, every source (a domain's request: every libvirt source).
+        Each source's answer on its own line, its folder first, when there
+        are several; ControlError if any failed, after all were tried."""
         request = request or Refresh()
-        lay = self.catalog.of(source) if source is not None else self.catalog.laid[0]
+        if source is not None or len(self.catalog.laid) == 1:
+            lay = self.catalog.of(source) if source is not None else self.catalog.laid[0]
+            return await self._refresh(lay, request)
+        answers, failed = [], False
+        for lay in self.catalog.laid:
+            if request.domain is not None and lay.source.kind != "libvirt":
+                continue
+            try:
+                answers.append(f"{lay.prefix} {await self._refresh(lay, request)}")
+            except ControlError as e:
+                answers.append(f"{lay.prefix} {e}")
+                failed = True
+        if failed:
+            raise ControlError("\n".join(answers))
+        return "\n".join(answers)
+
+    async def _refresh(self, lay: Laid, request: Refresh) -> str:
         async with self.lock:
             plan = await lay.source.plan_refresh(request, dict(lay.units))
             if plan.problems is not None or plan.notes is not None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 
-from ..sources.base import Scan, Unit
-from ..views import View, escape_name
+from ..sources.base import Scan, Unit, folder_name
+from ..views import View
 from .tree import Directory, Status, Tree
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class Catalog:
     def __init__(self, tree: Tree, status: Status, sources: list):
         self.tree = tree
         self.status = status
-        self.laid = [Laid(s, "" if len(sources) == 1 else escape_name(s.label) + "/") for s in sources]
+        self.laid = [Laid(s, "" if len(sources) == 1 else folder_name(s.label) + "/") for s in sources]
 
     def of(self, source) -> Laid:
         return next(lay for lay in self.laid if lay.source is source)

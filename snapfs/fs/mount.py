@@ -31,12 +31,13 @@ from ..data.exports import Exports
 from ..data.maps import Maps
 from ..data.status import BlockStatus
 from ..data.writes import Writes
-from ..errors import MountError
+from ..errors import MountError, SourceError
 from ..nbd.chunks import ChunkBudget
 from ..nbd.pool import ServerPool
 from ..nbd.qemu import stop_leftovers
 from ..runtime import find_mount, is_mounted, mount_device, pid_alive, runtime_base
 from ..sources import clean_up_after, make_sources
+from ..sources.base import Scan
 from .attrs import Attributes
 from .control import Refresher, control_server
 from .handles import Files
@@ -90,9 +91,15 @@ async def serve(config: MountConfig, ready=None) -> None:
         sources = make_sources(config, rundir)
         m = Mount(config, rundir, sources)
         for source in sources:
-            await source.open()
-        for source in sources:
-            m.catalog.lay_out(source, await source.scan())
+            try:
+                await source.open()
+                scan = await source.scan()
+            except (MountError, SourceError) as e:
+                if len(sources) == 1:
+                    raise
+                # One of several: the others are served; snapfs refresh tries it again.
+                scan = Scan(units={}, problems=[("", str(e))])
+            m.catalog.lay_out(source, scan)
         if not HAS_LSEEK:
             msg = ("this pyfuse3 has no lseek handler (build it with make setup): "
                    "SEEK_HOLE/SEEK_DATA see every file as all data")

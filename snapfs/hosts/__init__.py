@@ -6,7 +6,9 @@ starts a qemu program goes through a host object, so that views, the FUSE
 handlers and the write sessions never assume the images are local:
 
 - ``local.LocalHost``: this machine (``os`` calls, ``qemu-nbd`` started here,
-  libnbd on its UNIX socket).
+  libnbd on its UNIX socket);
+- ``ssh.SshHost``: a hypervisor reached through ssh (its files listed and
+  read with its own commands, qemu-nbd started there, the socket forwarded).
 
 A host is compared by identity: exports (``nbd.spec.ExportSpec``) of the
 same files on two hosts are two exports. ``name`` is None for this machine
@@ -15,6 +17,8 @@ same files on two hosts are two exports. ``name`` is None for this machine
 The protocol every host implements (``LocalHost`` is the reference)::
 
     name                                    None, or the host as given
+    await reach(), close()                  reach it (MountError with the reason), let go
+    connected, error                        reachable now; why not (None)
     stat(path) / lstat(path)                os.stat_result; OSError
     realpath(path), exists(path), isfile(path), islink(path), isdir(path)
     walk(root, onerror)                     as os.walk, top-down

@@ -19,9 +19,17 @@ class LocalHost:
     """This machine."""
 
     name = None
+    connected = True
+    error = None
 
     def __repr__(self) -> str:
         return "LocalHost()"
+
+    async def reach(self) -> None:
+        """Reach the host (nothing to do here)."""
+
+    def close(self) -> None:
+        """End what reaching it started."""
 
     # -- files -----------------------------------------------------------------
 

@@ -4,7 +4,9 @@ A *source* is where disks come from: an image directory, a libvirt
 connection. Each implements the same small protocol, so the mount (``fs/``)
 never asks which kind it has:
 
-- ``label``: the source as the user gave it (the status file, ``fsname``);
+- ``kind``: ``images`` or ``libvirt``; ``label``: the source as the user
+  gave it (the status file, ``fsname``, its folder when a mount has several:
+  ``folder_name``);
   ``host``: the machine its images are on (``hosts/``);
 - ``await open()``: reach it (``MountError`` with the reason);
 - ``await scan() -> Scan``: everything it offers now;
@@ -106,3 +108,14 @@ class RefreshPlan:
     retire: bool = False
     problems: list[tuple[str, str]] | None = None
     notes: list[str] | None = None
+
+
+def folder_name(given: str) -> str:
+    """The folder a source's tree sits in when a mount has several: the source
+    as given, '%' and '_' escaped (%25, %5F), then every '/' written '_'
+    (``ssh://kvm1/srv/images`` -> ``ssh:__kvm1_srv_images``). Distinct sources
+    get distinct names, the same source the same name at every mount."""
+    out = given.replace("%", "%25").replace("_", "%5F").replace("/", "_")
+    if out.startswith("."):
+        out = "%2E" + out[1:]
+    return out or "%00"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..errors import ControlError, MountError
+from ..errors import ControlError, MountError, SourceError
 from ..formats import format_by_name
 from ..formats.chain import Chains, Disk, Layer
 from ..hosts.local import LOCAL
@@ -299,6 +299,8 @@ def disk_unit(root: str, disk: Disk, writable: bool) -> Unit:
 class ImageDirectorySource:
     """``--images DIR``: every leaf image under DIR is a disk (a unit)."""
 
+    kind = "images"
+
     def __init__(self, root: str, allow_outside: bool = False, writable: bool = False, watch: bool = False,
                  host=LOCAL, label: str | None = None):
         self.root = os.path.abspath(root)
@@ -308,9 +310,16 @@ class ImageDirectorySource:
         self.writable = writable
         self.watch = watch  # --watch
 
+    @property
+    def where(self) -> str:
+        """The directory, and its host when it is not this machine, for messages."""
+        return self.root if self.host.name is None else f"{self.root} on {self.host.name}"
+
     async def open(self) -> None:
-        if not self.host.isdir(self.root):
-            raise MountError(f"image directory {self.root} is not a directory")
+        if not self.host.connected:
+            await self.host.reach()
+        if not await trio.to_thread.run_sync(self.host.isdir, self.root):
+            raise MountError(f"image directory {self.where} is not a directory")
 
     def _scan_now(self) -> Scan:
         found = ImageDirectory(self.root, allow_outside=self.allow_outside, host=self.host).scan()
@@ -323,7 +332,7 @@ class ImageDirectorySource:
     async def scan(self) -> Scan:
         scan = await trio.to_thread.run_sync(self._scan_now)
         log.info("%d disk(s), %d view(s) from %s", len(scan.units),
-                 sum(len(u.views) for u in scan.units.values()), self.root)
+                 sum(len(u.views) for u in scan.units.values()), self.where)
         return scan
 
     async def plan_refresh(self, request: Refresh, laid: dict[str, Unit]) -> RefreshPlan:
@@ -332,6 +341,11 @@ class ImageDirectorySource:
         changed, is laid out anew once none of its files is open."""
         if request != Refresh():
             raise ControlError("an image-directory mount is scanned again whole: snapfs refresh MOUNTPOINT")
+        if not self.host.connected:
+            try:
+                await self.open()
+            except MountError as e:
+                raise SourceError(str(e)) from None
         scan = await trio.to_thread.run_sync(self._scan_now)
         keys = sorted(k for k in set(laid) | set(scan.units)
                       if not (k in scan.units and scan.units[k].same(laid.get(k))))
@@ -369,4 +383,4 @@ class ImageDirectorySource:
         return run
 
     def close(self) -> None:
-        pass
+        self.host.close()

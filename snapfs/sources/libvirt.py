@@ -361,6 +361,8 @@ def _start_event_loop() -> None:
 class LibvirtSource:
     """Every selected domain of one libvirt connection; each domain is a unit."""
 
+    kind = "libvirt"
+
     def __init__(self, uri: str, domains: list[str] | None, rundir: str,
                  since: str | None = None, new_checkpoint: str | None = None, writable: bool = False,
                  host=LOCAL):

@@ -1,0 +1,227 @@
+"""qemu-nbd on a host reached through ssh (``hosts/ssh.py``).
+
+One ssh session per server runs a small POSIX shell wrapper on the host:
+
+1. it checks every layer's pin as ``formats.check_pinned`` does here (no
+   symlink on the way, the device and inode scanned, the ctime where qemu
+   follows headers), so a file swapped since the scan is never opened;
+2. starts qemu-nbd on a UNIX socket in the connection's directory on the
+   host, says its pid, waits until it listens, and lists the files it holds
+   open (device, inode, ctime, path) for the same check as a local server;
+3. then waits on the session's standard input: when the session ends (snapfs
+   stops the server, the ssh connection is closed or lost, snapfs is killed),
+   it kills qemu-nbd. No qemu-nbd outlives its session.
+
+qemu-nbd's stderr is the session's, so the server's reasons and its
+"Disconnect client" lines land in the same error file as a local server's.
+The socket is forwarded to a local one through the master connection
+(``ssh -O forward -L``): libnbd connects here as it does to a local server,
+no TCP port is opened on the host.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+
+import trio
+
+from ..errors import ImageRefused, Unavailable
+from .qemu import MALLOC_TUNABLES, START_TIMEOUT, STOP_TIMEOUT, QemuNBD
+
+log = logging.getLogger(__name__)
+
+PIN_FAILED = 112  # the wrapper's exit status when a layer is not the file scanned
+
+WRAPPER = r"""
+pidfile=$1 n=$2; shift 2
+exec 3<&0
+while [ "$n" -gt 0 ]; do
+    p=$1 pin=$2 ct=$3; shift 3; n=$((n - 1))
+    d=$p
+    while [ "$d" != / ] && [ -n "$d" ]; do
+        if [ -L "$d" ]; then printf 'snapfs: %s: a symlink on the way\n' "$p" >&2; exit 112; fi
+        d=${d%/*}
+    done
+    got=$(stat -c '%d:%i:%.9Z' -- "$p" 2>/dev/null) || { printf 'snapfs: %s: gone\n' "$p" >&2; exit 112; }
+    case $got in "$pin":*) ;; *) printf 'snapfs: %s: not the file scanned\n' "$p" >&2; exit 112 ;; esac
+    if [ "$ct" != - ] && [ "${got##*:}" != "$ct" ]; then
+        printf 'snapfs: %s: changed since the scan\n' "$p" >&2; exit 112
+    fi
+done
+"$@" </dev/null >/dev/null 3<&- &
+q=$!
+printf 'pid %s\0' "$q"
+while [ ! -s "$pidfile" ]; do
+    if ! kill -0 "$q" 2>/dev/null; then wait "$q"; exit $?; fi
+    sleep 0.01
+done
+own=$(stat -c '%d:%i' -- "$pidfile")
+for f in /proc/$q/fd/*; do
+    s=$(stat -L -c '%d:%i:%.9Z:%F' -- "$f" 2>/dev/null) || continue
+    case $s in "$own":*) continue ;; esac
+    printf 'fd %s\0' "$s"
+    readlink -z -- "$f"
+done
+printf 'ready\0'
+( read -r x <&3; kill "$q" 2>/dev/null; sleep 1; kill -0 "$q" 2>/dev/null && kill -9 "$q" ) >/dev/null 2>&1 &
+exec 3<&-
+wait "$q"
+"""
+
+
+class RemoteQemuNBD(QemuNBD):
+    """qemu-nbd on ``host``, its socket forwarded here."""
+
+    def __init__(self, host, spec, rundir: str, ident: int, connections: int):
+        super().__init__(spec, rundir, ident, connections)
+        self.host = host
+        self.remote_socket = f"{host.remote_dir}/{ident}.sock"
+        self.remote_pidfile = f"{host.remote_dir}/{ident}.pid"
+        self.opened: dict[tuple[int, int], tuple[str, int]] = {}
+        self.forwarded = False
+
+    def command(self) -> list[str]:
+        out = []
+        for a in super().command():
+            if a.startswith("--socket="):
+                a = f"--socket={self.remote_socket}"
+            elif a.startswith("--pid-file="):
+                a = f"--pid-file={self.remote_pidfile}"
+            out.append(a)
+        return ["env", f"GLIBC_TUNABLES={MALLOC_TUNABLES}", *out]
+
+    def _wrapper_args(self) -> list[str]:
+        ctimes = self.spec.ctimes or (None,) * len(self.spec.layers)
+        checks = [(path, pin, ctime) for (path, _), pin, ctime in zip(self.spec.layers, self.spec.pins, ctimes,
+                                                                        strict=True) if pin is not None]
+        args = [self.remote_pidfile, str(len(checks))]
+        for path, pin, ctime in checks:
+            args += [path, f"{pin[0]}:{pin[1]}", "-" if ctime is None else f"{ctime // 10**9}.{ctime % 10**9:09d}"]
+        return args + self.command()
+
+    def _opened_files(self) -> dict[tuple[int, int], tuple[str, int]]:
+        return self.opened
+
+    async def start(self) -> None:
+        if self.host.remote_dir is None or not self.host.connected:
+            raise Unavailable(f"{self.host.name} is not connected: {self.host.error or 'connection lost'}")
+        for p in (self.socket, self.errfile):
+            if os.path.lexists(p):
+                os.unlink(p)
+        cmd = self.host.command(WRAPPER, *self._wrapper_args())
+        log.debug("starting on %s: %s", self.host.name, self.command())
+        with open(self.errfile, "wb") as err:
+            self.proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                         stderr=err)
+        out = b""
+        with trio.move_on_after(START_TIMEOUT) as timeout:
+            while not out.endswith(b"ready\0"):
+                chunk = await self.proc.stdout.receive_some(65536)
+                if not chunk:
+                    await self.proc.wait()
+                    e = self.failure()
+                    if self.proc.returncode == PIN_FAILED:
+                        raise Unavailable(f"an image was replaced since the mount was made (remount to see it): "
+                                          f"{e.reason.removeprefix('snapfs: ')}", errno.ESTALE)
+                    if self.proc.returncode == 255:
+                        raise Unavailable(f"{self.host.name}: {e.reason}")
+                    raise ImageRefused(e.reason, e.errno) if e.reason != "qemu-nbd failed" else e
+                out += chunk
+        if timeout.cancelled_caught:
+            said = self.failure().reason
+            await self.stop()
+            raise Unavailable(f"qemu-nbd on {self.host.name} did not start within {START_TIMEOUT:.0f} s opening "
+                              f"{len(self.spec.layers)} layer(s), {self.spec.describe()}"
+                              + ("" if said == "qemu-nbd failed" else f" (it said: {said})"))
+        self.opened = _parse_opened(out)
+        await self._check_opened()
+        await trio.to_thread.run_sync(self._forward)
+        self.serving = True
+        log.debug("qemu-nbd on %s serves %s", self.host.name, self.spec.describe())
+
+    async def _check_opened(self) -> None:
+        opened = self.opened
+        pins = {p for p in self.spec.pins if p is not None}
+        extra = sorted(path for key, (path, _) in opened.items() if key not in pins) \
+            if None not in self.spec.pins else []
+        if self.spec.ctimes:
+            extra += sorted(f"{opened[pin][0]} (changed)" for pin, ctime in zip(
+                self.spec.pins, self.spec.ctimes, strict=True) if pin in opened and opened[pin][1] != ctime)
+        if pins - opened.keys() or extra:
+            await self.stop()
+            raise Unavailable("an image was replaced since the mount was made (remount to see it): "
+                              + self.spec.describe() + (f"; qemu opened {extra[0]}" if extra else ""),
+                              errno.ESTALE)
+
+    def _forward(self) -> None:
+        p = subprocess.run(self.host.client("-O", "forward", "-L", f"{self.socket}:{self.remote_socket}"),
+                           capture_output=True, timeout=30)
+        if p.returncode:
+            raise Unavailable(f"{self.host.name}: cannot forward qemu-nbd's socket: "
+                              f"{p.stderr.decode(errors='replace').strip()}")
+        self.forwarded = True
+
+    def _unforward(self) -> None:
+        if self.forwarded and self.host.connected:
+            subprocess.run(self.host.client("-O", "cancel", "-L", f"{self.socket}:{self.remote_socket}"),
+                           capture_output=True, timeout=10)
+        self.forwarded = False
+
+    def ended(self) -> str:
+        rc = self.proc.returncode if self.proc is not None else None
+        if rc is not None and rc > 128 and rc != 255:
+            rc = -(rc - 128)  # the wrapper's wait: 128 + the signal
+        how = f"was killed by signal {-rc}" if rc is not None and rc < 0 else f"exited with status {rc}"
+        said = self.failure().reason
+        return how if said == "qemu-nbd failed" else f"{how} ({said})"
+
+    def kill(self) -> None:
+        """Hung: end its session; the wrapper on the host kills it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+
+    async def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with trio.CancelScope(shield=True):
+            if self.forwarded:
+                await trio.to_thread.run_sync(self._unforward)
+            if proc.stdin is not None:
+                await proc.stdin.aclose()  # the wrapper kills qemu-nbd
+            with trio.move_on_after(STOP_TIMEOUT + 1.5):
+                await proc.wait()
+            if proc.poll() is None:
+                proc.kill()
+                await proc.wait()
+            if proc.stdout is not None:
+                await proc.stdout.aclose()
+            if proc.returncode not in (0, 143, -15, 255) and self.serving:
+                log.warning("qemu-nbd on %s for %s exited with %s: %s", self.host.name, self.spec.describe(),
+                            proc.returncode, self.failure().reason)
+        for p in (self.socket, self.errfile):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+
+def _parse_opened(out: bytes) -> dict[tuple[int, int], tuple[str, int]]:
+    """``fd DEV:INO:CTIME:TYPE`` records, each followed by the path, from the wrapper."""
+    parts = out.split(b"\0")
+    opened = {}
+    i = 0
+    while i < len(parts):
+        rec = parts[i]
+        if rec.startswith(b"fd ") and i + 1 < len(parts):
+            dev, ino, ctime, kind = rec[3:].split(b":", 3)
+            if kind in (b"regular file", b"regular empty file", b"block special file"):
+                sec, _, frac = ctime.partition(b".")
+                opened[(int(dev), int(ino))] = (os.fsdecode(parts[i + 1]), int(sec) * 10**9 + int(frac or 0))
+            i += 2
+        else:
+            i += 1
+    return opened

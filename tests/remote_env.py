@@ -1,0 +1,188 @@
+"""A second "host" on this machine, reachable only through ssh.
+
+``TestHost.start(base)`` makes:
+
+- a private mount namespace (``unshare -m``), kept alive by one process,
+  with a tmpfs over ``base/hostroot``: what is written there from inside the
+  namespace is invisible to every process outside it (snapfs included), so
+  the host's image paths do not exist for snapfs;
+- an sshd inside it on 127.0.0.1 and a free port, with its own host key,
+  authorized key and pid file (``UsePAM no``), logging to ``base/sshd.log``;
+- an ssh config (``base/ssh_config``) for the alias ``testhost``:
+  the key, a known_hosts file holding the host key, ``BatchMode``;
+- ``run(cmd)``, ``write(path, data)``, ``sh(script)``: commands inside the
+  namespace, as the host's own shell would run them (to build images there
+  and to compare with the host's own files).
+
+``stop()`` ends sshd and the namespace (its tmpfs goes with it). Needs root
+(mount namespaces, sshd); CI runs as root.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+ALIAS = "testhost"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TestHost:
+    """sshd and images in a mount namespace of their own."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.root = os.path.join(base, "hostroot")  # a tmpfs inside the namespace
+        self.config = os.path.join(base, "ssh_config")
+        self.known_hosts = os.path.join(base, "known_hosts")
+        self.port = 0
+        self.holder: subprocess.Popen | None = None
+        self.sshd: subprocess.Popen | None = None
+
+    @classmethod
+    def start(cls, base: str) -> TestHost:
+        host = cls(base)
+        try:
+            host._start()
+        except BaseException:
+            host.stop()
+            raise
+        return host
+
+    def _keys(self) -> str:
+        b = self.base
+        for name in ("host_key", "user_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f",
+                            os.path.join(b, name)], check=True)
+        shutil.copy(os.path.join(b, "user_key.pub"), os.path.join(b, "authorized_keys"))
+        with open(os.path.join(b, "host_key.pub")) as f:
+            kind, key = f.read().split()[:2]
+        with open(self.known_hosts, "w") as f:
+            f.write(f"[127.0.0.1]:{self.port} {kind} {key}\n")
+        return f"{kind} {key}"
+
+    def _start(self) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        os.chmod(self.base, 0o755)  # sshd reads its files as root; keys stay 0600
+        self.port = free_port()
+        self._keys()
+        b = self.base
+        with open(os.path.join(b, "sshd_config"), "w") as f:
+            f.write(f"""Port {self.port}
+ListenAddress 127.0.0.1
+HostKey {b}/host_key
+AuthorizedKeysFile {b}/authorized_keys
+PidFile {b}/sshd.pid
+UsePAM no
+StrictModes no
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+AcceptEnv LANG LC_*
+MaxSessions 1000
+MaxStartups 100
+Subsystem sftp internal-sftp
+""")
+        with open(self.config, "w") as f:
+            f.write(f"""Host {ALIAS}
+    HostName 127.0.0.1
+    Port {self.port}
+    User {os.environ.get("USER") or "root"}
+    IdentityFile {b}/user_key
+    IdentitiesOnly yes
+    UserKnownHostsFile {self.known_hosts}
+    GlobalKnownHostsFile /dev/null
+    StrictHostKeyChecking yes
+    BatchMode yes
+""")
+        # The namespace: one process keeps it; a tmpfs over hostroot inside.
+        self.holder = subprocess.Popen(
+            ["unshare", "-m", "--propagation", "slave", "sh", "-c",
+             f"mount -t tmpfs -o mode=0755 snapfs-testhost {self.root} && echo ok && exec sleep infinity"],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        if self.holder.stdout.readline().strip() != b"ok":
+            raise RuntimeError("the test host's mount namespace could not be made")
+        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
+        with open(os.path.join(b, "sshd.log"), "ab") as log:
+            self.sshd = subprocess.Popen(self.enter(["/usr/sbin/sshd", "-D", "-e", "-f", f"{b}/sshd_config"]),
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.sshd.poll() is not None or time.monotonic() > deadline:
+                    with open(os.path.join(b, "sshd.log"), errors="replace") as f:
+                        said = f.read()[-2000:]
+                    raise RuntimeError(f"the test host's sshd did not start: {said}") from None
+                time.sleep(0.02)
+
+    def enter(self, cmd: list) -> list:
+        """``cmd`` as run inside the host's namespace."""
+        return ["nsenter", "-t", str(self.holder.pid), "-m", "--", *map(str, cmd)]
+
+    def run(self, *cmd, check=True, **kw) -> subprocess.CompletedProcess:
+        kw.setdefault("capture_output", True)
+        p = subprocess.run(self.enter(list(cmd)), **kw)
+        if check and p.returncode:
+            raise RuntimeError(f"on the test host: {cmd}: {p.stderr!r}")
+        return p
+
+    def sh(self, script: str, *args) -> str:
+        return self.run("sh", "-c", script, "sh", *args).stdout.decode()
+
+    def ssh(self, *cmd, check=True) -> subprocess.CompletedProcess:
+        """A command through ssh, as snapfs would reach the host."""
+        return subprocess.run(["ssh", "-F", self.config, ALIAS, "--", *cmd], capture_output=True, check=check)
+
+    def _ns(self) -> str | None:
+        try:
+            return os.readlink(f"/proc/{self.holder.pid}/ns/mnt")
+        except (OSError, AttributeError):
+            return None
+
+    def pids_of(self, name: str | None = None, ns: str | None = None) -> list[int]:
+        """Processes (named ``name``) in the host's mount namespace."""
+        ns = ns or self._ns()
+        out = []
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or ns is None:
+                continue
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    comm = f.read().strip()
+                if (name is None or comm == name) and os.readlink(f"/proc/{pid}/ns/mnt") == ns:
+                    out.append(int(pid))
+            except OSError:
+                continue
+        return out
+
+    def url(self, path: str) -> str:
+        return f"ssh://{ALIAS}{path}"
+
+    def stop(self) -> None:
+        """sshd, what runs under it (sessions, qemu-nbd) and the namespace end."""
+        ns = self._ns()
+        for p in (self.sshd, self.holder):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        for pid in self.pids_of(ns=ns) if ns else ():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
