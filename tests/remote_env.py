@@ -39,6 +39,8 @@ def free_port() -> int:
 class TestHost:
     """sshd and images in a mount namespace of their own."""
 
+    __test__ = False  # not a test class
+
     def __init__(self, base: str):
         self.base = base
         self.root = os.path.join(base, "hostroot")  # a tmpfs inside the namespace
@@ -111,6 +113,11 @@ Subsystem sftp internal-sftp
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         if self.holder.stdout.readline().strip() != b"ok":
             raise RuntimeError("the test host's mount namespace could not be made")
+        self.start_sshd()
+
+    def start_sshd(self) -> None:
+        """sshd in the namespace, listening when this returns."""
+        b = self.base
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
         with open(os.path.join(b, "sshd.log"), "ab") as log:
             self.sshd = subprocess.Popen(self.enter(["/usr/sbin/sshd", "-D", "-e", "-f", f"{b}/sshd_config"]),
@@ -126,6 +133,17 @@ Subsystem sftp internal-sftp
                         said = f.read()[-2000:]
                     raise RuntimeError(f"the test host's sshd did not start: {said}") from None
                 time.sleep(0.02)
+
+    def stop_sshd(self) -> None:
+        """The host drops off the network: sshd and every session it serves end
+        (what they started, qemu-nbd, ends with its session)."""
+        self.sshd.kill()
+        self.sshd.wait()
+        for pid in self.pids_of("sshd"):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def enter(self, cmd: list) -> list:
         """``cmd`` as run inside the host's namespace."""

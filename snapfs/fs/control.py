@@ -84,7 +84,13 @@ class Refresher:
 
     async def _refresh(self, lay: Laid, request: Refresh) -> str:
         async with self.lock:
-            plan = await lay.source.plan_refresh(request, dict(lay.units))
+            try:
+                plan = await lay.source.plan_refresh(request, dict(lay.units))
+            except SourceError as e:
+                # The source cannot be read now (a host out of reach): it says so; what
+                # it showed stays, its reads failing until a refresh reaches it.
+                self.catalog.set_problems(lay, [("", str(e))], lay.notes)
+                raise ControlError(str(e)) from None
             if plan.problems is not None or plan.notes is not None:
                 self.catalog.set_problems(lay, lay.problems if plan.problems is None else plan.problems,
                                           lay.notes if plan.notes is None else plan.notes)

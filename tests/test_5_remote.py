@@ -1,0 +1,294 @@
+"""Image directories on a host reached through ssh (docs/remote.md).
+
+The host is real: its own sshd, its images in a mount namespace where
+snapfs's process cannot see them (``remote_env.TestHost``). Ground truth is
+a local mount of a byte-for-byte copy of the same images, and qemu-img on
+that copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import IN_CI, REPO, SNAPFS, MiB, build_sample, create, qemu_img, qemu_io, run, seek_walk, sha256_of
+from remote_env import ALIAS, TestHost
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 and not IN_CI,
+                                reason="the test host needs root (mount namespace, sshd)")
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    h = TestHost.start(str(tmp_path_factory.mktemp("host")))
+    yield h
+    h.stop()
+
+
+def put(host: TestHost, local: str, name: str) -> str:
+    """A copy of the local directory ``local`` on the host, at ROOT/name; its path there."""
+    remote = os.path.join(host.root, name)
+    host.run("cp", "-a", "--", local, remote)
+    assert not os.path.exists(os.path.join(remote, os.listdir(local)[0])), "the host's files leak out"
+    return remote
+
+
+def ssh_opts(host):
+    return ["--ssh-config", host.config]
+
+
+def tree(root: str) -> dict[str, tuple]:
+    """Every file under a mount: kind, size, blocks, data runs, digest, xattrs."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            rel = os.path.relpath(p, root)
+            st = os.lstat(p)
+            if os.path.isdir(p):
+                out[rel] = ("dir", oct(st.st_mode))
+                continue
+            if rel == ".snapfs-status":
+                continue
+            xattrs = {a: os.getxattr(p, a).decode() for a in os.listxattr(p)}
+            out[rel] = ("file", oct(st.st_mode), st.st_size, st.st_blocks, tuple(seek_walk(p)),
+                        sha256_of(p), xattrs)
+    return out
+
+
+def without_places(t: dict, root: str, host_name: str | None) -> dict:
+    """``tree`` with the image directory's path and the host's name taken out of the xattrs."""
+    out = {}
+    for rel, v in t.items():
+        if v[0] == "file":
+            x = {k: val.replace(root, "ROOT") for k, val in v[-1].items() if k != "user.snapfs.host"}
+            if host_name is not None:
+                assert v[-1].get("user.snapfs.host") == host_name or not v[-1], rel
+            else:
+                assert "user.snapfs.host" not in v[-1], rel
+            v = (*v[:-1], x)
+        out[rel] = v
+    return out
+
+
+def test_remote_views_are_the_local_views(host, tmp_path, mount):
+    """Every view, map, qcow2 file, hole and xattr of a remote directory is
+    what a local mount of the same images gives; the images are nowhere here."""
+    local = build_sample(tmp_path)
+    remote = put(host, str(local), "sample")
+    assert not os.path.exists(remote)
+    r = mount(["--images", host.url(remote)], *ssh_opts(host), name="remote")
+    here = mount(local, name="local")
+    assert "every view is available" in r.status() or r.status().split("\n", 1)[1] == \
+        here.status().split("\n", 1)[1].replace(str(local), remote)
+    got = without_places(tree(r.path), remote, ALIAS)
+    want = without_places(tree(here.path), str(local), None)
+    assert got.keys() == want.keys()
+    for rel in want:
+        assert got[rel] == want[rel], rel
+    # And the bytes are qemu's: the top of a chain against qemu-img on the copy.
+    chain = r / "vm1/snap2.qcow2/chain"
+    top = sorted(f for f in os.listdir(chain) if f.endswith(".raw"))[-1]
+    assert top.endswith("-snap2.raw")
+    qemu_img("compare", "-f", "raw", "-F", "qcow2", os.path.join(chain, top), local / "vm1" / "snap2.qcow2")
+    qemu_img("check", os.path.join(chain, top[:-4] + ".qcow2"))
+
+
+NAMES = ["a b", "quote'd", 'dq"x', "$(touch PWNED)", "`touch PWNED`", "semi;colon", "-lead",
+         "new\nline", "back\\slash", "star*", "uni\u00e9"]
+
+
+def test_remote_names_of_any_kind(host, tmp_path, mount):
+    """File and directory names that a shell would read as code, options or
+    separators are listed and read exactly, and run nothing on either side."""
+    local = tmp_path / "names-here"
+    os.makedirs(local)
+    digests = {}
+    bad = os.fsdecode(b"bad\xffbyte")
+    for i, name in enumerate(NAMES + [bad]):
+        d = local / f"{name}-dir"
+        d.mkdir()
+        img = create(d / f"{name}.qcow2", 4 * MiB)
+        qemu_io(img, f"write -P {i + 1} {i * 64}k 64k")
+        digests[f"{name}-dir/{name}.qcow2"] = None
+    del digests[f"{bad}-dir/{bad}.qcow2"]
+    remote = put(host, str(local), "names")
+    m = mount(["--images", host.url(remote)], *ssh_opts(host), name="names")
+    # A name that is not UTF-8 is listed, and refused as a local one is (qemu takes JSON).
+    problems = [ln for ln in m.status().splitlines()[2:] if ln]
+    assert len(problems) == 3 and all("bad\\xffbyte" in ln and "is not UTF-8" in ln for ln in problems), problems
+    for rel in digests:
+        got = sha256_of(os.path.join(m / rel, "chain", f"00-{os.path.basename(rel)[:-6]}.raw"))
+        here = tmp_path / "want.raw"
+        qemu_img("convert", "-O", "raw", local / rel, here)
+        assert got == sha256_of(here), rel
+    assert not host.sh('find "$1" -name PWNED', host.root)
+    assert not list(tmp_path.rglob("PWNED")) and not os.path.exists(os.path.join(REPO, "PWNED"))
+
+
+def test_remote_outside_rule_applies_on_the_host(host, tmp_path, mount):
+    """A backing file or leaf symlink that resolves outside DIR on the host is
+    refused as a local one would be."""
+    local = tmp_path / "outside-here"
+    (local / "dir").mkdir(parents=True)
+    secret = create(local / "secret.qcow2", 4 * MiB)
+    qemu_io(secret, "write -P 0x5e 0 64k")
+    create(local / "dir" / "top.qcow2", backing="../secret.qcow2")
+    os.symlink("../secret.qcow2", local / "dir" / "link.qcow2")
+    remote = put(host, str(local), "outside")
+    m = mount(["--images", host.url(remote + "/dir")], *ssh_opts(host), name="outside")
+    status = m.status()
+    assert "outside" in status and "top.qcow2" in status and "link.qcow2" in status, status
+    assert not os.path.exists(m / "link.qcow2")
+    assert not os.path.exists(m / "top.qcow2/chain/01-top.raw")
+
+
+def ssh_processes(control_dir: str) -> list[int]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            if cmd.startswith(b"ssh\0") and control_dir.encode() in cmd:
+                out.append(int(pid))
+    return out
+
+
+def wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize("how", ["umount", "sigkill"])
+def test_nothing_left_behind(host, tmp_path, mount, how):
+    """After snapfs umount, or SIGKILL then snapfs umount, no ssh process is
+    left here and no qemu-nbd on the host."""
+    local = tmp_path / "life-here"
+    local.mkdir()
+    img = create(local / "d.qcow2", 8 * MiB)
+    qemu_io(img, "write -P 0x31 0 1M")
+    remote = put(host, str(local), f"life-{how}")
+    m = mount(["--images", host.url(remote)], *ssh_opts(host), name="life")
+    with open(m / "d.qcow2/chain/00-d.raw", "rb") as f:
+        assert f.read(1 << 20) == b"\x31" * (1 << 20)
+    assert host.pids_of("qemu-nbd")
+    from snapfs.runtime import find_mount
+    rundir = os.path.dirname(find_mount(m.path)[1]["control"])
+    assert ssh_processes(rundir)
+    if how == "sigkill":
+        os.kill(m.pid, signal.SIGKILL)
+    run(*SNAPFS, "umount", m.path, cwd=REPO)
+    m.closed = True
+    assert wait_for(lambda: not ssh_processes(rundir)), ssh_processes(rundir)
+    assert wait_for(lambda: not host.pids_of("qemu-nbd")), host.pids_of("qemu-nbd")
+
+
+def test_host_keys_are_checked(host, tmp_path):
+    """An unknown or changed host key refuses the source with ssh's reason;
+    snapfs never writes known_hosts."""
+    remote = host.root + "/keys"
+    host.run("mkdir", "-p", remote)
+    for case, content in (("unknown", ""), ("changed", None)):
+        kh = tmp_path / f"known_hosts-{case}"
+        if content is None:
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", tmp_path / "other"], check=True)
+            kind, key = (tmp_path / "other.pub").read_text().split()[:2]
+            content = f"[127.0.0.1]:{host.port} {kind} {key}\n"
+        kh.write_text(content)
+        cfg = tmp_path / f"config-{case}"
+        cfg.write_text(open(host.config).read().replace(host.known_hosts, str(kh)))
+        mnt = tmp_path / f"mnt-{case}"
+        mnt.mkdir()
+        t0 = time.monotonic()
+        r = run(*SNAPFS, "mount", "--images", host.url(remote), "--ssh-config", cfg, mnt, check=False,
+                cwd=REPO, timeout=60)
+        assert r.returncode != 0 and not os.path.ismount(mnt)
+        assert "Host key verification failed" in r.stderr, r.stderr
+        assert time.monotonic() - t0 < 15
+        assert kh.read_text() == content
+
+
+@pytest.mark.log_allows(r"asking again", r"did not come back", r"lost its server", r"died",
+                        r"exited with", r"cannot forward", r"not connected")
+def test_several_sources_one_lost(host, tmp_path, mount):
+    """A local directory, a remote one and a host that cannot be reached, in
+    one mount: each in its folder; the unreachable one says why; a host lost
+    later fails its reads with EIO (the others read on) and snapfs refresh
+    reconnects it."""
+    local = tmp_path / "mixed-here"
+    local.mkdir()
+    a = create(local / "a.qcow2", 8 * MiB)
+    qemu_io(a, "write -P 0x41 0 1M")
+    remote = put(host, str(local), "mixed")
+    here = tmp_path / "here"
+    here.mkdir()
+    b = create(here / "b.qcow2", 8 * MiB)
+    qemu_io(b, "write -P 0x42 0 1M")
+    gone = f"ssh://{ALIAS}-nowhere/srv"
+    cfg = tmp_path / "config"
+    cfg.write_text(open(host.config).read() + f"Host {ALIAS}-nowhere\n    HostName 127.0.0.1\n    Port 1\n")
+    m = mount(["--images", host.url(remote), "--images", str(here), "--images", gone],
+              "--ssh-config", cfg, "--retry-timeout", "5", name="mixed")
+    top = sorted(os.listdir(m.path))
+    rf, lf, gf = "ssh:__testhost" + remote.replace("_", "%5F").replace("/", "_"), \
+        str(here).replace("_", "%5F").replace("/", "_"), "ssh:__testhost-nowhere_srv"
+    assert top == sorted([".snapfs-status", rf, lf, gf]), top
+    assert os.listdir(m / gf) == []
+    assert f"{gf}/: " in m.status() and "Connection refused" in m.status(), m.status()
+    ra = m / f"{rf}/a.qcow2/chain/00-a.raw"
+    with open(ra, "rb") as f:
+        assert f.read(1 << 20) == b"\x41" * (1 << 20)
+    # The host goes away: its reads fail within the retry timeout, the others read on.
+    host.stop_sshd()
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as e:
+        with open(ra, "rb") as f:
+            f.seek(2 << 20)
+            while f.read(1 << 20):
+                pass
+            f.seek(0)
+            f.read(1 << 20)
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            f.seek(4 << 20)
+            f.read(1 << 20)
+            with open(m / f"{rf}/a.qcow2/layers/00-a.raw", "rb") as g:
+                g.read(1 << 20)
+    assert e.value.errno == 5 and time.monotonic() - t0 < 30
+    with open(m / f"{lf}/b.qcow2/chain/00-b.raw", "rb") as f:
+        assert f.read(1 << 20) == b"\x42" * (1 << 20)
+    host.start_sshd()
+    out = run(*SNAPFS, "refresh", m.path, cwd=REPO, check=False)
+    assert "Connection refused" in out.stderr + out.stdout  # the unreachable one still is
+    with open(ra, "rb") as f:
+        assert f.read(1 << 20) == b"\x41" * (1 << 20)
+
+
+def test_mount8_form_with_ssh_config(host, tmp_path):
+    """mount(8): SOURCE is the ssh:// URL, -o ssh_config=FILE."""
+    local = tmp_path / "m8"
+    local.mkdir()
+    qemu_io(create(local / "x.qcow2", 4 * MiB), "write -P 0x61 0 64k")
+    remote = put(host, str(local), "m8")
+    mnt = tmp_path / "mnt8"
+    mnt.mkdir()
+    run("mount", "-t", "fuse.snapfs", host.url(remote), mnt, "-o", f"ro,ssh_config={host.config}")
+    try:
+        with open(mnt / "x.qcow2/chain/00-x.raw", "rb") as f:
+            assert f.read(65536) == b"\x61" * 65536
+        info = json.loads(run("findmnt", "-J", "-o", "SOURCE,FSTYPE", mnt).stdout)["filesystems"][0]
+        assert info["source"] == host.url(remote) and info["fstype"] == "fuse.snapfs"
+    finally:
+        run(*SNAPFS, "umount", mnt, cwd=REPO)
+    shutil.rmtree(mnt, ignore_errors=True)
