@@ -49,6 +49,7 @@ class TestHost:
         self.port = 0
         self.holder: subprocess.Popen | None = None
         self.sshd: subprocess.Popen | None = None
+        self.relays: list = []
 
     @classmethod
     def start(cls, base: str) -> TestHost:
@@ -185,12 +186,31 @@ Subsystem sftp internal-sftp
                 continue
         return out
 
-    def url(self, path: str) -> str:
-        return f"ssh://{ALIAS}{path}"
+    def url(self, path: str, alias: str = ALIAS) -> str:
+        return f"ssh://{alias}{path}"
+
+    def slow_alias(self, delay: float) -> str:
+        """An alias of the host reached through a relay adding ``delay`` seconds
+        each way (``latency_relay.Relay``, stopped with the host)."""
+        from latency_relay import Relay
+        relay = Relay(self.port, delay)
+        self.relays.append(relay)
+        alias = f"{ALIAS}-{len(self.relays)}"
+        with open(self.known_hosts) as f:
+            key = f.readline().split(None, 1)[1]
+        with open(self.known_hosts, "a") as f:
+            f.write(f"[127.0.0.1]:{relay.port} {key}")
+        with open(self.config) as f:
+            block = f.read().split("\n", 1)[1].replace(f"Port {self.port}", f"Port {relay.port}")
+        with open(self.config, "a") as f:
+            f.write(f"Host {alias}\n{block}")
+        return alias
 
     def stop(self) -> None:
         """sshd, what runs under it (sessions, qemu-nbd) and the namespace end."""
         ns = self._ns()
+        for relay in self.relays:
+            relay.stop()
         for p in (self.sshd, self.holder):
             if p is not None and p.poll() is None:
                 p.send_signal(signal.SIGTERM)

@@ -292,3 +292,33 @@ def test_mount8_form_with_ssh_config(host, tmp_path):
     finally:
         run(*SNAPFS, "umount", mnt, cwd=REPO)
     shutil.rmtree(mnt, ignore_errors=True)
+
+
+def test_restore_to_a_remote_host(host, tmp_path, mount):
+    """--rw: a disk written through a remote view (cp, qemu-img convert -n) is,
+    on the host, what was written; the host's qemu-img check passes."""
+    local = tmp_path / "rw-here"
+    local.mkdir()
+    base = create(local / "base.qcow2", 16 * MiB)
+    qemu_io(base, "write -P 0x11 0 8M")
+    create(local / "top.qcow2", backing="base.qcow2")
+    remote = put(host, str(local), "rw")
+    backup = tmp_path / "backup.raw"
+    with open(backup, "wb") as f:
+        f.truncate(16 * MiB)
+    qemu_io(str(backup), "write -P 0x77 1M 2M", "write -P 0x78 12M 1M", fmt="raw")
+    m = mount(["--images", host.url(remote)], *ssh_opts(host), "--rw", name="rw")
+    view = m / "top.qcow2/chain/01-top.raw"
+    qemu_img("convert", "-n", "-f", "raw", "-O", "raw", backup, view)
+    qemu_img("compare", "-f", "raw", "-F", "raw", view, backup)
+    m.close()
+    host.run("qemu-img", "check", "-q", f"{remote}/top.qcow2")
+    got = tmp_path / "got.raw"
+    host.run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", f"{remote}/top.qcow2", f"{remote}.got")
+    with open(got, "wb") as f:
+        f.write(host.run("cat", f"{remote}.got").stdout)
+    qemu_img("compare", "-f", "raw", "-F", "raw", got, backup)
+    # The base on the host is untouched.
+    assert host.run("qemu-img", "map", "--output=json", f"{remote}/base.qcow2").returncode == 0
+    assert host.sh('qemu-io -r -f qcow2 -c "read -P 0x11 0 8M" "$1" | grep -c "read 8388608"',
+                   f"{remote}/base.qcow2").strip() == "1"

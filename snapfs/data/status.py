@@ -140,18 +140,15 @@ class BlockStatus:
             return None, {}
         generation = self._chains.generation
         keys = _layer_keys(spec)
-        layers, new = [], {}
+        # Every layer not known yet, asked of its host at once (one round trip
+        # for a remote host); a layer that must be left to qemu ends it.
+        if any(k in known and known[k] is None for k in keys):
+            return None, {}
+        missing = [k for k in keys if k not in known]
+        new = spec.host.layer_statuses(missing) if missing else {}
+        layers = []
         for key in keys:
-            path, fmt, pin = key
-            if key in known:
-                status = known[key]
-            else:
-                try:
-                    status = spec.host.layer_status(path, fmt, pin)
-                except local.NotPlain as e:
-                    log.debug("block status of %s: asking qemu (%s)", path, e)
-                    status = None
-                new[key] = status
+            status = known[key] if key in known else new.get(key)
             if status is None:
                 return None, new
             layers.append(status)

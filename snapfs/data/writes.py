@@ -167,6 +167,7 @@ class WriteSession:
             if view.layer.path == self.image:
                 if mtime is None:
                     try:
+                        view.layer.host.forget(self.image)
                         mtime = view.layer.host.stat(self.image).st_mtime_ns
                     except OSError:
                         mtime = view.layer.mtime_ns

@@ -90,6 +90,34 @@ class LayerStatus:
     kinds: list[Run]  # flags: UNALLOCATED, ZERO or DATA
 
 
+def from_qemu_map(entries: list[dict]) -> LayerStatus:
+    """One layer's status from what ``qemu-img map --output=json`` says of it
+    opened alone (``"backing": null``): qemu's own answer, for images snapfs
+    does not read (a remote host's). NotPlain for an area that is data and
+    reads as zero (no kind here says that: qemu is asked per export)."""
+    kinds: list = []
+    pos = 0
+    for e in entries:
+        start, length = int(e["start"]), int(e["length"])
+        if start != pos or length <= 0:
+            raise NotPlain("qemu-img map: extents not contiguous")
+        if not e.get("present", True):
+            kind = UNALLOCATED
+        elif e.get("data"):
+            if e.get("zero"):
+                raise NotPlain("data that reads as zero")
+            kind = DATA
+        else:
+            kind = ZERO
+        add_run(kinds, start, length, kind)
+        if len(kinds) > MAX_RUNS:
+            raise NotPlain("more than a million runs")
+        pos += length
+    if pos % 512:
+        raise NotPlain("size is no multiple of 512")
+    return LayerStatus(pos, kinds)
+
+
 def _data_segments(fd: int, end: int) -> list[tuple[int, int]]:
     """Where the file has data (SEEK_DATA/SEEK_HOLE), as ``(start, end)``."""
     out = []

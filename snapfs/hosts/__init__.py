@@ -25,9 +25,10 @@ The protocol every host implements (``LocalHost`` is the reference)::
     open(path)                              a binary file, to read a header: only a regular
                                             file or a block device, opened without blocking
                                             (OSError for a FIFO, a socket, a character device)
+    forget(path)                            it was written: look again next time
     has_acl(path), locked_for_write(path)   bool
     protocol_driver(path)                   qemu's driver: file or host_device
-    layer_status(path, fmt, pin)            formats.status.LayerStatus; NotPlain
+    layer_statuses([(path, fmt, pin)])      {key: formats.status.LayerStatus, or None: ask qemu}
     nbd_server(spec, rundir, ident, conns)  a process serving the export (nbd.qemu.QemuNBD)
     connect(socket, contexts, export)       a connection to it (nbd.client.Connection)
 """

@@ -8,11 +8,14 @@ Tests that must not start qemu subclass it and replace ``nbd_server`` and
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 
 from .. import formats
 from ..formats import status
+
+log = logging.getLogger(__name__)
 
 
 class LocalHost:
@@ -76,6 +79,9 @@ class LocalHost:
             os.close(fd)
             raise
 
+    def forget(self, path: str) -> None:
+        """What is known of ``path`` is stale (it was written): nothing is kept here."""
+
     def has_acl(self, path: str) -> bool:
         try:
             os.getxattr(path, "system.posix_acl_access")
@@ -95,8 +101,17 @@ class LocalHost:
 
     # -- block status from the files -------------------------------------------
 
-    def layer_status(self, path: str, fmt: str, pin) -> status.LayerStatus:
-        return status.layer_status(path, fmt, pin)
+    def layer_statuses(self, keys: list[tuple]) -> dict[tuple, status.LayerStatus | None]:
+        """``(path, fmt, pin)`` -> its status read from the file, or None
+        when qemu must be asked (formats/status.py says when)."""
+        out = {}
+        for key in keys:
+            try:
+                out[key] = status.layer_status(*key)
+            except status.NotPlain as e:
+                log.debug("block status of %s: asking qemu (%s)", key[0], e)
+                out[key] = None
+        return out
 
     # -- qemu ------------------------------------------------------------------
 
