@@ -28,6 +28,7 @@ The protocol every host implements (``LocalHost`` is the reference)::
     forget(path)                            it was written: look again next time
     has_acl(path), locked_for_write(path)   bool
     protocol_driver(path)                   qemu's driver: file or host_device
+    expect([(path, fmt, pin)])              the layers a scan found (a hint)
     layer_statuses([(path, fmt, pin)])      {key: formats.status.LayerStatus, or None: ask qemu}
     nbd_server(spec, rundir, ident, conns)  a process serving the export (nbd.qemu.QemuNBD)
     connect(socket, contexts, export)       a connection to it (nbd.client.Connection)

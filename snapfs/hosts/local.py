@@ -101,6 +101,9 @@ class LocalHost:
 
     # -- block status from the files -------------------------------------------
 
+    def expect(self, keys: list[tuple]) -> None:
+        """The layers a scan found (a remote host fetches their status ahead)."""
+
     def layer_statuses(self, keys: list[tuple]) -> dict[tuple, status.LayerStatus | None]:
         """``(path, fmt, pin)`` -> its status read from the file, or None
         when qemu must be asked (formats/status.py says when)."""

@@ -31,6 +31,7 @@ never prompting (``BatchMode``), host keys checked as ssh checks them.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import ctypes
 import errno
 import gzip
@@ -43,6 +44,7 @@ import signal
 import stat
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 
 import trio
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 
 HEAD = 65536  # bytes of every image read in the scan's prefetch (a qcow2 header's cluster)
 COMMAND_TIMEOUT = 60.0
+BATCH = 256  # layer statuses fetched at once (``layer_statuses``)
+CHUNK = 64  # of them per command; the commands run side by side
 CONNECT_TIMEOUT = 30.0
 # The master notices a host that stopped answering after 3 x 5 s.
 ALIVE = ("-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3")
@@ -200,6 +204,9 @@ class SshHost:
         self.error: str | None = None  # why it is not connected now
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
+        self._expected: dict[tuple, int] = {}  # layer keys of the last scan, in its order
+        self._statuses: dict[tuple, object] = {}  # layer statuses fetched (forget drops them)
+        self._inflight: dict[tuple, threading.Event] = {}
         self.uid, self.gid = os.getuid(), os.getgid()
 
     def __repr__(self) -> str:
@@ -234,8 +241,11 @@ class SshHost:
 
     def run(self, script: str, *args, input: bytes | None = None, timeout: float = COMMAND_TIMEOUT) -> bytes:
         """The script's stdout; OSError(EIO) with ssh's or the script's reason."""
+        t0 = time.monotonic()
         try:
             p = subprocess.run(self.command(script, *args), input=input, capture_output=True, timeout=timeout)
+            log.debug("on %s: %s... (%d argument(s)): %.3f s", self.name, script.strip()[:24], len(args),
+                      time.monotonic() - t0)
         except subprocess.TimeoutExpired:
             raise OSError(errno.EIO, f"{self.name}: no answer within {timeout:.0f} s") from None
         if p.returncode:
@@ -451,8 +461,7 @@ class SshHost:
             return
         with self._lock:
             entries = dict(self._entries)
-        self.prefetch([root] + [p for p, e in entries.items() if e.lstat is not None
-                                and not stat.S_ISDIR(e.lstat.st_mode)] + _above(root))
+        self.prefetch([root] + [p for p, e in entries.items() if e.lstat is not None] + _above(root))
         with self._lock:
             entries = dict(self._entries)
         children: dict[str, tuple[list, list]] = {}
@@ -492,10 +501,13 @@ class SshHost:
 
     def forget(self, path: str) -> None:
         """``path`` was written: asked of the host again at the next look."""
+        path = os.path.normpath(path)
         with self._lock:
-            e = self._entries.get(os.path.normpath(path))
+            e = self._entries.get(path)
             if e is not None:
                 e.fetched = False
+            for k in [k for k in self._statuses if k[0] == path]:
+                del self._statuses[k]
 
     def has_acl(self, path: str) -> bool:
         return False  # the "other" bits are the ACL's "other" entry: what ``stat`` shows is exact
@@ -509,10 +521,62 @@ class SshHost:
 
     # -- block status, qemu ----------------------------------------------------
 
+    def expect(self, keys: list[tuple]) -> None:
+        """The layers (``(path, fmt, pin)``) a scan found, in its order: asking
+        for one layer's status fetches the ones after it too (``BATCH``), so a
+        first ``ls -lR`` costs a few round trips, not one per disk."""
+        with self._lock:
+            self._expected = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+            self._statuses.clear()
+
     def layer_statuses(self, keys: list[tuple]) -> dict:
         """Each layer's status as qemu on the host reports it: ``qemu-img map``
         of the layer alone, opened through a descriptor whose device and
-        inode were checked against its pin; every layer in one round trip."""
+        inode were checked against its pin, with the expected layers after it
+        (``expect``), in a few commands run side by side. A layer another
+        thread is fetching is waited for, not fetched twice."""
+        out, waits, batch = {}, [], []
+        with self._lock:
+            for k in keys:
+                if k in self._statuses:
+                    out[k] = self._statuses[k]
+                elif k in self._inflight:
+                    waits.append((k, self._inflight[k]))
+                else:
+                    batch.append(k)
+            if batch:
+                order = list(self._expected)
+                at = min((self._expected[k] for k in batch if k in self._expected), default=0)
+                for k in order[at:] + order[:at]:
+                    if len(batch) >= BATCH:
+                        break
+                    if k not in self._statuses and k not in self._inflight and k not in batch:
+                        batch.append(k)
+                done = threading.Event()
+                for k in batch:
+                    self._inflight[k] = done
+        if batch:
+            got: dict = {}
+            try:
+                chunks = [batch[i:i + CHUNK] for i in range(0, len(batch), CHUNK)]
+                with concurrent.futures.ThreadPoolExecutor(len(chunks)) as pool:
+                    for part in pool.map(self._fetch_statuses, chunks):
+                        got.update(part)
+            finally:
+                with self._lock:
+                    for k in batch:
+                        self._inflight.pop(k, None)
+                        if k in got:
+                            self._statuses[k] = got[k]
+                done.set()
+            out.update({k: got.get(k) for k in keys if k in batch})
+        for k, ev in waits:
+            ev.wait(COMMAND_TIMEOUT)
+            with self._lock:
+                out[k] = self._statuses.get(k)
+        return out
+
+    def _fetch_statuses(self, keys: list[tuple]) -> dict:
         out: dict = {k: None for k in keys}
         asked = [k for k in keys if k[1] in ("qcow2", "raw") and k[2] is not None]
         if not asked:
@@ -527,7 +591,7 @@ class SshHost:
             text = self.run(_SCRIPT_MAPS, *args)
         except OSError as e:
             log.debug("block status on %s: asking qemu (%s)", self.name, e.strerror)
-            return out
+            return {}  # not kept: asked again next time
         for key, answer in zip(asked, text.split(b"\0"), strict=False):
             if not answer.startswith(b"OK"):
                 log.debug("block status of %s on %s: asking qemu (%s)", key[0], self.name,

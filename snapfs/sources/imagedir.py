@@ -324,6 +324,8 @@ class ImageDirectorySource:
     def _scan_now(self) -> Scan:
         found = ImageDirectory(self.root, allow_outside=self.allow_outside, host=self.host).scan()
         units = {disk.relpath: disk_unit(found.root, disk, self.writable) for disk in found.disks}
+        self.host.expect([(path, fmt, pin) for u in units.values() for v in u.views for s in v.specs()
+                          for (path, fmt), pin in zip(s.layers, s.pins or (None,) * len(s.layers), strict=True)])
         # The root needs what listing the image directory needs.
         root_needs = ((found.root, LIST),) + tuple((d, SEARCH) for d in parents(found.root, self.host))
         return Scan(units=units, root_needs=root_needs,
