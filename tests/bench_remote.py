@@ -59,6 +59,21 @@ def timed(cmd, **kw) -> float:
     return time.monotonic() - t
 
 
+def cpu_of(pids) -> float:
+    """CPU seconds (user + system) the processes have used so far, their
+    reaped children included."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15])
+        except OSError:
+            pass
+    return total / tick
+
+
 def drop_caches() -> None:
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -108,36 +123,59 @@ class Bench:
         self.host.run("cp", f"{remote}/disk.qcow2", f"{local}/disk.qcow2")
         return remote, local
 
-    def nbdcopy_anchor(self, remote_image: str) -> float:
-        """nbdcopy from a qemu-nbd on the host, its socket forwarded over one
-        ssh master connection through the relay: the transport snapfs uses."""
-        ctl = os.path.join(self.base, "anchor.ctl")
-        ssh = ["ssh", "-F", self.host.config, "-S", ctl]
-        master = subprocess.Popen([*ssh, "-M", "-N", self.slow], stdin=subprocess.DEVNULL)
+    def nbdcopy_local(self, image: str) -> float:
+        """nbdcopy from a local qemu-nbd: the local transport's own speed."""
+        sock = os.path.join(self.base, "local-anchor.sock")
+        server = subprocess.Popen(["qemu-nbd", "--read-only", "--shared=8", "--persistent", "-f", "qcow2",
+                                   f"--socket={sock}", "--cache=writeback", image])
         try:
             for _ in range(500):
-                if run([*ssh, "-O", "check", self.slow], check=False).returncode == 0:
+                if os.path.exists(sock):
+                    break
+                time.sleep(0.01)
+            time.sleep(0.2)
+            out = os.path.join(self.out, "anchor.raw")
+            times = []
+            for _ in range(self.reps):
+                times.append(timed(["nbdcopy", f"nbd+unix:///?socket={sock}", out]))
+                os.unlink(out)
+            return statistics.median(times)
+        finally:
+            server.kill()
+            server.wait()
+
+    def nbdcopy_anchor(self, remote_image: str, alias: str) -> float:
+        """nbdcopy from a qemu-nbd on the host, its socket forwarded over one
+        ssh master connection (with snapfs's cipher preference), through
+        ``alias``: the transport snapfs uses."""
+        ctl = os.path.join(self.base, "anchor.ctl")
+        ssh = ["ssh", "-F", self.host.config, "-S", ctl]
+        master = subprocess.Popen([*ssh, "-M", "-N", "-o", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com",
+                                   alias], stdin=subprocess.DEVNULL)
+        try:
+            for _ in range(500):
+                if run([*ssh, "-O", "check", alias], check=False).returncode == 0:
                     break
                 time.sleep(0.02)
             rsock = f"/tmp/snapfs-bench-anchor-{os.getpid()}.sock"
-            server = subprocess.Popen([*ssh, self.slow, "exec", "qemu-nbd", "--read-only", "--shared=8",
+            server = subprocess.Popen([*ssh, alias, "exec", "qemu-nbd", "--read-only", "--shared=8",
                                        "--persistent", "-f", "qcow2", f"--socket={rsock}", "--cache=writeback",
                                        remote_image], stdin=subprocess.PIPE)
             time.sleep(1)
             lsock = os.path.join(self.base, "anchor.sock")
             if os.path.exists(lsock):
                 os.unlink(lsock)
-            run([*ssh, "-O", "forward", "-L", f"{lsock}:{rsock}", self.slow])
+            run([*ssh, "-O", "forward", "-L", f"{lsock}:{rsock}", alias])
             out = os.path.join(self.out, "anchor.raw")
             times = []
             for _ in range(self.reps):
                 times.append(timed(["nbdcopy", f"nbd+unix:///?socket={lsock}", out]))
                 os.unlink(out)
             server.kill()
-            run([*ssh, self.slow, "pkill", "-f", rsock], check=False)
+            run([*ssh, alias, "pkill", "-f", rsock], check=False)
             return statistics.median(times)
         finally:
-            run([*ssh, "-O", "exit", self.slow], check=False)
+            run([*ssh, "-O", "exit", alias], check=False)
             master.wait()
 
     def copy(self) -> None:
@@ -149,10 +187,14 @@ class Bench:
         out = os.path.join(self.out, "out.raw")
         res: dict[str, list[float]] = {k: [] for k in ("cp local", "cp remote", "convert local",
                                                         "convert remote", "cp remote +delay")}
+        host_cpu = []
         for _ in range(self.reps):
             for key, mnt in (("local", lm), ("remote", rm)):
                 drop_caches()
+                before = cpu_of(self.host.pids_of())
                 res[f"cp {key}"].append(timed(["cp", "--sparse=always", os.path.join(mnt, view), out]))
+                if key == "remote":
+                    host_cpu.append(cpu_of(self.host.pids_of()) - before)
                 os.unlink(out)
                 drop_caches()
                 res[f"convert {key}"].append(timed(["qemu-img", "convert", "-f", "raw", "-O", "raw",
@@ -161,13 +203,24 @@ class Bench:
             drop_caches()
             res["cp remote +delay"].append(timed(["cp", "--sparse=always", os.path.join(sm, view), out]))
             os.unlink(out)
-        anchor = self.nbdcopy_anchor(f"{remote}/disk.qcow2")
+        anchor = self.nbdcopy_anchor(f"{remote}/disk.qcow2", self.slow)
+        fast = self.nbdcopy_anchor(f"{remote}/disk.qcow2", ALIAS)
+        here = self.nbdcopy_local(f"{local}/disk.qcow2")
         med = {k: statistics.median(v) for k, v in res.items()}
         size = 1024  # MiB read (the whole disk: holes are read as zeros by cp)
         for k, v in med.items():
             log(f"copy: {k:22s} {v:6.2f} s  ({size / v:6.0f} MiB/s)   runs: "
                 + ", ".join(f"{x:.2f}" for x in res[k]))
         log(f"copy: nbdcopy +delay         {anchor:6.2f} s  ({size / anchor:6.0f} MiB/s)")
+        log(f"copy: nbdcopy over ssh       {fast:6.2f} s  ({size / fast:6.0f} MiB/s)")
+        log(f"copy: nbdcopy local          {here:6.2f} s  ({size / here:6.0f} MiB/s)")
+        log(f"copy: the transport alone, nbdcopy over ssh / local = {fast / here:.2f}x (this machine is "
+            "also the host: its ssh and sshd share these CPUs)")
+        hc = statistics.median(host_cpu)
+        log(f"copy: the host's own CPU (its sshd and qemu-nbd, on this machine's {os.cpu_count()} CPUs) "
+            f"during cp remote: {hc:.2f} s; cp remote less half of it (what a host of its own would "
+            f"take off this machine): {med['cp remote'] - hc / 2:.2f} s, "
+            f"{(med['cp remote'] - hc / 2) / med['cp local']:.2f}x local")
         for what in ("cp", "convert"):
             ratio = med[f"{what} remote"] / med[f"{what} local"]
             log(f"copy: {what} remote / local = {ratio:.2f}x (target <= 1.3x): "
@@ -210,8 +263,9 @@ for n in $(seq 1 {disks - 1}); do cp -a disk0000 "disk$(printf %04d "$n")"; done
                 log(f"scale: ls -lR failed ({ls.returncode}, {files} views): {ls.stderr[-500:]!r}")
             self.umount(mnt)
         m, ls_ = statistics.median(mounts), statistics.median(lists)
+        runs = ", ".join(f"{a:.1f}+{b:.1f}" for a, b in zip(mounts, lists, strict=True))
         log(f"scale: {disks} disks x {layers} layers at {self.delay * 1000:.0f} ms each way: "
-            f"mount {m:.1f} s, first ls -lR {ls_:.1f} s (runs: {', '.join(f'{a:.1f}+{b:.1f}' for a, b in zip(mounts, lists))})")
+            f"mount {m:.1f} s, first ls -lR {ls_:.1f} s (runs: {runs})")
         log(f"scale: mount + first ls -lR = {m + ls_:.1f} s (target <= 30 s): " + ("PASS" if m + ls_ <= 30 else "MISS"))
 
 

@@ -19,6 +19,7 @@ The protocol every host implements (``LocalHost`` is the reference)::
     name                                    None, or the host as given
     await reach(), close()                  reach it (MountError with the reason), let go
     connected, error                        reachable now; why not (None)
+    readahead                               chunks fetched ahead of a sequential reader
     stat(path) / lstat(path)                os.stat_result; OSError
     realpath(path), exists(path), isfile(path), islink(path), isdir(path)
     walk(root, onerror)                     as os.walk, top-down

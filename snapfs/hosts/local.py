@@ -23,6 +23,7 @@ class LocalHost:
 
     name = None
     connected = True
+    readahead = 4  # chunks a sequential reader gets fetched ahead (nbd/chunks.py)
     error = None
 
     def __repr__(self) -> str:

@@ -243,7 +243,8 @@ class ChunkCache:
     budget: the mount's ``ChunkBudget``, shared by every export's cache.
     """
 
-    def __init__(self, fetch, spawn, size: int, budget: ChunkBudget):
+    def __init__(self, fetch, spawn, size: int, budget: ChunkBudget, readahead: int = READAHEAD):
+        self.readahead = readahead
         self._fetch = fetch
         self._spawn = spawn
         self._budget = budget
@@ -325,7 +326,7 @@ class ChunkCache:
         """Fetch the chunks after ``index`` in the background, nearest first, while
         the budget has room for readahead: each takes its room now, in order."""
         last = (self.size - 1) // CHUNK
-        for i in range(index + 1, min(index + 1 + READAHEAD, last + 1)):
+        for i in range(index + 1, min(index + 1 + self.readahead, last + 1)):
             if i in self._chunks or i in self._loading:
                 continue
             start = i * CHUNK
@@ -352,9 +353,9 @@ class ChunkCache:
         first, last = offset // CHUNK, (offset + length - 1) // CHUNK
         prev = self._last
         sequential = prev is not None and first in (prev, prev + 1)
-        if prev is not None and not prev - 1 <= first <= prev + READAHEAD:
+        if prev is not None and not prev - 1 <= first <= prev + self.readahead:
             # The reader jumped: what was fetched ahead of it is evicted first.
-            self._budget.give_up(self, [i for i in self._chunks if not first <= i <= last + READAHEAD])
+            self._budget.give_up(self, [i for i in self._chunks if not first <= i <= last + self.readahead])
         self._first, self._last = first, last
         span = range(first, last + 1)
         for i in span:

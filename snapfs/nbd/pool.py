@@ -81,7 +81,7 @@ class Server:
         """The export's chunk cache, in the pool's budget (freed when the server stops)."""
         if self._cache is None:
             self._cache = ChunkCache(self.pread, self._pool.background(lambda: self.users > 0), size,
-                                     self._pool.budget)
+                                     self._pool.budget, self.spec.host.readahead)
         return self._cache
 
     async def ensure_running(self) -> None:
