@@ -8,11 +8,14 @@ that copy.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -24,10 +27,15 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 and not IN_CI,
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    h = TestHost.start(str(tmp_path_factory.mktemp("host")))
+def host():
+    """The test host; its files in a directory everyone may search (its
+    "other" bits are what --allow-other mounts go by)."""
+    base = tempfile.mkdtemp(prefix="snapfs-testhost-", dir="/var/tmp")
+    os.chmod(base, 0o755)
+    h = TestHost.start(base)
     yield h
     h.stop()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def put(host: TestHost, local: str, name: str) -> str:
@@ -43,7 +51,8 @@ def ssh_opts(host):
 
 
 def tree(root: str) -> dict[str, tuple]:
-    """Every file under a mount: kind, size, blocks, data runs, digest, xattrs."""
+    """Every file under a mount: kind, size, blocks, data runs, digest, xattrs
+    (modes differ with the paths above the two copies: the access test's)."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
@@ -51,12 +60,12 @@ def tree(root: str) -> dict[str, tuple]:
             rel = os.path.relpath(p, root)
             st = os.lstat(p)
             if os.path.isdir(p):
-                out[rel] = ("dir", oct(st.st_mode))
+                out[rel] = ("dir",)
                 continue
             if rel == ".snapfs-status":
                 continue
             xattrs = {a: os.getxattr(p, a).decode() for a in os.listxattr(p)}
-            out[rel] = ("file", oct(st.st_mode), st.st_size, st.st_blocks, tuple(seek_walk(p)),
+            out[rel] = ("file", st.st_size, st.st_blocks, tuple(seek_walk(p)),
                         sha256_of(p), xattrs)
     return out
 
@@ -322,3 +331,49 @@ def test_restore_to_a_remote_host(host, tmp_path, mount):
     assert host.run("qemu-img", "map", "--output=json", f"{remote}/base.qcow2").returncode == 0
     assert host.sh('qemu-io -r -f qcow2 -c "read -P 0x11 0 8M" "$1" | grep -c "read 8388608"',
                    f"{remote}/base.qcow2").strip() == "1"
+
+
+def test_allow_other_reads_what_everyone_on_the_host_may(host, nobody, mount):
+    """--allow-other: another user reads a remote view only where every file it
+    reads, and every directory above them, lets everyone on the host read."""
+    from test_5_access import image, read_named_as, sha_of_raw
+    shared = tempfile.mkdtemp(prefix="snapfs-remote-access-", dir="/tmp")
+    try:
+        os.chmod(shared, 0o755)
+        local = os.path.join(shared, "images")
+        os.mkdir(local, 0o755)
+        image(os.path.join(local, "private.qcow2"), 0o600)
+        public = image(os.path.join(local, "public.qcow2"), 0o644)
+        os.mkdir(os.path.join(local, "branch"), 0o755)
+        image(os.path.join(local, "branch", "base.qcow2"), 0o600)
+        top = create(os.path.join(local, "branch", "top.qcow2"), backing="base.qcow2")
+        qemu_io(top, "write -P 0x33 6M 1M")
+        os.chmod(top, 0o644)
+        os.mkdir(os.path.join(local, "closed"), 0o700)
+        image(os.path.join(local, "closed", "inside.qcow2"), 0o644)
+        expected_public = sha_of_raw(public, shared)
+        remote = put(host, local, "access")
+        host.run("chmod", "0755", host.root)
+        m = mount(["--images", host.url(remote)], *ssh_opts(host), "--allow-other",
+                  name=os.path.join(shared, "mnt"))
+        views = {
+            "private": m / "private.qcow2/chain/00-private.raw",
+            "public": m / "public.qcow2/chain/00-public.raw",
+            "top chain": m / "branch/top.qcow2/chain/01-top.raw",
+            "top layer": m / "branch/top.qcow2/layers/01-top.raw",
+            "closed": m / "closed/inside.qcow2/chain/00-inside.raw",
+        }
+        got = read_named_as(nobody, views)
+        assert got["private"] == got["top chain"] == got["closed"] == errno.EACCES, got
+        assert got["public"] == expected_public
+        assert isinstance(got["top layer"], str)
+        # The mounting user owns every node: uids on the host mean nothing here.
+        for p in views.values():
+            assert os.stat(p).st_uid == os.getuid()
+        assert stat.S_IMODE(os.stat(views["public"]).st_mode) == 0o444
+        assert stat.S_IMODE(os.stat(views["private"]).st_mode) == 0o400
+    finally:
+        for p in (os.path.join(shared, "mnt"),):
+            if os.path.ismount(p):
+                run("fusermount3", "-uz", p, check=False)
+        shutil.rmtree(shared, ignore_errors=True)
