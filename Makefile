@@ -26,6 +26,7 @@ bench: setup
 	$(PY) tests/bench_restore.py
 	$(PY) tests/bench_qcow2.py
 	$(PY) tests/bench_memory.py
+	$(PY) tests/bench_remote.py
 
 bench-scale: setup
 	$(PY) tests/bench_scale.py
