@@ -29,6 +29,26 @@ import time
 
 ALIAS = "testhost"
 
+# The host's own libvirt: its directories bind-mounted over the machine's
+# (persistent domains, sockets, logs), its networks not started (they would
+# be the machine's bridges too: one network namespace).
+LIBVIRT_SETUP = """
+for d in run varlib varcache varlog etc; do mkdir -p {base}/libvirt/$d; done
+cp -a /etc/libvirt/. {base}/libvirt/etc/
+rm -f {base}/libvirt/etc/qemu/networks/autostart/*
+mount -t tmpfs -o mode=0755 snapfs-testhost-run /run
+mkdir -p /run/sshd /run/lock
+mkdir -p /var/lib/libvirt /var/cache/libvirt /var/log/libvirt
+mount --bind {base}/libvirt/varlib /var/lib/libvirt
+mount --bind {base}/libvirt/varcache /var/cache/libvirt
+mount --bind {base}/libvirt/varlog /var/log/libvirt
+mount --bind {base}/libvirt/etc /etc/libvirt
+virtlogd -d
+libvirtd -d
+i=0
+while [ ! -S /run/libvirt/libvirt-sock ]; do i=$((i + 1)); [ $i -lt 500 ] || exit 1; sleep 0.02; done
+"""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -50,10 +70,15 @@ class TestHost:
         self.holder: subprocess.Popen | None = None
         self.sshd: subprocess.Popen | None = None
         self.relays: list = []
+        self.libvirt = False
 
     @classmethod
-    def start(cls, base: str) -> TestHost:
+    def start(cls, base: str, libvirt: bool = False) -> TestHost:
+        """libvirt: the host runs its own libvirtd (and virtlogd), with its own
+        /run, /var/lib/libvirt, /var/cache/libvirt, /var/log/libvirt and
+        /etc/libvirt, reached as qemu+ssh://testhost/system."""
         host = cls(base)
+        host.libvirt = libvirt
         try:
             host._start()
         except BaseException:
@@ -108,12 +133,16 @@ Subsystem sftp internal-sftp
     BatchMode yes
 """)
         # The namespace: one process keeps it; a tmpfs over hostroot inside.
+        script = f"mount -t tmpfs -o mode=0755 snapfs-testhost {self.root}\n"
+        if self.libvirt:
+            script += LIBVIRT_SETUP.format(base=b)
         self.holder = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "slave", "sh", "-c",
-             f"mount -t tmpfs -o mode=0755 snapfs-testhost {self.root} && echo ok && exec sleep infinity"],
-            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            ["unshare", "-m", "--propagation", "slave", "sh", "-euc", script + "echo ok\nexec sleep infinity\n"],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, stderr=open(os.path.join(b, "namespace.log"), "wb"))
         if self.holder.stdout.readline().strip() != b"ok":
-            raise RuntimeError("the test host's mount namespace could not be made")
+            with open(os.path.join(b, "namespace.log"), errors="replace") as f:
+                said = f.read()[-2000:]
+            raise RuntimeError(f"the test host's mount namespace could not be made: {said}")
         self.start_sshd()
 
     def start_sshd(self) -> None:
@@ -185,6 +214,10 @@ Subsystem sftp internal-sftp
             except OSError:
                 continue
         return out
+
+    def uri(self, alias: str = ALIAS) -> str:
+        """The host's libvirt, through ssh."""
+        return f"qemu+ssh://{alias}/system"
 
     def url(self, path: str, alias: str = ALIAS) -> str:
         return f"ssh://{alias}{path}"

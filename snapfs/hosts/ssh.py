@@ -202,6 +202,9 @@ class SshHost:
         self.name = dest.name
         self.ssh_config = ssh_config
         self.control = os.path.join(rundir, f"ssh{ident}.ctl")
+        # ssh through the master connection, for libvirt's ssh transport
+        # (qemu+ssh://...?command=WRAPPER): written by ``reach``.
+        self.wrapper = os.path.join(rundir, f"ssh{ident}")
         self.rundir = rundir
         self.remote_dir: str | None = None  # the host's directory for qemu-nbd's sockets
         self.master: subprocess.Popen | None = None
@@ -268,6 +271,10 @@ class SshHost:
         self.close()
         if os.path.lexists(self.control):
             os.unlink(self.control)
+        client = self.client()[:-2]  # without "-- HOST": libvirt names the host
+        with open(self.wrapper, "w") as f:
+            f.write("#!/bin/sh\nexec " + " ".join(shlex.quote(a) for a in client) + ' "$@"\n')
+        os.chmod(self.wrapper, 0o700)
         cmd = self._base() + ["-M", "-N", "-o", "ControlPersist=no", *ALIVE, *await trio.to_thread.run_sync(
             self._cipher_preference), "--", self.dest.host]
         errfile = self.control + ".err"

@@ -48,9 +48,51 @@ def make_sources(config, rundir: str) -> list:
             except ImportError as e:
                 raise MountError(f"libvirt's Python module is missing ({e}): install python3-libvirt, "
                                  "or run make setup") from None
+            host, uri = LOCAL, sc.location
+            dest = remote_libvirt(sc.location)
+            if dest is not None:
+                from ..hosts.ssh import SshHost
+                key = (dest.user, dest.host, dest.port)
+                if key not in hosts:
+                    hosts[key] = SshHost(dest, rundir, len(hosts), ssh_config=config.ssh_config)
+                host = hosts[key]
+                uri = _with_command(sc.location, host.wrapper)
             out.append(LibvirtSource(sc.location, list(config.domains), rundir, since=config.since,
-                                     new_checkpoint=config.checkpoint, writable=config.writable))
+                                     new_checkpoint=config.checkpoint, writable=config.writable, host=host,
+                                     connect_uri=uri))
     return out
+
+
+def remote_libvirt(uri: str):
+    """The ssh destination of a libvirt URI on another host (``hosts.ssh.Destination``),
+    None for this machine's libvirt; MountError for a remote transport other than ssh.
+
+    A disk path libvirt gives is a path on the domain's host: it is read there,
+    through ssh, never as a path of this machine.
+    """
+    from urllib.parse import parse_qs, urlsplit
+
+    from ..hosts.ssh import Destination
+    u = urlsplit(uri)
+    transport = u.scheme.partition("+")[2]
+    if not u.hostname or (u.hostname in ("localhost", "127.0.0.1", "::1") and transport in ("", "unix")):
+        return None
+    if transport != "ssh":
+        raise MountError(f"--connect {uri}: snapfs reads another host's disks through ssh: use "
+                         f"{u.scheme.partition('+')[0]}+ssh://{u.netloc}{u.path} (docs/remote.md)")
+    query = parse_qs(u.query)
+    for name, why in (("command", "snapfs runs ssh itself (--ssh-config FILE hands it a configuration)"),
+                      ("no_verify", "snapfs never turns host key checking off"),
+                      ("proxy", "snapfs reaches libvirtd through its own ssh connection")):
+        if name in query:
+            raise MountError(f"--connect {uri}: drop {name}= from the URI: {why}")
+    return Destination(u.username, u.hostname, u.port, "/")
+
+
+def _with_command(uri: str, command: str) -> str:
+    """``uri`` with libvirt's ``command=`` set to snapfs's ssh wrapper."""
+    from urllib.parse import quote
+    return uri + ("&" if "?" in uri else "?") + "command=" + quote(command, safe="/")
 
 
 def clean_up_after(info: dict, rundir: str) -> None:

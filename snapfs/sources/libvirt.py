@@ -121,6 +121,13 @@ class DomainReader:
                 plan.missing.append((f"{plan.dirname}/{d.target}", why))
             else:
                 served.append(d)
+        if running and self.host.name is not None:
+            # A backup job's socket and scratch files would be on that host.
+            for d in served:
+                plan.missing.append((f"{plan.dirname}/{d.target}", f"domain {name} runs on {self.host.name}: "
+                                     "snapfs reads running domains of this machine's libvirt only (shut it "
+                                     "off to read its disks through ssh)"))
+            return plan
         if running:
             since = self._since(checkpoints, plan)
             others = [d.target for d in disks if d not in served]
@@ -365,10 +372,11 @@ class LibvirtSource:
 
     def __init__(self, uri: str, domains: list[str] | None, rundir: str,
                  since: str | None = None, new_checkpoint: str | None = None, writable: bool = False,
-                 host=LOCAL):
+                 host=LOCAL, connect_uri: str | None = None):
         self.uri = uri
         self.label = uri
         self.host = host
+        self.connect_uri = connect_uri or uri  # another host's: through snapfs's ssh connection
         self.names = domains or []
         self.rundir = rundir
         self.since = since
@@ -380,6 +388,8 @@ class LibvirtSource:
     # -- the source protocol (base.py) -------------------------------------------
 
     async def open(self) -> None:
+        if not self.host.connected:
+            await self.host.reach()
         try:
             with trio.fail_after(OPEN_TIMEOUT):
                 await trio.to_thread.run_sync(self.connect, abandon_on_cancel=True)
@@ -450,7 +460,7 @@ class LibvirtSource:
         libvirt.registerErrorHandler(lambda ctx, err: None, None)  # no stderr noise
         _start_event_loop()
         try:
-            self.conn = libvirt.open(self.uri)
+            self.conn = libvirt.open(self.connect_uri)
             # A libvirtd that stops answering closes the connection (its
             # calls then fail) instead of hanging them.
             self.conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
@@ -510,7 +520,14 @@ class LibvirtSource:
         return plan
 
     def close(self) -> None:
-        """End every job; through a new connection if this one died (keepalive)."""
+        """End every job; through a new connection if this one died (keepalive);
+        then the ssh connection to the domains' host, if any."""
+        try:
+            self._close()
+        finally:
+            self.host.close()
+
+    def _close(self) -> None:
         left = False
         for plan in self.plans.values():
             if plan.job is not None:
