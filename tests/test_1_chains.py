@@ -51,8 +51,8 @@ class Host:
     def __init__(self, statuses):
         self.statuses = statuses
 
-    def layer_status(self, path, fmt, pin):
-        return self.statuses[path]
+    def layer_statuses(self, keys):
+        return {key: self.statuses[key[0]] for key in keys}
 
 
 def test_composing_layer_over_layer_is_the_area_by_area_answer():
