@@ -101,7 +101,11 @@ def from_qemu_map(entries: list[dict]) -> LayerStatus:
         start, length = int(e["start"]), int(e["length"])
         if start != pos or length <= 0:
             raise NotPlain("qemu-img map: extents not contiguous")
-        if not e.get("present", True):
+        if "present" not in e:
+            # qemu before 6.1 says nothing of it: an unallocated area and a zero
+            # cluster would look the same, and one hides the layer below.
+            raise NotPlain("qemu-img map does not say what is present (qemu older than 6.1)")
+        if not e["present"]:
             kind = UNALLOCATED
         elif e.get("data"):
             if e.get("zero"):

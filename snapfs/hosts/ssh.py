@@ -34,6 +34,7 @@ import base64
 import concurrent.futures
 import ctypes
 import errno
+import functools
 import gzip
 import json
 import logging
@@ -56,8 +57,12 @@ log = logging.getLogger(__name__)
 
 HEAD = 65536  # bytes of every image read in the scan's prefetch (a qcow2 header's cluster)
 COMMAND_TIMEOUT = 60.0
-BATCH = 256  # layer statuses fetched at once (``layer_statuses``)
+BATCH = 128  # layer statuses fetched at once (``layer_statuses``)
 CHUNK = 64  # of them per command; the commands run side by side
+# sshd serves 10 sessions per connection by default (MaxSessions): 2 for
+# commands, 1 for libvirt's connection, 7 for qemu-nbd servers running at once.
+COMMAND_SESSIONS = 2
+SERVER_SESSIONS = 7
 CONNECT_TIMEOUT = 30.0
 # The master notices a host that stopped answering after 3 x 5 s.
 ALIVE = ("-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3")
@@ -90,7 +95,7 @@ def parse_url(text: str) -> Destination:
     if m is None:
         raise ValueError(f"{text!r}: expected ssh://[USER@]HOST[:PORT]/ABSOLUTE/PATH")
     host = m["host"].strip("[]")
-    if not host or host.startswith("-") or any(c.isspace() for c in host):
+    if not re.fullmatch(r"[A-Za-z0-9_.:%-]+", host) or host.startswith("-"):
         raise ValueError(f"{text!r}: not a host name")
     if m["user"] is not None and (m["user"].startswith("-") or any(c.isspace() for c in m["user"])):
         raise ValueError(f"{text!r}: not a user name")
@@ -106,9 +111,15 @@ def parse_url(text: str) -> Destination:
     return Destination(m["user"], host, port, path)
 
 
-def _pdeathsig() -> None:
-    """In the child: SIGTERM when snapfs dies (the master must not outlive it)."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+
+
+def _pdeathsig(parent: int) -> None:
+    """In the child: SIGTERM when snapfs dies (the master must not outlive it),
+    and none at all if it died before this was set."""
+    _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 class Unreachable(MountError):
@@ -159,18 +170,24 @@ _SCRIPT_FIND = 'find -H "$1" -printf "$2" 2>/dev/null; exit 0'
 # realpath -m, the first HEAD bytes gzipped in base64 (empty if not a readable
 # file): a header's cluster is mostly zeros.
 _SCRIPT_PREFETCH = (
+    # One read of at most $2 bytes, without blocking, of a regular file that is
+    # no symlink ($2 is 0 but for the files a listing found under the root: a
+    # file reached otherwise is read only once the outside rule let it in).
     'xargs -0 sh -c \'fmt=$1 n=$2; shift 2; for f; do '
     'stat -L --printf "$fmt" -- "$f" 2>/dev/null || printf "%s\\0" -; '
     'realpath -zm -- "$f" 2>/dev/null || printf "%s\\0" "$f"; '
-    'if [ -f "$f" ] && [ -r "$f" ]; then head -c "$n" -- "$f" 2>/dev/null | gzip -1 | base64 -w0; fi; printf "\\0"; '
-    'done\' sh "$1" "$2"')
-
+    'if [ "$n" -gt 0 ] && [ -f "$f" ] && [ ! -L "$f" ] && [ -r "$f" ]; then '
+    'dd if="$f" bs="$n" count=1 iflag=nonblock status=none 2>/dev/null | gzip -1 | base64 -w0; fi; '
+    'printf "\\0"; done\' sh "$1" "$2"')
 
 # Arguments: triples PATH DEV:INO JSON-FILENAME (the layer alone, read through
-# /dev/fd/3). For each, NUL-terminated: OK and qemu-img map's JSON, or ERR and why.
+# /dev/fd/3). Each path is looked at before it is opened (no symlink, a
+# regular file, the inode scanned), and the descriptor after. For each,
+# NUL-terminated: OK and qemu-img map's JSON, or ERR and why.
 _SCRIPT_MAPS = (
     'while [ $# -ge 3 ]; do p=$1 pin=$2 j=$3; shift 3; '
-    'if [ -p "$p" ]; then printf "ERR a FIFO\\0"; continue; fi; '
+    'if [ -L "$p" ] || [ ! -f "$p" ] || [ "$(stat -c %d:%i -- "$p" 2>/dev/null)" != "$pin" ]; then '
+    'printf "ERR not the file scanned\\0"; continue; fi; '
     '{ if [ "$(stat -L -c %d:%i /dev/fd/3)" != "$pin" ]; then printf "ERR not the file scanned\\0"; '
     'elif out=$(qemu-img map --output=json "$j" 2>&1); then printf "OK%s\\0" "$out"; '
     'else printf "ERR%s\\0" "$out"; fi; } 3<"$p" 2>/dev/null || printf "ERR cannot open\\0"; done')
@@ -215,6 +232,8 @@ class SshHost:
         self._statuses: dict[tuple, object] = {}  # layer statuses fetched (forget drops them)
         self._inflight: dict[tuple, threading.Event] = {}
         self.uid, self.gid = os.getuid(), os.getgid()
+        self._commands = threading.Semaphore(COMMAND_SESSIONS)
+        self.servers = 0  # qemu-nbd sessions open (nbd/remote.py), at most SERVER_SESSIONS
 
     def __repr__(self) -> str:
         return f"SshHost({self.name!r})"
@@ -225,7 +244,10 @@ class SshHost:
         out = ["ssh"]
         if self.ssh_config:
             out += ["-F", self.ssh_config]
-        out += ["-o", "BatchMode=yes", "-S", self.control]
+        # Never prompt; no terminal (it would rewrite the listings' newlines);
+        # the user's RemoteCommand and host key updates are not for snapfs's commands.
+        out += ["-o", "BatchMode=yes", "-T", "-o", "RemoteCommand=none", "-o", "UpdateHostKeys=no",
+                "-S", self.control]
         if self.dest.port:
             out += ["-p", str(self.dest.port)]
         if self.dest.user:
@@ -238,11 +260,15 @@ class SshHost:
         return self._base() + ["-o", "ControlMaster=no", "-o", "ProxyCommand=false", *extra, "--",
                                self.dest.host]
 
-    def command(self, script: str, *args) -> list:
+    def command(self, script: str, *args, limit: float | None = None) -> list:
         """``ssh ... HOST -- sh -c SCRIPT sh ARGS...``: the remote login shell
-        parses one line in which everything is quoted."""
-        words = [b"sh", b"-c", script.encode(), b"sh", *(os.fsencode(a) if not isinstance(a, bytes) else a
-                                                         for a in args)]
+        parses one line in which everything is quoted. limit: seconds the
+        script may run on the host (``timeout``): one that blocks there
+        (a file that never answers) does not stay behind."""
+        script = "LC_ALL=C; export LC_ALL\n" + script  # stat's and qemu's words, untranslated
+        words = [b"timeout", str(int(limit)).encode()] if limit else []
+        words += [b"sh", b"-c", script.encode(), b"sh",
+                  *(a if isinstance(a, bytes) else os.fsencode(a) for a in args)]
         line = b" ".join(shlex.quote(w.decode("latin-1")).encode("latin-1") for w in words)
         return [*self.client(), line]
 
@@ -250,7 +276,9 @@ class SshHost:
         """The script's stdout; OSError(EIO) with ssh's or the script's reason."""
         t0 = time.monotonic()
         try:
-            p = subprocess.run(self.command(script, *args), input=input, capture_output=True, timeout=timeout)
+            with self._commands:
+                p = subprocess.run(self.command(script, *args, limit=timeout), input=input,
+                                   capture_output=True, timeout=timeout + 10)
             log.debug("on %s: %s... (%d argument(s)): %.3f s", self.name, script.strip()[:24], len(args),
                       time.monotonic() - t0)
         except subprocess.TimeoutExpired:
@@ -280,7 +308,7 @@ class SshHost:
         errfile = self.control + ".err"
         with open(errfile, "wb") as err:
             self.master = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                           stderr=err, preexec_fn=_pdeathsig)
+                                           stderr=err, preexec_fn=functools.partial(_pdeathsig, os.getpid()))
         with trio.move_on_after(CONNECT_TIMEOUT):
             while not await trio.to_thread.run_sync(self._check):
                 if self.master.poll() is not None:
@@ -391,12 +419,12 @@ class SshHost:
         with self._lock:
             self._entries = entries
 
-    def prefetch(self, paths) -> None:
-        """Stat (followed), real path and first HEAD bytes of ``paths``, in one round trip."""
+    def prefetch(self, paths, heads: bool = False) -> None:
+        """Stat (followed), real path and (heads) first HEAD bytes of ``paths``, in one round trip."""
         paths = [p for p in dict.fromkeys(paths)]
         if not paths:
             return
-        out = self.run(_SCRIPT_PREFETCH, STAT_FORMAT, str(HEAD),
+        out = self.run(_SCRIPT_PREFETCH, STAT_FORMAT, str(HEAD if heads else 0),
                        input=b"".join(os.fsencode(p) + b"\0" for p in paths))
         parts = out.split(b"\0")
         got = {}
@@ -410,7 +438,7 @@ class SshHost:
                 e = self._entries.setdefault(path, _Entry())
                 e.stat = _parse_stat(st_text)
                 e.real = os.fsdecode(real)
-                e.head = gzip.decompress(base64.b64decode(head)) if head else None
+                e.head = gzip.decompress(base64.b64decode(head)) if head else e.head
                 e.fetched = True
 
     def _entry(self, path: str, follow: bool = True) -> _Entry:
@@ -494,7 +522,7 @@ class SshHost:
             return
         with self._lock:
             entries = dict(self._entries)
-        self.prefetch([root] + [p for p, e in entries.items() if e.lstat is not None] + _above(root))
+        self.prefetch([root] + [p for p, e in entries.items() if e.lstat is not None] + _above(root), heads=True)
         with self._lock:
             entries = dict(self._entries)
         children: dict[str, tuple[list, list]] = {}
@@ -526,11 +554,14 @@ class SshHost:
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
         if (why := formats.not_an_image_file(e.stat.st_mode)) is not None:
             raise OSError(errno.EINVAL, why, path)
+        if e.head is None:
+            e.head = self.read_at(path, 0, min(HEAD, e.stat.st_size or HEAD))
         return RemoteFile(self, path, e.stat.st_size, e.head)
 
     def read_at(self, path: str, offset: int, length: int) -> bytes:
-        return self.run('exec dd if="$1" iflag=skip_bytes,count_bytes,fullblock bs=65536 skip="$2" '
-                        'count="$3" status=none', path, str(offset), str(length))
+        """Bytes of a file on the host (read without blocking: not a FIFO's writer wait)."""
+        return self.run('exec dd if="$1" iflag=skip_bytes,count_bytes,nonblock bs=65536 skip="$2" '
+                        'count="$3" status=none', path, str(offset), str(length), timeout=30)
 
     def forget(self, path: str) -> None:
         """``path`` was written: asked of the host again at the next look."""

@@ -24,11 +24,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import subprocess
 
 import trio
 
 from ..errors import ImageRefused, Unavailable
+from ..hosts.ssh import SERVER_SESSIONS
 from .qemu import MALLOC_TUNABLES, START_TIMEOUT, STOP_TIMEOUT, QemuNBD
 
 log = logging.getLogger(__name__)
@@ -37,38 +39,49 @@ PIN_FAILED = 112  # the wrapper's exit status when a layer is not the file scann
 
 WRAPPER = r"""
 pidfile=$1 n=$2; shift 2
-exec 3<&0
 while [ "$n" -gt 0 ]; do
     p=$1 pin=$2 ct=$3; shift 3; n=$((n - 1))
     d=$p
     while [ "$d" != / ] && [ -n "$d" ]; do
-        if [ -L "$d" ]; then printf 'snapfs: %s: a symlink on the way\n' "$p" >&2; exit 112; fi
+        if [ -L "$d" ]; then printf 'snapfs: %s: a symlink on the way
+' "$p" >&2; exit 112; fi
         d=${d%/*}
     done
-    got=$(stat -c '%d:%i:%.9Z' -- "$p" 2>/dev/null) || { printf 'snapfs: %s: gone\n' "$p" >&2; exit 112; }
-    case $got in "$pin":*) ;; *) printf 'snapfs: %s: not the file scanned\n' "$p" >&2; exit 112 ;; esac
+    got=$(stat -c '%d:%i:%.9Z' -- "$p" 2>/dev/null) || { printf 'snapfs: %s: gone
+' "$p" >&2; exit 112; }
+    case $got in "$pin":*) ;; *) printf 'snapfs: %s: not the file scanned
+' "$p" >&2; exit 112 ;; esac
     if [ "$ct" != - ] && [ "${got##*:}" != "$ct" ]; then
-        printf 'snapfs: %s: changed since the scan\n' "$p" >&2; exit 112
+        printf 'snapfs: %s: changed since the scan
+' "$p" >&2; exit 112
     fi
 done
+exec 3<&0
 "$@" </dev/null >/dev/null 3<&- &
 q=$!
+# From here on the session's end (stdin at EOF) kills qemu-nbd, whatever this
+# shell is doing, and so does this shell's own end (a write to a closed session).
+( read -r x <&3; kill "$q" 2>/dev/null; sleep 1; kill -9 "$q" 2>/dev/null ) >/dev/null 2>&1 </dev/null &
+w=$!
+exec 3<&-
+trap 'kill "$q" 2>/dev/null; exit 1' PIPE HUP TERM
 printf 'pid %s\0' "$q"
 while [ ! -s "$pidfile" ]; do
-    if ! kill -0 "$q" 2>/dev/null; then wait "$q"; exit $?; fi
+    if ! kill -0 "$q" 2>/dev/null; then wait "$q"; s=$?; kill "$w" 2>/dev/null; exit $s; fi
     sleep 0.01
 done
 own=$(stat -c '%d:%i' -- "$pidfile")
 for f in /proc/$q/fd/*; do
-    s=$(stat -L -c '%d:%i:%.9Z:%F' -- "$f" 2>/dev/null) || continue
+    s=$(stat -L -c '%d:%i:%.9Z:%f' -- "$f" 2>/dev/null) || continue
     case $s in "$own":*) continue ;; esac
     printf 'fd %s\0' "$s"
-    readlink -z -- "$f"
+    readlink -z -- "$f" || printf '\0'
 done
 printf 'ready\0'
-( read -r x <&3; kill "$q" 2>/dev/null; sleep 1; kill -0 "$q" 2>/dev/null && kill -9 "$q" ) >/dev/null 2>&1 &
-exec 3<&-
 wait "$q"
+s=$?
+kill "$w" 2>/dev/null  # qemu-nbd is gone: its pid must not be killed again
+exit $s
 """
 
 
@@ -82,6 +95,7 @@ class RemoteQemuNBD(QemuNBD):
         self.remote_pidfile = f"{host.remote_dir}/{ident}.pid"
         self.opened: dict[tuple[int, int], tuple[str, int]] = {}
         self.forwarded = False
+        self.session = False  # holds one of the host's SERVER_SESSIONS
 
     def command(self) -> list[str]:
         out = []
@@ -111,6 +125,15 @@ class RemoteQemuNBD(QemuNBD):
         for p in (self.socket, self.errfile):
             if os.path.lexists(p):
                 os.unlink(p)
+        # One ssh session per server, and sshd serves few per connection.
+        with trio.move_on_after(START_TIMEOUT):
+            while self.host.servers >= SERVER_SESSIONS:
+                await trio.sleep(0.05)
+        if self.host.servers >= SERVER_SESSIONS:
+            raise Unavailable(f"{SERVER_SESSIONS} qemu-nbd already run on {self.host.name} for this mount (one "
+                              "ssh session each, and sshd's MaxSessions is 10 by default): close files and retry")
+        self.host.servers += 1
+        self.session = True
         cmd = self.host.command(WRAPPER, *self._wrapper_args())
         log.debug("starting on %s: %s", self.host.name, self.command())
         with open(self.errfile, "wb") as err:
@@ -118,7 +141,7 @@ class RemoteQemuNBD(QemuNBD):
                                                          stderr=err)
         out = b""
         with trio.move_on_after(START_TIMEOUT) as timeout:
-            while not out.endswith(b"ready\0"):
+            while not _ready(out):
                 chunk = await self.proc.stdout.receive_some(65536)
                 if not chunk:
                     await self.proc.wait()
@@ -183,9 +206,15 @@ class RemoteQemuNBD(QemuNBD):
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
 
+    def _end_session(self) -> None:
+        if self.session:
+            self.session = False
+            self.host.servers -= 1
+
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is None:
+            self._end_session()
             return
         with trio.CancelScope(shield=True):
             if self.forwarded:
@@ -202,6 +231,7 @@ class RemoteQemuNBD(QemuNBD):
             if proc.returncode not in (0, 143, -15, 255) and self.serving:
                 log.warning("qemu-nbd on %s for %s exited with %s: %s", self.host.name, self.spec.describe(),
                             proc.returncode, self.failure().reason)
+            self._end_session()
         for p in (self.socket, self.errfile):
             try:
                 os.unlink(p)
@@ -209,19 +239,36 @@ class RemoteQemuNBD(QemuNBD):
                 pass
 
 
-def _parse_opened(out: bytes) -> dict[tuple[int, int], tuple[str, int]]:
-    """``fd DEV:INO:CTIME:TYPE`` records, each followed by the path, from the wrapper."""
-    parts = out.split(b"\0")
-    opened = {}
-    i = 0
+def _records(out: bytes) -> list[tuple[bytes, bytes | None]]:
+    """The wrapper's NUL-terminated records: ``pid N``, ``fd DEV:INO:CTIME:MODE``
+    followed by the file's path, ``ready``; a path is never taken for a record."""
+    parts = out.split(b"\0")[:-1]  # what follows the last NUL is not complete yet
+    recs, i = [], 0
     while i < len(parts):
-        rec = parts[i]
-        if rec.startswith(b"fd ") and i + 1 < len(parts):
-            dev, ino, ctime, kind = rec[3:].split(b":", 3)
-            if kind in (b"regular file", b"regular empty file", b"block special file"):
-                sec, _, frac = ctime.partition(b".")
-                opened[(int(dev), int(ino))] = (os.fsdecode(parts[i + 1]), int(sec) * 10**9 + int(frac or 0))
+        if parts[i].startswith(b"fd "):
+            recs.append((parts[i], parts[i + 1] if i + 1 < len(parts) else None))
             i += 2
         else:
+            recs.append((parts[i], None))
             i += 1
+    return recs
+
+
+def _ready(out: bytes) -> bool:
+    return any(rec == b"ready" for rec, _ in _records(out))
+
+
+def _parse_opened(out: bytes) -> dict[tuple[int, int], tuple[str, int]]:
+    """``(st_dev, st_ino)`` -> (path, st_ctime_ns) of the regular files and block
+    devices qemu-nbd holds open, from the wrapper's records."""
+    opened = {}
+    for rec, path in _records(out):
+        if rec == b"ready":
+            break
+        if not rec.startswith(b"fd ") or path is None:
+            continue
+        dev, ino, ctime, mode = rec[3:].split(b":", 3)
+        if stat.S_ISREG(int(mode, 16)) or stat.S_ISBLK(int(mode, 16)):
+            sec, _, frac = ctime.partition(b".")
+            opened[(int(dev), int(ino))] = (os.fsdecode(path), int(sec) * 10**9 + int((frac + b"000000000")[:9]))
     return opened
