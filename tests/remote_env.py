@@ -116,8 +116,6 @@ PermitRootLogin prohibit-password
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 AcceptEnv LANG LC_*
-MaxSessions 1000
-MaxStartups 100
 Subsystem sftp internal-sftp
 """)
         with open(self.config, "w") as f:

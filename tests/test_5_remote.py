@@ -377,3 +377,24 @@ def test_allow_other_reads_what_everyone_on_the_host_may(host, nobody, mount):
             if os.path.ismount(p):
                 run("fusermount3", "-uz", p, check=False)
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_many_files_open_at_once_within_sshds_sessions(host, tmp_path, mount):
+    """sshd serves 10 sessions per connection by default (this host's sshd
+    keeps the default): 7 views open and read at once, each its own qemu-nbd,
+    while the listing and block status go on beside them."""
+    local = tmp_path / "many-here"
+    local.mkdir()
+    for i in range(7):
+        qemu_io(create(local / f"d{i}.qcow2", 8 * MiB), f"write -P {0x40 + i} 0 1M")
+    remote = put(host, str(local), "many")
+    m = mount(["--images", host.url(remote)], *ssh_opts(host), name="many")
+    files = [open(m / f"d{i}.qcow2/chain/00-d{i}.raw", "rb") for i in range(7)]
+    try:
+        for i, f in enumerate(files):
+            assert f.read(1 << 20) == bytes([0x40 + i]) * (1 << 20)
+        assert len(host.pids_of("qemu-nbd")) == 7
+        assert len(os.listdir(m.path)) == 8  # and commands still run (a listing, the status file)
+    finally:
+        for f in files:
+            f.close()

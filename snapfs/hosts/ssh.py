@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..errors import MountError
+from ..errors import MountError, SourceError
 from ..formats import status
 
 log = logging.getLogger(__name__)
@@ -164,8 +164,9 @@ FIND_FORMAT = r"%y %Y %m %i %D %n %U %G %s %A@ %T@ %C@\0%p\0%l\0"
 # The same for one file, followed (stat -L): raw mode in hex.
 STAT_FORMAT = r"%f %i %d %h %u %g %s %.9X %.9Y %.9Z\0"
 
-# Unreadable directories are left out (their images are not offered).
-_SCRIPT_FIND = 'find -H "$1" -printf "$2" 2>/dev/null; exit 0'
+# What find cannot read (a directory closed to the ssh user) goes to stderr,
+# for the status file; the listing still succeeds.
+_SCRIPT_FIND = 'find -H "$1" -printf "$2"; exit 0'
 # stdin: NUL-separated paths. For each, NUL-terminated: stat -L (or "-"),
 # realpath -m, the first HEAD bytes gzipped in base64 (empty if not a readable
 # file): a header's cluster is mostly zeros.
@@ -231,6 +232,7 @@ class SshHost:
         self._expected: dict[tuple, int] = {}  # layer keys of the last scan, in its order
         self._statuses: dict[tuple, object] = {}  # layer statuses fetched (forget drops them)
         self._inflight: dict[tuple, threading.Event] = {}
+        self.generation = 0  # expect and forget so far
         self.uid, self.gid = os.getuid(), os.getgid()
         self._commands = threading.Semaphore(COMMAND_SESSIONS)
         self.servers = 0  # qemu-nbd sessions open (nbd/remote.py), at most SERVER_SESSIONS
@@ -272,8 +274,10 @@ class SshHost:
         line = b" ".join(shlex.quote(w.decode("latin-1")).encode("latin-1") for w in words)
         return [*self.client(), line]
 
-    def run(self, script: str, *args, input: bytes | None = None, timeout: float = COMMAND_TIMEOUT) -> bytes:
-        """The script's stdout; OSError(EIO) with ssh's or the script's reason."""
+    def run(self, script: str, *args, input: bytes | None = None, timeout: float = COMMAND_TIMEOUT,
+            stderr: list | None = None) -> bytes:
+        """The script's stdout; OSError(EIO) with ssh's or the script's reason.
+        stderr: a list the script's stderr lines are added to."""
         t0 = time.monotonic()
         try:
             with self._commands:
@@ -283,6 +287,8 @@ class SshHost:
                       time.monotonic() - t0)
         except subprocess.TimeoutExpired:
             raise OSError(errno.EIO, f"{self.name}: no answer within {timeout:.0f} s") from None
+        if stderr is not None:
+            stderr += p.stderr.decode(errors="surrogateescape").splitlines()
         if p.returncode:
             reason = _ssh_reason(p.stderr, p.returncode)
             if p.returncode == 255:
@@ -397,8 +403,11 @@ class SshHost:
                                st.st_atime, st.st_mtime, st.st_ctime, st.st_atime_ns, st.st_mtime_ns,
                                st.st_ctime_ns))
 
-    def _list(self, root: str) -> None:
-        out = self.run(_SCRIPT_FIND, root, FIND_FORMAT)
+    def _list(self, root: str) -> list[str]:
+        """List ``root`` into the cache (what was known of other trees stays);
+        find's complaints, as it said them."""
+        said: list[str] = []
+        out = self.run(_SCRIPT_FIND, root, FIND_FORMAT, stderr=said)
         entries: dict[str, _Entry] = {}
         parts = out.split(b"\0")
         for i in range(0, len(parts) - 2, 3):
@@ -416,8 +425,11 @@ class SshHost:
             else:
                 e.stat = st
             entries[name] = e
+        inside = root.rstrip("/") + "/"
         with self._lock:
-            self._entries = entries
+            self._entries = {p: e for p, e in self._entries.items() if p != root and not p.startswith(inside)}
+            self._entries.update(entries)
+        return said
 
     def prefetch(self, paths, heads: bool = False) -> None:
         """Stat (followed), real path and (heads) first HEAD bytes of ``paths``, in one round trip."""
@@ -515,11 +527,14 @@ class SshHost:
         then every file and symlink in it prefetched."""
         root = os.path.normpath(root)
         try:
-            self._list(root)
+            said = self._list(root)
         except OSError as e:
-            if onerror is not None:
-                onerror(e)
-            return
+            # Not an empty directory: the host is out of reach (a refresh keeps what was shown).
+            raise SourceError(f"cannot list {root} on {self.name}: {e.strerror}") from None
+        for line in said:
+            m = re.fullmatch(r"find: '(.*)': (.*)", line)
+            if m and onerror is not None:
+                onerror(OSError(errno.EACCES if "ermission" in m[2] else errno.EIO, m[2], m[1]))
         with self._lock:
             entries = dict(self._entries)
         self.prefetch([root] + [p for p, e in entries.items() if e.lstat is not None] + _above(root), heads=True)
@@ -572,6 +587,7 @@ class SshHost:
                 e.fetched = False
             for k in [k for k in self._statuses if k[0] == path]:
                 del self._statuses[k]
+            self.generation += 1
 
     def has_acl(self, path: str) -> bool:
         return False  # the "other" bits are the ACL's "other" entry: what ``stat`` shows is exact
@@ -590,8 +606,10 @@ class SshHost:
         for one layer's status fetches the ones after it too (``BATCH``), so a
         first ``ls -lR`` costs a few round trips, not one per disk."""
         with self._lock:
-            self._expected = {k: i for i, k in enumerate(dict.fromkeys(keys))}
-            self._statuses.clear()
+            self.generation += 1  # a fetch under way keeps nothing: it may be older than the scan
+            for k in keys:
+                self._statuses.pop(k, None)
+                self._expected.setdefault(k, len(self._expected))
 
     def layer_statuses(self, keys: list[tuple]) -> dict:
         """Each layer's status as qemu on the host reports it: ``qemu-img map``
@@ -619,6 +637,7 @@ class SshHost:
                 done = threading.Event()
                 for k in batch:
                     self._inflight[k] = done
+                generation = self.generation
         if batch:
             got: dict = {}
             try:
@@ -630,7 +649,7 @@ class SshHost:
                 with self._lock:
                     for k in batch:
                         self._inflight.pop(k, None)
-                        if k in got:
+                        if k in got and generation == self.generation:
                             self._statuses[k] = got[k]
                 done.set()
             out.update({k: got.get(k) for k in keys if k in batch})

@@ -332,7 +332,10 @@ class ImageDirectorySource:
                     problems=[(p.path, p.reason) for p in found.problems])
 
     async def scan(self) -> Scan:
-        scan = await trio.to_thread.run_sync(self._scan_now)
+        try:
+            scan = await trio.to_thread.run_sync(self._scan_now)
+        except SourceError as e:
+            raise MountError(str(e)) from None
         log.info("%d disk(s), %d view(s) from %s", len(scan.units),
                  sum(len(u.views) for u in scan.units.values()), self.where)
         return scan
