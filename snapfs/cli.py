@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                         "directory. Repeat, and mix with --connect, for several sources: each "
                         "then sits in a folder named after it")
     m.add_argument("--connect", metavar="URI", nargs="?", const=DEFAULT_URI, action="append",
-                   help=f"libvirt URI (default {DEFAULT_URI}): MOUNTPOINT/DOMAIN/TARGET/ for every "
+                   help=f"libvirt URI (default {DEFAULT_URI}; another host's through ssh: "
+                        "qemu+ssh://[USER@]HOST/system): MOUNTPOINT/DOMAIN/TARGET/ for every "
                         "disk of every domain, running or shut off (repeatable)")
     m.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory to mount on")
     m.add_argument("--domain", metavar="NAME", action="append",

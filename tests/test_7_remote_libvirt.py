@@ -77,3 +77,48 @@ def test_remote_libvirt_uris_snapfs_refuses(tmp_path, uri, says):
     r = run(*SNAPFS, "mount", "--connect", uri, mnt, check=False, cwd=REPO, timeout=60)
     assert r.returncode != 0 and says in r.stderr, r.stderr
     assert not os.path.ismount(mnt)
+
+
+def has_backup_job(host: TestHost, name: str) -> bool:
+    return host.run("virsh", "-c", "qemu:///system", "backup-dumpxml", name, check=False).returncode == 0
+
+
+@pytest.mark.parametrize("end", ["umount", "sigkill"])
+def test_running_domain_of_a_remote_libvirt(host, tmp_path, mount, end):
+    """A running domain on another host is read through a backup job there,
+    its NBD socket forwarded through snapfs's ssh connection (no TCP port,
+    no certificate); the job ends at umount, and after SIGKILL at snapfs umount."""
+    name = f"snapfs-remote-run-{end}"
+    images = os.path.join(host.root, name)
+    host.sh('''set -e
+mkdir -p "$1"; cd "$1"
+qemu-img create -q -f qcow2 base.qcow2 32M
+qemu-io -c "write -P 0x11 0 4M" base.qcow2 >/dev/null
+qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 vda.qcow2
+qemu-io -c "write -P 0x22 2M 4M" -c "write -z 8M 1M" vda.qcow2 >/dev/null
+qemu-img convert -O raw vda.qcow2 want.raw
+cat > dom.xml <<XML
+<domain type='qemu'><name>$2</name><memory unit='MiB'>64</memory>
+<os><type arch='x86_64'>hvm</type></os>
+<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+<source file='$1/vda.qcow2'/><target dev='vda' bus='virtio'/></disk></devices></domain>
+XML
+virsh -q -c qemu:///system define dom.xml >/dev/null
+virsh -q -c qemu:///system start "$2" >/dev/null
+''', images, name)
+    try:
+        m = mount(["--connect", host.uri(), "--domain", name], "--ssh-config", host.config, name=f"run-{end}")
+        view = m / f"{name}/vda/chain/current.raw"
+        want = tmp_path / "want.raw"
+        want.write_bytes(host.run("cat", f"{images}/want.raw").stdout)
+        assert sha256_of(view) == sha256_of(want)
+        assert has_backup_job(host, name)
+        if end == "sigkill":
+            os.kill(m.pid, 9)
+        run(*SNAPFS, "umount", m.path, cwd=REPO)
+        m.closed = True
+        assert not has_backup_job(host, name)
+        assert host.run("virsh", "-c", "qemu:///system", "domstate", name).stdout.strip() == b"running"
+    finally:
+        host.run("virsh", "-c", "qemu:///system", "destroy", name, check=False)
+        host.run("virsh", "-c", "qemu:///system", "undefine", name, check=False)

@@ -110,6 +110,7 @@ async def serve(config: MountConfig, ready=None) -> None:
         with open(os.path.join(rundir, "mount.json"), "w") as f:
             json.dump({"mountpoint": mountpoint, "pid": os.getpid(), "source": config.label,
                        "sources": [[s.kind, s.location] for s in config.sources],
+                       "ssh_config": config.ssh_config,
                        "control": control, "log": config.log}, f)
         try:
             pyfuse3.init(m.ops, mountpoint, _fuse_options(config))

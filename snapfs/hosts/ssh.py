@@ -236,6 +236,8 @@ class SshHost:
         self.uid, self.gid = os.getuid(), os.getgid()
         self._commands = threading.Semaphore(COMMAND_SESSIONS)
         self.servers = 0  # qemu-nbd sessions open (nbd/remote.py), at most SERVER_SESSIONS
+        self._forwards: dict[str, str] = {}  # a socket on the host -> its forward here
+        self.ident = ident
 
     def __repr__(self) -> str:
         return f"SshHost({self.name!r})"
@@ -331,6 +333,9 @@ class SshHost:
         try:
             out = await trio.to_thread.run_sync(self.run, 'mktemp -d "${TMPDIR:-/tmp}/snapfs.XXXXXXXXXX"')
             self.remote_dir = os.fsdecode(out.strip())
+            # For snapfs umount after a snapfs that was killed (sources.clean_up_after).
+            with open(self.control[:-4] + ".remote", "w") as f:
+                f.write(self.remote_dir)
         except OSError as e:
             await trio.to_thread.run_sync(self.close)
             self.error = e.strerror
@@ -378,6 +383,13 @@ class SshHost:
             except OSError:
                 pass
         self.master, self.remote_dir = None, None
+        with self._lock:
+            forwards, self._forwards = self._forwards, {}
+        for here in forwards.values():
+            try:
+                os.unlink(here)
+            except FileNotFoundError:
+                pass
         if master.poll() is None:
             subprocess.run(self._base() + ["-O", "exit", "--", self.dest.host], capture_output=True, timeout=10)
         try:
@@ -689,6 +701,26 @@ class SshHost:
     def nbd_server(self, spec, rundir: str, ident: int, connections: int):
         from ..nbd.remote import RemoteQemuNBD
         return RemoteQemuNBD(self, spec, rundir, ident, connections)
+
+    def reach_socket(self, path: str) -> str:
+        """A UNIX socket on the host (a backup job's NBD server), forwarded to
+        one here through the master connection (once per path)."""
+        with self._lock:
+            here = self._forwards.get(path)
+        if here is not None:
+            return here
+        if not self.connected:
+            raise OSError(errno.ENOTCONN, f"{self.name} is not connected: {self.error or 'connection lost'}")
+        here = os.path.join(self.rundir, f"fwd{self.ident}-{len(self._forwards)}.sock")
+        if os.path.lexists(here):
+            os.unlink(here)
+        p = subprocess.run(self.client("-O", "forward", "-L", f"{here}:{path}"), capture_output=True, timeout=30)
+        if p.returncode:
+            raise OSError(errno.ENOTCONN, f"{self.name}: cannot forward {path}: "
+                                          f"{p.stderr.decode(errors='replace').strip()}")
+        with self._lock:
+            self._forwards[path] = here
+        return here
 
     def connect(self, socket: str, contexts: tuple[str, ...], export: str):
         from ..nbd.client import Connection

@@ -149,7 +149,10 @@ class Server:
 
     def _socket(self) -> str:
         if self.spec.socket is not None:
-            return self.spec.socket
+            try:
+                return self.spec.host.reach_socket(self.spec.socket)  # forwarded from another host
+            except OSError as e:
+                raise TransportError(e.strerror or str(e), errno.ENOTCONN) from None
         if self.process is None or not self.process.serving:
             # Stopped, or (re)starting: what it opened is not checked yet.
             raise TransportError("the server was stopped or is starting", errno.ENOTCONN)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 
 from ..errors import MountError
@@ -105,9 +106,30 @@ def clean_up_after(info: dict, rundir: str) -> None:
             # is for one that was stopped, not killed, with it).
             subprocess.run(["ssh", "-S", os.path.join(rundir, p), "-O", "exit", "--", "x"],
                            capture_output=True, timeout=10)
-    if not any(n.startswith("backup-") for n in names):
+    remote_dirs = []
+    for p in names:
+        if p.startswith("ssh") and p.endswith(".remote"):
+            with open(os.path.join(rundir, p)) as f:
+                remote_dirs.append(f.read().strip())
+    if not any(n.startswith("backup-") for n in names) and not remote_dirs:
         return
     for kind, location in info.get("sources", [["libvirt", info.get("source")]]):
-        if kind == "libvirt" and location:
-            from .backup import abort_jobs_in
+        if kind != "libvirt" or not location:
+            continue
+        from .backup import abort_jobs_in
+        try:
+            dest = remote_libvirt(location)
+        except MountError:
+            continue
+        if dest is None:
             abort_jobs_in(location, rundir)
+            continue
+        # Another host's jobs, in the connection's directory there: reached
+        # with a connection of its own (the mount's died with it).
+        wrapper = os.path.join(rundir, "ssh-cleanup")
+        cmd = ["ssh", *(["-F", info["ssh_config"]] if info.get("ssh_config") else []), "-o", "BatchMode=yes", "-T"]
+        with open(wrapper, "w") as f:
+            f.write("#!/bin/sh\nexec " + " ".join(shlex.quote(a) for a in cmd) + ' "$@"\n')
+        os.chmod(wrapper, 0o700)
+        for d in remote_dirs:
+            abort_jobs_in(_with_command(location, wrapper), d)

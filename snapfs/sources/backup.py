@@ -11,6 +11,12 @@ message as the reason.
 
 A job left behind by a snapfs that crashed is recognised by its socket path
 (in snapfs's runtime base, its mount process gone) and aborted.
+
+A domain on another host (``qemu+ssh://``) gets its job directory on that
+host, in the ssh connection's directory there (``hosts/ssh.py``), made
+qemu's the same way; the socket is forwarded here through the connection
+(``host.reach_socket``). A job a killed snapfs left there is ended by
+``snapfs umount`` (``abort_jobs_in``), or refused with the way to end it.
 """
 
 from __future__ import annotations
@@ -91,22 +97,27 @@ class BackupJob:
     socket: str
     exports: dict[str, Export] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    host: object = None  # the domain's host when it is not this machine (hosts.ssh.SshHost)
 
     @classmethod
     def start(cls, dom, domain_xml: ET.Element, rundir: str, disks, modes: dict[str, tuple[str, str | None]],
-              since: str | None, new_checkpoint: str | None, others: list[str] = ()) -> BackupJob:
+              since: str | None, new_checkpoint: str | None, others: list[str] = (), host=None) -> BackupJob:
         """Begin a pull-mode backup of ``disks`` (DiskDefs); ``others`` (targets) are left out.
 
         modes: target -> ("incremental" | "full", reason for full). Incremental
         disks start from checkpoint ``since``. new_checkpoint: a checkpoint
         created with the job, so the next incremental starts there.
         """
-        _abort_leftover(dom)
-        jobdir = os.path.join(rundir, "backup-" + dom.UUIDString())
-        os.makedirs(jobdir, mode=0o700, exist_ok=True)
-        job = cls(dom=dom, dir=jobdir, socket=os.path.join(jobdir, SOCKET_NAME))
+        remote = host is not None and host.name is not None
+        _abort_leftover(dom, host if remote else None)
+        jobdir = os.path.join(host.remote_dir if remote else rundir, "backup-" + dom.UUIDString())
+        job = cls(dom=dom, dir=jobdir, socket=os.path.join(jobdir, SOCKET_NAME), host=host if remote else None)
         try:
-            job._prepare_dir(domain_xml, rundir)
+            if remote:
+                job._prepare_remote_dir(domain_xml)
+            else:
+                os.makedirs(jobdir, mode=0o700, exist_ok=True)
+                job._prepare_dir(domain_xml, rundir)
             modes = dict(modes)
             for _ in range(len(disks) + 1):
                 try:
@@ -156,6 +167,25 @@ class BackupJob:
                               "the backup job's socket and scratch files (set XDG_RUNTIME_DIR to a "
                               "directory it can search, or unset it)")
 
+    def _prepare_remote_dir(self, domain_xml: ET.Element) -> None:
+        """The job's directory on the domain's host: qemu's, the one above searchable."""
+        ids = _qemu_ids(domain_xml)
+        try:
+            self.host.run('mkdir -m 0700 -p -- "$1" && chmod 0711 -- "${1%/*}" && '
+                          'if [ -n "$2" ] && [ "$(id -u)" = 0 ]; then chown -- "$2" "$1"; fi',
+                          self.dir, f"{ids[0]}:{ids[1]}" if ids else "")
+        except OSError as e:
+            raise BackupError(f"cannot make the backup job's directory on {self.host.name}: {e.strerror}") from None
+
+    def _remove_dir(self) -> None:
+        if self.host is None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return
+        try:
+            self.host.run('rm -rf -- "$1"', self.dir)
+        except OSError:
+            pass  # the connection's directory goes with it at unmount
+
     def _backup_xml(self, disks, modes, since, others) -> str:
         scratch = {d.target: os.path.join(self.dir, f"{d.target}.scratch") for d in disks}
         return backup_xml(self.socket, disks, modes, since, others, scratch)
@@ -199,7 +229,7 @@ class BackupJob:
                 log.warning("domain %s: ending the backup job failed: %s", self.dom.name(), _message(e))
                 ok = False
         if ok:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self._remove_dir()
         return ok
 
 
@@ -217,12 +247,21 @@ def _wait_gone(dom, timeout: float = 30.0) -> None:
     log.warning("domain %s: the backup job is still there %.0f s after it was aborted", dom.name(), timeout)
 
 
-def _abort_leftover(dom) -> None:
-    """Abort a backup job a crashed snapfs left; refuse to touch anyone else's."""
+def _abort_leftover(dom, host=None) -> None:
+    """Abort a backup job a crashed snapfs left; refuse to touch anyone else's.
+    host: the domain's, when it is another (whether a snapfs there is alive
+    cannot be told: such a job is refused, with the way to end it)."""
     try:
         socket = job_socket(dom)
     except libvirt.libvirtError:
         return  # no backup job
+    if host is not None:
+        left = os.path.basename(os.path.dirname(os.path.dirname(socket))).startswith("snapfs.")
+        raise BackupError(f"the domain already has a backup job ({socket or 'not on a UNIX socket'})"
+                          + (": a snapfs mount started it; snapfs umount of that mount ends it, or virsh "
+                             f"domjobabort {dom.name()} on {host.name}" if left else
+                             f" that snapfs did not start; end it with virsh domjobabort {dom.name()} if "
+                             "nobody uses it"))
     ours, info = snapfs_job_owner(socket)
     if not ours:
         raise BackupError("the domain already has a backup job that snapfs did not start "
@@ -241,7 +280,9 @@ def _abort_leftover(dom) -> None:
 
 
 def abort_jobs_in(uri: str, rundir: str) -> None:
-    """Abort the backup jobs whose sockets are in ``rundir`` (a mount whose snapfs died)."""
+    """Abort the backup jobs whose sockets are in ``rundir`` (a mount whose snapfs
+    died): this machine's, or a host's directory for the mount (``uri`` then
+    reaches that host's libvirt)."""
     libvirt.registerErrorHandler(lambda ctx, err: None, None)
     try:
         conn = libvirt.open(uri)

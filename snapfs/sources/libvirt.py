@@ -121,13 +121,6 @@ class DomainReader:
                 plan.missing.append((f"{plan.dirname}/{d.target}", why))
             else:
                 served.append(d)
-        if running and self.host.name is not None:
-            # A backup job's socket and scratch files would be on that host.
-            for d in served:
-                plan.missing.append((f"{plan.dirname}/{d.target}", f"domain {name} runs on {self.host.name}: "
-                                     "snapfs reads running domains of this machine's libvirt only (shut it "
-                                     "off to read its disks through ssh)"))
-            return plan
         if running:
             since = self._since(checkpoints, plan)
             others = [d.target for d in disks if d not in served]
@@ -174,7 +167,7 @@ class DomainReader:
                 modes[d.target] = ("full", why) if why else ("incremental", None)
         try:
             job = BackupJob.start(self.dom, xml, self.rundir, served, modes,
-                                         since.name if since else None, self.new_checkpoint, others)
+                                  since.name if since else None, self.new_checkpoint, others, host=self.host)
         except BackupError as e:
             plan.notes.append(f"{plan.dirname}: {e}")  # logged with the status file's notes
             return None
