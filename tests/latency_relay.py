@@ -23,6 +23,8 @@ class Relay:
         self.port = self.listener.getsockname()[1]
         self.sockets: list[socket.socket] = []
         self.stopped = False
+        self.flowing = threading.Event()
+        self.flowing.set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -40,7 +42,13 @@ class Relay:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sockets += [client, server]
             for a, b in ((client, server), (server, client)):
-                _Pipe(a, b, self.delay)
+                _Pipe(a, b, self.delay, self.flowing)
+
+    def freeze(self) -> None:
+        self.flowing.clear()
+
+    def thaw(self) -> None:
+        self.flowing.set()
 
     def stop(self) -> None:
         self.stopped = True
@@ -56,8 +64,8 @@ class Relay:
 class _Pipe:
     """One direction: read as fast as data comes, send each chunk once it is due."""
 
-    def __init__(self, src: socket.socket, dst: socket.socket, delay: float):
-        self.src, self.dst, self.delay = src, dst, delay
+    def __init__(self, src: socket.socket, dst: socket.socket, delay: float, flowing: threading.Event):
+        self.src, self.dst, self.delay, self.flowing = src, dst, delay, flowing
         self.queue: collections.deque = collections.deque()
         self.cond = threading.Condition()
         self.done = False
@@ -85,6 +93,7 @@ class _Pipe:
             wait = due - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
+            self.flowing.wait()
             if not data:
                 try:
                     self.dst.shutdown(socket.SHUT_WR)

@@ -398,3 +398,34 @@ def test_many_files_open_at_once_within_sshds_sessions(host, tmp_path, mount):
     finally:
         for f in files:
             f.close()
+
+
+@pytest.mark.log_allows(r"asking again", r"did not come back", r"lost its server", r"died", r"exited with",
+                        r"cannot forward", r"not connected", r"killing it", r"answers nothing", r"hung")
+def test_a_host_that_goes_silent_fails_reads_never_hangs(host, tmp_path, mount):
+    """The network to the host goes silent (no reset, no close: a relay that
+    stops passing anything on): a read fails with EIO within the retry
+    timeout, never hangs; once the network is back, snapfs refresh reads on."""
+    local = tmp_path / "silent-here"
+    local.mkdir()
+    qemu_io(create(local / "s.qcow2", 64 * MiB), "write -P 0x5a 0 64M")
+    remote = put(host, str(local), "silent")
+    alias = host.slow_alias(0)
+    relay = host.relays[-1]
+    m = mount(["--images", host.url(remote, alias)], *ssh_opts(host), "--retry-timeout", "5", name="silent")
+    view = m / "s.qcow2/chain/00-s.raw"
+    with open(view, "rb") as f:
+        assert f.read(1 << 20) == b"\x5a" * (1 << 20)
+        relay.freeze()
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as e:
+            f.seek(40 << 20)
+            f.read(1 << 20)
+        took = time.monotonic() - t0
+    assert e.value.errno == errno.EIO and took < 30, (e.value, took)
+    relay.thaw()
+    # ssh gives the silent connection up (ServerAlive: 15 s at most); refresh reconnects.
+    assert wait_for(lambda: run(*SNAPFS, "refresh", m.path, cwd=REPO, check=False).returncode == 0, 40)
+    with open(view, "rb") as f:
+        f.seek(60 << 20)
+        assert f.read(1 << 20) == b"\x5a" * (1 << 20)
