@@ -42,7 +42,7 @@ class MountConfig:
         sources = tuple(SourceConfig("images", d if d.startswith("ssh://") else os.path.abspath(d), d)
                         for d in args.images or ()) + \
             tuple(SourceConfig("libvirt", uri, uri) for uri in args.connect or ())
-        return cls(mountpoint=args.mountpoint, sources=sources, domains=tuple(args.domain or ()),
+        return cls(mountpoint=args.mountpoint, sources=sources, domains=tuple(dict.fromkeys(args.domain or ())),
                    since=args.since, checkpoint=args.checkpoint, writable=args.rw, watch=args.watch,
                    allow_other=args.allow_other, allow_outside_backing=args.allow_outside_backing,
                    connections=args.connections, idle_timeout=args.idle_timeout,

@@ -30,12 +30,14 @@ import time
 ALIAS = "testhost"
 
 # The host's own libvirt: its directories bind-mounted over the machine's
-# (persistent domains, sockets, logs), its networks not started (they would
-# be the machine's bridges too: one network namespace).
+# (persistent domains, sockets, logs), with none of the machine's domains, its
+# networks not started (they would be the machine's bridges too: one network
+# namespace).
 LIBVIRT_SETUP = """
 for d in run varlib varcache varlog etc; do mkdir -p {base}/libvirt/$d; done
 cp -a /etc/libvirt/. {base}/libvirt/etc/
-rm -f {base}/libvirt/etc/qemu/networks/autostart/*
+rm -f {base}/libvirt/etc/qemu/networks/autostart/* {base}/libvirt/etc/qemu/*.xml
+rm -rf {base}/libvirt/etc/qemu/autostart
 mount -t tmpfs -o mode=0755 snapfs-testhost-run /run
 mkdir -p /run/sshd /run/lock
 mkdir -p /var/lib/libvirt /var/cache/libvirt /var/log/libvirt

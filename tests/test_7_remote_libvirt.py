@@ -50,7 +50,7 @@ def test_shut_off_domain_of_a_remote_libvirt(host, tmp_path, mount):
     images = os.path.join(host.root, "vms")
     define(host, images)
     assert not os.path.exists(images)
-    m = mount(["--connect", host.uri()], "--ssh-config", host.config, name="lv")
+    m = mount(["--connect", host.uri(), "--domain", DOMAIN], "--ssh-config", host.config, name="lv")
     assert "every view is available" in m.status(), m.status()
     disk = m / f"{DOMAIN}/vda"
     names = sorted(os.listdir(os.path.join(disk, "layers")))
@@ -83,11 +83,13 @@ def has_backup_job(host: TestHost, name: str) -> bool:
     return host.run("virsh", "-c", "qemu:///system", "backup-dumpxml", name, check=False).returncode == 0
 
 
-@pytest.mark.parametrize("end", ["umount", "sigkill"])
+@pytest.mark.parametrize("end", ["umount", "sigkill", "shared"])
 def test_running_domain_of_a_remote_libvirt(host, tmp_path, mount, end):
     """A running domain on another host is read through a backup job there,
     its NBD socket forwarded through snapfs's ssh connection (no TCP port,
-    no certificate); the job ends at umount, and after SIGKILL at snapfs umount."""
+    no certificate); the job ends at umount, and after SIGKILL at snapfs umount.
+    shared: the host's image directory in the same mount, first, shares the
+    connection: its source closing first must not leave the job behind."""
     name = f"snapfs-remote-run-{end}"
     images = os.path.join(host.root, name)
     host.sh('''set -e
@@ -107,8 +109,15 @@ virsh -q -c qemu:///system define dom.xml >/dev/null
 virsh -q -c qemu:///system start "$2" >/dev/null
 ''', images, name)
     try:
-        m = mount(["--connect", host.uri(), "--domain", name], "--ssh-config", host.config, name=f"run-{end}")
-        view = m / f"{name}/vda/chain/current.raw"
+        if end == "shared":
+            from snapfs.sources.base import folder_name
+            m = mount(["--images", host.url(images), "--connect", host.uri(), "--domain", name],
+                      "--ssh-config", host.config, name=f"run-{end}")
+            view = m / f"{folder_name(host.uri())}/{name}/vda/chain/current.raw"
+            assert os.path.exists(m / f"{folder_name(host.url(images))}/vda.qcow2/chain")
+        else:
+            m = mount(["--connect", host.uri(), "--domain", name], "--ssh-config", host.config, name=f"run-{end}")
+            view = m / f"{name}/vda/chain/current.raw"
         want = tmp_path / "want.raw"
         want.write_bytes(host.run("cat", f"{images}/want.raw").stdout)
         assert sha256_of(view) == sha256_of(want)

@@ -141,7 +141,9 @@ async def serve(config: MountConfig, ready=None) -> None:
     finally:
         # The servers are stopped (the pool's nursery is done): end what the sources started.
         with trio.CancelScope(shield=True):
-            for source in sources:
+            # libvirt's first: their backup jobs end through a connection a
+            # source on the same host would otherwise close under them.
+            for source in sorted(sources, key=lambda s: s.kind != "libvirt"):
                 await trio.to_thread.run_sync(source.close)
         shutil.rmtree(rundir, ignore_errors=True)
 

@@ -18,6 +18,7 @@ The protocol every host implements (``LocalHost`` is the reference)::
 
     name                                    None, or the host as given
     await reach(), close()                  reach it (MountError with the reason), let go
+    users, release()                        sources using it; one of them is done
     connected, error                        reachable now; why not (None)
     readahead                               chunks fetched ahead of a sequential reader
     stat(path) / lstat(path)                os.stat_result; OSError

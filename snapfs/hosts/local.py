@@ -35,6 +35,9 @@ class LocalHost:
     def close(self) -> None:
         """End what reaching it started."""
 
+    def release(self) -> None:
+        """A source that used it is closed (the last one closes it)."""
+
     # -- files -----------------------------------------------------------------
 
     def stat(self, path: str) -> os.stat_result:

@@ -214,6 +214,7 @@ class SshHost:
     # Chunks fetched ahead (nbd/chunks.py): a round trip costs the network's
     # latency, so more are kept in flight than for a local server.
     readahead = 16
+    server_sessions = SERVER_SESSIONS
 
     def __init__(self, dest: Destination, rundir: str, ident: int = 0, ssh_config: str | None = None):
         self.dest = dest
@@ -237,6 +238,8 @@ class SshHost:
         self._commands = threading.Semaphore(COMMAND_SESSIONS)
         self.servers = 0  # qemu-nbd sessions open (nbd/remote.py), at most SERVER_SESSIONS
         self._forwards: dict[str, str] = {}  # a socket on the host -> its forward here
+        self.users = 0  # sources using it (``release``)
+        self.remote_dirs: list[str] = []  # every directory made there, for the cleanup of a killed snapfs
         self.ident = ident
 
     def __repr__(self) -> str:
@@ -334,8 +337,9 @@ class SshHost:
             out = await trio.to_thread.run_sync(self.run, 'mktemp -d "${TMPDIR:-/tmp}/snapfs.XXXXXXXXXX"')
             self.remote_dir = os.fsdecode(out.strip())
             # For snapfs umount after a snapfs that was killed (sources.clean_up_after).
-            with open(self.control[:-4] + ".remote", "w") as f:
-                f.write(self.remote_dir)
+            self.remote_dirs.append(self.remote_dir)
+            with open(self.control[:-4] + ".remote", "a") as f:
+                f.write(self.remote_dir + "\n")
         except OSError as e:
             await trio.to_thread.run_sync(self.close)
             self.error = e.strerror
@@ -363,6 +367,13 @@ class SshHost:
         if given.returncode or plain.returncode or ciphers(given) != ciphers(plain):
             return []
         return ["-o", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com"]
+
+    def release(self) -> None:
+        """A source using this host is closed: the last one closes the connection
+        (sources on one host share it: one's close must not end another's jobs)."""
+        self.users -= 1
+        if self.users <= 0:
+            self.close()
 
     def _check(self) -> bool:
         return os.path.exists(self.control) and subprocess.run(

@@ -161,8 +161,14 @@ class Server:
     async def _connect(self) -> Connection:
         # Abandoned when cancelled (a server stuck in the kernel never answers
         # the handshake): the connection the thread makes then is dropped.
-        return await trio.to_thread.run_sync(
-            self.spec.host.connect, self._socket(), self.spec.contexts, self.spec.export, abandon_on_cancel=True)
+        if self.spec.socket is None:
+            socket = self._socket()  # checked here, in trio's thread
+            return await trio.to_thread.run_sync(
+                self.spec.host.connect, socket, self.spec.contexts, self.spec.export, abandon_on_cancel=True)
+
+        def connect():  # another's socket, forwarded from its host in the thread (ssh -O forward)
+            return self.spec.host.connect(self._socket(), self.spec.contexts, self.spec.export)
+        return await trio.to_thread.run_sync(connect, abandon_on_cancel=True)
 
     async def _first_connection(self) -> Connection:
         """Connect as soon as the server listens.

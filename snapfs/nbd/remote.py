@@ -30,7 +30,6 @@ import subprocess
 import trio
 
 from ..errors import ImageRefused, Unavailable
-from ..hosts.ssh import SERVER_SESSIONS
 from .qemu import MALLOC_TUNABLES, START_TIMEOUT, STOP_TIMEOUT, QemuNBD
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,7 @@ class RemoteQemuNBD(QemuNBD):
         self.remote_pidfile = f"{host.remote_dir}/{ident}.pid"
         self.opened: dict[tuple[int, int], tuple[str, int]] = {}
         self.forwarded = False
-        self.session = False  # holds one of the host's SERVER_SESSIONS
+        self.session = False  # holds one of the host's server_sessions
 
     def command(self) -> list[str]:
         out = []
@@ -127,11 +126,12 @@ class RemoteQemuNBD(QemuNBD):
                 os.unlink(p)
         # One ssh session per server, and sshd serves few per connection.
         with trio.move_on_after(START_TIMEOUT):
-            while self.host.servers >= SERVER_SESSIONS:
+            while self.host.servers >= self.host.server_sessions:
                 await trio.sleep(0.05)
-        if self.host.servers >= SERVER_SESSIONS:
-            raise Unavailable(f"{SERVER_SESSIONS} qemu-nbd already run on {self.host.name} for this mount (one "
-                              "ssh session each, and sshd's MaxSessions is 10 by default): close files and retry")
+        if self.host.servers >= self.host.server_sessions:
+            raise Unavailable(f"{self.host.server_sessions} qemu-nbd already run on {self.host.name} for this "
+                              "mount (one ssh session each, and sshd's MaxSessions is 10 by default): close "
+                              "files and retry")
         self.host.servers += 1
         self.session = True
         cmd = self.host.command(WRAPPER, *self._wrapper_args())

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 
 from ..errors import MountError
@@ -40,6 +39,7 @@ def make_sources(config, rundir: str) -> list:
                 if key not in hosts:
                     hosts[key] = SshHost(dest, rundir, len(hosts), ssh_config=config.ssh_config)
                 host, root = hosts[key], dest.path
+                host.users += 1
             out.append(ImageDirectorySource(root, allow_outside=config.allow_outside_backing,
                                             writable=config.writable, watch=config.watch, host=host,
                                             label=sc.given))
@@ -57,7 +57,9 @@ def make_sources(config, rundir: str) -> list:
                 if key not in hosts:
                     hosts[key] = SshHost(dest, rundir, len(hosts), ssh_config=config.ssh_config)
                 host = hosts[key]
-                uri = _with_command(sc.location, host.wrapper)
+                host.users += 1
+                from .backup import with_command
+                uri = with_command(sc.location, host.wrapper)
             out.append(LibvirtSource(sc.location, list(config.domains), rundir, since=config.since,
                                      new_checkpoint=config.checkpoint, writable=config.writable, host=host,
                                      connect_uri=uri))
@@ -66,34 +68,42 @@ def make_sources(config, rundir: str) -> list:
 
 def remote_libvirt(uri: str):
     """The ssh destination of a libvirt URI on another host (``hosts.ssh.Destination``),
-    None for this machine's libvirt; MountError for a remote transport other than ssh.
+    None for this machine's libvirt; MountError for what snapfs cannot read safely.
 
     A disk path libvirt gives is a path on the domain's host: it is read there,
-    through ssh, never as a path of this machine.
+    through ssh, never as a path of this machine. A URI naming no host (or
+    this machine) is this machine's libvirt, and ``LibvirtSource.connect``
+    checks that the libvirtd it reached says so too.
     """
-    from urllib.parse import parse_qs, urlsplit
+    import socket as sockets
+    from urllib.parse import parse_qsl, unquote, urlsplit
 
     from ..hosts.ssh import Destination
     u = urlsplit(uri)
-    transport = u.scheme.partition("+")[2]
-    if not u.hostname or (u.hostname in ("localhost", "127.0.0.1", "::1") and transport in ("", "unix")):
+    try:
+        port = u.port
+    except ValueError:
+        raise MountError(f"--connect {uri}: not a port number") from None
+    if u.fragment:
+        raise MountError(f"--connect {uri}: a libvirt URI has no #fragment")
+    transport = u.scheme.lower().partition("+")[2]
+    host = unquote(u.hostname or "")
+    here = {"localhost", "127.0.0.1", "::1", sockets.gethostname().lower()}
+    if not host or host.lower() in here:
+        if not host and transport not in ("", "unix"):
+            raise MountError(f"--connect {uri}: a {transport} transport with no host: snapfs cannot tell "
+                             "which machine the disks are on (name the host, or use qemu:///system)")
         return None
     if transport != "ssh":
         raise MountError(f"--connect {uri}: snapfs reads another host's disks through ssh: use "
                          f"{u.scheme.partition('+')[0]}+ssh://{u.netloc}{u.path} (docs/remote.md)")
-    query = parse_qs(u.query)
+    query = {k.lower() for k, _ in parse_qsl(u.query, keep_blank_values=True)}
     for name, why in (("command", "snapfs runs ssh itself (--ssh-config FILE hands it a configuration)"),
                       ("no_verify", "snapfs never turns host key checking off"),
                       ("proxy", "snapfs reaches libvirtd through its own ssh connection")):
         if name in query:
             raise MountError(f"--connect {uri}: drop {name}= from the URI: {why}")
-    return Destination(u.username, u.hostname, u.port, "/")
-
-
-def _with_command(uri: str, command: str) -> str:
-    """``uri`` with libvirt's ``command=`` set to snapfs's ssh wrapper."""
-    from urllib.parse import quote
-    return uri + ("&" if "?" in uri else "?") + "command=" + quote(command, safe="/")
+    return Destination(unquote(u.username) if u.username else None, host, port, "/")
 
 
 def clean_up_after(info: dict, rundir: str) -> None:
@@ -110,13 +120,13 @@ def clean_up_after(info: dict, rundir: str) -> None:
     for p in names:
         if p.startswith("ssh") and p.endswith(".remote"):
             with open(os.path.join(rundir, p)) as f:
-                remote_dirs.append(f.read().strip())
+                remote_dirs += [line for line in f.read().splitlines() if line]
     if not any(n.startswith("backup-") for n in names) and not remote_dirs:
         return
     for kind, location in info.get("sources", [["libvirt", info.get("source")]]):
         if kind != "libvirt" or not location:
             continue
-        from .backup import abort_jobs_in
+        from .backup import abort_jobs_in, end_remote_jobs
         try:
             dest = remote_libvirt(location)
         except MountError:
@@ -124,12 +134,4 @@ def clean_up_after(info: dict, rundir: str) -> None:
         if dest is None:
             abort_jobs_in(location, rundir)
             continue
-        # Another host's jobs, in the connection's directory there: reached
-        # with a connection of its own (the mount's died with it).
-        wrapper = os.path.join(rundir, "ssh-cleanup")
-        cmd = ["ssh", *(["-F", info["ssh_config"]] if info.get("ssh_config") else []), "-o", "BatchMode=yes", "-T"]
-        with open(wrapper, "w") as f:
-            f.write("#!/bin/sh\nexec " + " ".join(shlex.quote(a) for a in cmd) + ' "$@"\n')
-        os.chmod(wrapper, 0o700)
-        for d in remote_dirs:
-            abort_jobs_in(_with_command(location, wrapper), d)
+        end_remote_jobs(location, info.get("ssh_config"), remote_dirs, rundir)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 import stat
 import time
@@ -171,8 +172,11 @@ class BackupJob:
         """The job's directory on the domain's host: qemu's, the one above searchable."""
         ids = _qemu_ids(domain_xml)
         try:
-            self.host.run('mkdir -m 0700 -p -- "$1" && chmod 0711 -- "${1%/*}" && '
-                          'if [ -n "$2" ] && [ "$(id -u)" = 0 ]; then chown -- "$2" "$1"; fi',
+            self.host.run('mkdir -m 0700 -p -- "$1" && chmod 0711 -- "${1%/*}" || exit 1; '
+                          'if [ -n "$2" ] && [ "$2" != "$(id -u):$(id -g)" ]; then '
+                          'if [ "$(id -u)" = 0 ]; then chown -- "$2" "$1"; else '
+                          'echo "qemu runs as $2 there and cannot make its socket in a directory of the ssh '
+                          'user $(id -un): connect as root (or as qemu\'s user)" >&2; exit 1; fi; fi',
                           self.dir, f"{ids[0]}:{ids[1]}" if ids else "")
         except OSError as e:
             raise BackupError(f"cannot make the backup job's directory on {self.host.name}: {e.strerror}") from None
@@ -304,3 +308,24 @@ def abort_jobs_in(uri: str, rundir: str) -> None:
                     log.warning("domain %s: cannot abort its backup job: %s", dom.name(), _message(e))
     finally:
         conn.close()
+
+
+def with_command(uri: str, command: str) -> str:
+    """``uri`` with libvirt's ``command=`` set to snapfs's ssh wrapper."""
+    from urllib.parse import quote
+    return uri + ("&" if "?" in uri else "?") + "command=" + quote(command, safe="/")
+
+
+def end_remote_jobs(uri: str, ssh_config: str | None, remote_dirs: list[str], rundir: str) -> None:
+    """End the backup jobs whose sockets are in ``remote_dirs`` on the host of
+    libvirt ``uri``, through an ssh connection of their own (the mount's is
+    gone: its snapfs was killed, or the connection was lost)."""
+    wrapper = os.path.join(rundir, "ssh-cleanup")
+    cmd = ["ssh", *(["-F", ssh_config] if ssh_config else []), "-o", "BatchMode=yes", "-T",
+           "-o", "RemoteCommand=none", "-o", "ControlMaster=no", "-o", "ControlPath=none",
+           "-o", "ConnectTimeout=10", "-o", "UpdateHostKeys=no"]
+    with open(wrapper, "w") as f:
+        f.write("#!/bin/sh\nexec " + " ".join(shlex.quote(a) for a in cmd) + ' "$@"\n')
+    os.chmod(wrapper, 0o700)
+    for d in remote_dirs:
+        abort_jobs_in(with_command(uri, wrapper), d)

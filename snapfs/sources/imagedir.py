@@ -388,4 +388,4 @@ class ImageDirectorySource:
         return run
 
     def close(self) -> None:
-        self.host.close()
+        self.host.release()

@@ -27,6 +27,7 @@ each domain is a unit, laid out anew by ``snapfs refresh MOUNTPOINT DOMAIN``.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -45,7 +46,7 @@ from ..views import FOLDERS, View, escape_name, link_layers, mark_writable, view
 from ..views.chain import BackupChainView, ChainView
 from ..views.dirty import DirtyView, FullDirtyView, UnionDirtyView
 from ..views.layer import LayerView
-from .backup import BackupJob, abort_jobs_in
+from .backup import BackupJob, abort_jobs_in, end_remote_jobs
 from .base import Refresh, RefreshPlan, Scan, Unit
 from .bitmaps import backing_verdict, bitmap_verdict
 from .libvirt_xml import CheckpointDef, DiskDef, SnapshotDef, parse_checkpoint, parse_disks, parse_snapshot
@@ -457,8 +458,15 @@ class LibvirtSource:
             # A libvirtd that stops answering closes the connection (its
             # calls then fail) instead of hanging them.
             self.conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+            there = self.conn.getHostname() if self.host.name is None else None
         except libvirt.libvirtError as e:
             raise SourceError(f"cannot connect to {self.uri}: {libvirt_message(e)}") from None
+        if there is not None and there.lower() not in (socket.gethostname().lower(), socket.getfqdn().lower()):
+            # Its disk paths are paths on that host: never read here.
+            self.conn.close()
+            self.conn = None
+            raise SourceError(f"the libvirt at {self.uri} runs on {there}, not on this machine: snapfs reads "
+                              f"another host's disks through ssh (qemu+ssh://{there}/system)")
 
     def domains(self) -> list[libvirt.virDomain]:
         if self.names:
@@ -518,7 +526,7 @@ class LibvirtSource:
         try:
             self._close()
         finally:
-            self.host.close()
+            self.host.release()
 
     def _close(self) -> None:
         left = False
@@ -526,8 +534,13 @@ class LibvirtSource:
             if plan.job is not None:
                 left |= not plan.job.stop()
                 plan.job = None
-        if left:
+        if left and self.host.name is not None:
+            # The connection to the host is lost: one of their own ends the jobs there.
+            done = threading.Thread(target=end_remote_jobs, daemon=True, args=(
+                self.uri, self.host.ssh_config, list(self.host.remote_dirs), self.rundir))
+        elif left:
             done = threading.Thread(target=abort_jobs_in, args=(self.uri, self.rundir), daemon=True)
+        if left:
             done.start()
             done.join(LEFTOVER_TIMEOUT)
             if done.is_alive():
