@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -124,7 +125,7 @@ Subsystem sftp internal-sftp
             f.write(f"""Host {ALIAS}
     HostName 127.0.0.1
     Port {self.port}
-    User {os.environ.get("USER") or "root"}
+    User {self.ssh_user}
     IdentityFile {b}/user_key
     IdentitiesOnly yes
     UserKnownHostsFile {self.known_hosts}
@@ -144,6 +145,16 @@ Subsystem sftp internal-sftp
                 said = f.read()[-2000:]
             raise RuntimeError(f"the test host's mount namespace could not be made: {said}")
         self.start_sshd()
+        p = self.ssh("true", check=False)
+        if p.returncode:
+            with open(os.path.join(b, "sshd.log"), errors="replace") as f:
+                said = f.read()[-2000:]
+            raise RuntimeError(f"the test host's sshd does not let {self.ssh_user} in: "
+                               f"{p.stderr.decode(errors='replace').strip()}; sshd says: {said}")
+
+    @property
+    def ssh_user(self) -> str:
+        return pwd.getpwuid(os.getuid()).pw_name
 
     def start_sshd(self) -> None:
         """sshd in the namespace, listening when this returns."""
