@@ -429,3 +429,31 @@ def test_a_host_that_goes_silent_fails_reads_never_hangs(host, tmp_path, mount):
     with open(view, "rb") as f:
         f.seek(60 << 20)
         assert f.read(1 << 20) == b"\x5a" * (1 << 20)
+
+
+@pytest.mark.log_allows(r"asking again", r"replaced", r"did not come back")
+@pytest.mark.parametrize("swap", ["file", "symlink"])
+def test_a_file_swapped_on_the_host_is_never_read(host, tmp_path, mount, swap):
+    """An image replaced on the host after the scan (another file, or a symlink
+    to another file) is not what qemu-nbd opens: the wrapper's pin check
+    refuses it, and the view reads nothing of the new file."""
+    local = tmp_path / f"swap-{swap}-here"
+    local.mkdir()
+    qemu_io(create(local / "a.qcow2", 8 * MiB), "write -P 0x61 0 1M")
+    qemu_io(create(local / "other.qcow2", 8 * MiB), "write -P 0x6f 0 1M")
+    remote = put(host, str(local), f"swap-{swap}")
+    m = mount(["--images", host.url(remote)], *ssh_opts(host), "--retry-timeout", "2", name=f"swap-{swap}")
+    assert os.path.exists(m / "a.qcow2/chain/00-a.raw")
+    if swap == "file":
+        host.run("cp", f"{remote}/other.qcow2", f"{remote}/a.new")
+        host.run("mv", f"{remote}/a.new", f"{remote}/a.qcow2")
+    else:
+        host.run("mv", f"{remote}/a.qcow2", f"{remote}/a.old")
+        host.run("ln", "-s", "other.qcow2", f"{remote}/a.qcow2")
+    with pytest.raises(OSError) as e:
+        with open(m / "a.qcow2/chain/00-a.raw", "rb") as f:
+            f.read(1 << 20)
+    assert e.value.errno in (errno.EIO, errno.ESTALE, errno.ENOENT), e.value
+    status = m.status()
+    assert "replaced since the mount was made" in status, status
+    assert not host.pids_of("qemu-nbd")
