@@ -49,7 +49,10 @@ mount --bind {base}/libvirt/etc /etc/libvirt
 virtlogd -d
 libvirtd -d
 i=0
-while [ ! -S /run/libvirt/libvirt-sock ]; do i=$((i + 1)); [ $i -lt 500 ] || exit 1; sleep 0.02; done
+while [ ! -S /run/libvirt/libvirt-sock ]; do
+    i=$((i + 1)); [ $i -lt 3000 ] || {{ echo "the test host's libvirtd made no socket within 60 s" >&2; exit 1; }}
+    sleep 0.02
+done
 """
 
 
