@@ -229,6 +229,18 @@ Subsystem sftp internal-sftp
                 continue
         return out
 
+    def define(self, name: str, disk: str, start: bool = False) -> None:
+        """A domain of the host's libvirt (``libvirt=True``) with one qcow2 disk,
+        vda; no OS (a running one writes nothing); TCG, as /dev/kvm may be closed."""
+        xml = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
+               "<os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'>"
+               f"<driver name='qemu' type='qcow2'/><source file='{disk}'/><target dev='vda' bus='virtio'/>"
+               "</disk></devices></domain>")
+        self.run("sh", "-c", 'printf %s "$1" > "$2" && virsh -q -c qemu:///system define "$2" >/dev/null',
+                 "sh", xml, f"{disk}.xml")
+        if start:
+            self.run("virsh", "-q", "-c", "qemu:///system", "start", name)
+
     def uri(self, alias: str = ALIAS) -> str:
         """The host's libvirt, through ssh."""
         return f"qemu+ssh://{alias}/system"

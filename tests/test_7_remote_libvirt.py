@@ -36,14 +36,8 @@ qemu-img create -q -f qcow2 base.qcow2 32M
 qemu-io -c "write -P 0x11 0 4M" -c "write -z 8M 1M" base.qcow2 >/dev/null
 qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 vda.qcow2
 qemu-io -c "write -P 0x22 2M 4M" vda.qcow2 >/dev/null
-cat > dom.xml <<XML
-<domain type='qemu'><name>$2</name><memory unit='MiB'>64</memory>
-<os><type arch='x86_64'>hvm</type></os>
-<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
-<source file='$1/vda.qcow2'/><target dev='vda' bus='virtio'/></disk></devices></domain>
-XML
-virsh -q -c qemu:///system define dom.xml >/dev/null
-''', images, DOMAIN)
+''', images)
+    host.define(DOMAIN, f"{images}/vda.qcow2")
 
 
 def test_shut_off_domain_of_a_remote_libvirt(host, tmp_path, mount):
@@ -99,15 +93,8 @@ qemu-io -c "write -P 0x11 0 4M" base.qcow2 >/dev/null
 qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 vda.qcow2
 qemu-io -c "write -P 0x22 2M 4M" -c "write -z 8M 1M" vda.qcow2 >/dev/null
 qemu-img convert -O raw vda.qcow2 want.raw
-cat > dom.xml <<XML
-<domain type='qemu'><name>$2</name><memory unit='MiB'>64</memory>
-<os><type arch='x86_64'>hvm</type></os>
-<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
-<source file='$1/vda.qcow2'/><target dev='vda' bus='virtio'/></disk></devices></domain>
-XML
-virsh -q -c qemu:///system define dom.xml >/dev/null
-virsh -q -c qemu:///system start "$2" >/dev/null
-''', images, name)
+''', images)
+    host.define(name, f"{images}/vda.qcow2", start=True)
     try:
         if end == "shared":
             from snapfs.sources.base import folder_name

@@ -34,15 +34,8 @@ qemu-img create -q -f qcow2 base.qcow2 64M
 qemu-io -c "write -P 0x11 0 8M" -c "write -z 16M 4M" base.qcow2 >/dev/null
 qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 vda.qcow2
 qemu-io -c "write -P 0x22 4M 8M" -c "write -z 1M 1M" vda.qcow2 >/dev/null
-cat > dom.xml <<XML
-<domain type='qemu'><name>$2</name><memory unit='MiB'>64</memory>
-<os><type arch='x86_64'>hvm</type></os>
-<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
-<source file='$1/vda.qcow2'/><target dev='vda' bus='virtio'/></disk></devices></domain>
-XML
-virsh -q -c qemu:///system define dom.xml >/dev/null
-virsh -q -c qemu:///system start "$2" >/dev/null
-''', images, VM)
+''', images)
+        host.define(VM, f"{images}/vda.qcow2", start=True)
         assert not os.path.exists(images)
         env = dict(os.environ, HOST=ALIAS, VM=VM, SSH_CONFIG=host.config, MNT=str(tmp_path / "mnt"),
                    BACKUP=str(tmp_path / "backup"),

@@ -173,11 +173,16 @@ class QemuNBD:
             raise Unavailable(f"qemu-nbd did not start within {START_TIMEOUT:.0f} s opening "
                               f"{len(self.spec.layers)} layer(s), {self.spec.describe()}"
                               + ("" if said == "qemu-nbd failed" else f" (it said: {said})"))
-        opened = self._opened_files()
+        await self._check_opened(self._opened_files())
+        self.serving = True
+        log.debug("qemu-nbd pid %d serves %s", self.proc.pid, self.spec.describe())
+
+    async def _check_opened(self, opened: dict[tuple[int, int], tuple[str, int]]) -> None:
+        """What the started qemu-nbd opened (``_opened_files``) is exactly the
+        files scanned: none missing (one was replaced), none more, and, when
+        qemu followed the headers itself, none changed since the scan (a
+        header rewritten in place). Else it is stopped: ESTALE."""
         pins = {p for p in self.spec.pins if p is not None}
-        # Exactly the files scanned: none missing (one was replaced), none
-        # more, and, when qemu followed the headers itself, none changed
-        # since the scan (a header rewritten in place).
         extra = sorted(path for key, (path, _) in opened.items() if key not in pins) \
             if None not in self.spec.pins else []
         if self.spec.ctimes:
@@ -188,8 +193,6 @@ class QemuNBD:
             raise Unavailable("an image was replaced since the mount was made (remount to see it): "
                               + self.spec.describe() + (f"; qemu opened {extra[0]}" if extra else ""),
                               errno.ESTALE)
-        self.serving = True
-        log.debug("qemu-nbd pid %d serves %s", self.proc.pid, self.spec.describe())
 
     def failure(self) -> Unavailable:
         try:
