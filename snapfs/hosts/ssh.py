@@ -11,7 +11,7 @@ never prompting (``BatchMode``), host keys checked as ssh checks them.
   paths reach it as its arguments (quoted once for the remote login shell,
   ``shlex.quote``) or NUL-separated on its standard input (``xargs -0``).
 - **One listing per scan.** ``walk`` lists the whole tree in one ``find``
-  (types, stat fields, symlink targets); the files a scan opens then have
+  (types, stat fields); the files a scan opens then have
   their stat, real path and first ``HEAD`` bytes fetched in one more round
   trip (``prefetch``). A scan of 500 images costs a few round trips, not
   thousands. Reads beyond ``HEAD`` (a bitmap directory) are ``dd`` calls.
@@ -159,8 +159,8 @@ _TYPES = {b"f": stat.S_IFREG, b"d": stat.S_IFDIR, b"l": stat.S_IFLNK, b"b": stat
           b"c": stat.S_IFCHR, b"p": stat.S_IFIFO, b"s": stat.S_IFSOCK}
 
 # find's fields for every entry: type, target type, then stat fields; then
-# the path and the symlink's target, each NUL-terminated.
-FIND_FORMAT = r"%y %Y %m %i %D %n %U %G %s %A@ %T@ %C@\0%p\0%l\0"
+# the path, each NUL-terminated.
+FIND_FORMAT = r"%y %Y %m %i %D %n %U %G %s %A@ %T@ %C@\0%p\0"
 # The same for one file, followed (stat -L): raw mode in hex.
 STAT_FORMAT = r"%f %i %d %h %u %g %s %.9X %.9Y %.9Z\0"
 
@@ -197,13 +197,12 @@ _SCRIPT_MAPS = (
 class _Entry:
     """What the last listing knows of one path."""
 
-    __slots__ = ("lstat", "stat", "target", "real", "head", "fetched")
+    __slots__ = ("lstat", "stat", "real", "head", "fetched")
 
     def __init__(self, lstat=None):
         self.lstat: os.stat_result | None = lstat
         self.stat: os.stat_result | None = None  # followed
         self.fetched = False  # stat, real and head asked for (``prefetch``)
-        self.target: str | None = None
         self.real: str | None = None
         self.head: bytes | None = None
 
@@ -433,8 +432,8 @@ class SshHost:
         out = self.run(_SCRIPT_FIND, root, FIND_FORMAT, stderr=said)
         entries: dict[str, _Entry] = {}
         parts = out.split(b"\0")
-        for i in range(0, len(parts) - 2, 3):
-            fields, path, target = parts[i].split(b" "), parts[i + 1], parts[i + 2]
+        for i in range(0, len(parts) - 1, 2):
+            fields, path = parts[i].split(b" "), parts[i + 1]
             if len(fields) != 12:
                 continue
             y, _yy, m, ino, dev, n, uid, gid, size, at, mt, ct = fields
@@ -442,12 +441,9 @@ class SshHost:
             st = _stat_result(mode, int(ino), int(dev), int(n), int(uid), int(gid), int(size),
                               _ns(at), _ns(mt), _ns(ct))
             e = _Entry(st)
-            name = os.fsdecode(path)
-            if y == b"l":
-                e.target = os.fsdecode(target)
-            else:
-                e.stat = st
-            entries[name] = e
+            if y != b"l":
+                e.stat = st  # a symlink's target is stat'ed by the prefetch
+            entries[os.fsdecode(path)] = e
         inside = root.rstrip("/") + "/"
         with self._lock:
             self._entries = {p: e for p, e in self._entries.items() if p != root and not p.startswith(inside)}
@@ -493,16 +489,12 @@ class SshHost:
     def _lstat(self, path: str, e: _Entry) -> None:
         """lstat of a path the listing did not reach (one round trip)."""
         try:
-            out = self.run('stat --printf "$1" -- "$2" || exit 0; readlink -z -- "$2"; exit 0',
-                           STAT_FORMAT, path)
+            out = self.run('stat --printf "$1" -- "$2"; exit 0', STAT_FORMAT, path)
         except OSError:
             return
-        text, _, target = out.partition(b"\0")
-        st = _parse_stat(text)
+        st = _parse_stat(out.partition(b"\0")[0])
         with self._lock:
             e.lstat = st
-            if st is not None and stat.S_ISLNK(st.st_mode):
-                e.target = os.fsdecode(target.rstrip(b"\0"))
 
     # -- the host protocol: files ----------------------------------------------
 
@@ -511,13 +503,6 @@ class SshHost:
         if e.stat is None:
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
         return self._translate(e.stat)
-
-    def raw_stat(self, path: str) -> os.stat_result:
-        """The host's own stat (its uids, its device and inode numbers)."""
-        e = self._entry(path)
-        if e.stat is None:
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
-        return e.stat
 
     def lstat(self, path: str) -> os.stat_result:
         e = self._entry(path, follow=False)

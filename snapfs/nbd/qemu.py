@@ -168,14 +168,18 @@ class QemuNBD:
                 await trio.sleep(delay)
                 delay = min(delay * 2, 0.05)
         if timeout.cancelled_caught:
-            said = self.failure().reason
-            await self.stop()
-            raise Unavailable(f"qemu-nbd did not start within {START_TIMEOUT:.0f} s opening "
-                              f"{len(self.spec.layers)} layer(s), {self.spec.describe()}"
-                              + ("" if said == "qemu-nbd failed" else f" (it said: {said})"))
+            raise await self._start_timed_out("qemu-nbd")
         await self._check_opened(self._opened_files())
         self.serving = True
         log.debug("qemu-nbd pid %d serves %s", self.proc.pid, self.spec.describe())
+
+    async def _start_timed_out(self, what: str) -> Unavailable:
+        """Stop a server that did not start within START_TIMEOUT; the error to raise."""
+        said = self.failure().reason
+        await self.stop()
+        return Unavailable(f"{what} did not start within {START_TIMEOUT:.0f} s opening "
+                           f"{len(self.spec.layers)} layer(s), {self.spec.describe()}"
+                           + ("" if said == "qemu-nbd failed" else f" (it said: {said})"))
 
     async def _check_opened(self, opened: dict[tuple[int, int], tuple[str, int]]) -> None:
         """What the started qemu-nbd opened (``_opened_files``) is exactly the
@@ -202,9 +206,13 @@ class QemuNBD:
             text = ""
         return _reason_from_stderr(text, self.spec.describe())
 
+    def _exit_status(self) -> int | None:
+        """The process's return code: negative for a signal, as subprocess says."""
+        return self.proc.returncode if self.proc is not None else None
+
     def ended(self) -> str:
         """How the process ended, with what it said, for messages."""
-        rc = self.proc.returncode if self.proc is not None else None
+        rc = self._exit_status()
         how = f"was killed by signal {-rc}" if rc is not None and rc < 0 else f"exited with status {rc}"
         said = self.failure().reason
         return how if said == "qemu-nbd failed" else f"{how} ({said})"

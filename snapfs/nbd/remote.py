@@ -154,11 +154,7 @@ class RemoteQemuNBD(QemuNBD):
                     raise ImageRefused(e.reason, e.errno) if e.reason != "qemu-nbd failed" else e
                 out += chunk
         if timeout.cancelled_caught:
-            said = self.failure().reason
-            await self.stop()
-            raise Unavailable(f"qemu-nbd on {self.host.name} did not start within {START_TIMEOUT:.0f} s opening "
-                              f"{len(self.spec.layers)} layer(s), {self.spec.describe()}"
-                              + ("" if said == "qemu-nbd failed" else f" (it said: {said})"))
+            raise await self._start_timed_out(f"qemu-nbd on {self.host.name}")
         self.opened = _parse_opened(out)
         await self._check_opened(self.opened)
         await trio.to_thread.run_sync(self._forward)
@@ -179,18 +175,10 @@ class RemoteQemuNBD(QemuNBD):
                            capture_output=True, timeout=10)
         self.forwarded = False
 
-    def ended(self) -> str:
-        rc = self.proc.returncode if self.proc is not None else None
-        if rc is not None and rc > 128 and rc != 255:
-            rc = -(rc - 128)  # the wrapper's wait: 128 + the signal
-        how = f"was killed by signal {-rc}" if rc is not None and rc < 0 else f"exited with status {rc}"
-        said = self.failure().reason
-        return how if said == "qemu-nbd failed" else f"{how} ({said})"
-
-    def kill(self) -> None:
-        """Hung: end its session; the wrapper on the host kills it."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+    def _exit_status(self) -> int | None:
+        """The wrapper's status is its ``wait``'s: 128 + the signal that ended qemu-nbd."""
+        rc = super()._exit_status()
+        return -(rc - 128) if rc is not None and 128 < rc < 255 else rc
 
     def _end_session(self) -> None:
         if self.session:

@@ -25,21 +25,27 @@ def make_sources(config, rundir: str) -> list:
     from ..hosts.local import LOCAL
     hosts: dict = {}
     out = []
+
+    def ssh_host(dest):
+        """The one SshHost of a (user, host, port), counting the sources that use it."""
+        from ..hosts.ssh import SshHost
+        key = (dest.user, dest.host, dest.port)
+        if key not in hosts:
+            hosts[key] = SshHost(dest, rundir, len(hosts), ssh_config=config.ssh_config)
+        hosts[key].users += 1
+        return hosts[key]
+
     for sc in config.sources:
         if sc.kind == "images":
             from .imagedir import ImageDirectorySource
             host, root = LOCAL, sc.location
             if sc.location.startswith("ssh://"):
-                from ..hosts.ssh import SshHost, parse_url
+                from ..hosts.ssh import parse_url
                 try:
                     dest = parse_url(sc.location)
                 except ValueError as e:
                     raise MountError(f"--images {e}") from None
-                key = (dest.user, dest.host, dest.port)
-                if key not in hosts:
-                    hosts[key] = SshHost(dest, rundir, len(hosts), ssh_config=config.ssh_config)
-                host, root = hosts[key], dest.path
-                host.users += 1
+                host, root = ssh_host(dest), dest.path
             out.append(ImageDirectorySource(root, allow_outside=config.allow_outside_backing,
                                             writable=config.writable, watch=config.watch, host=host,
                                             label=sc.given))
@@ -52,12 +58,7 @@ def make_sources(config, rundir: str) -> list:
             host, uri = LOCAL, sc.location
             dest = remote_libvirt(sc.location)
             if dest is not None:
-                from ..hosts.ssh import SshHost
-                key = (dest.user, dest.host, dest.port)
-                if key not in hosts:
-                    hosts[key] = SshHost(dest, rundir, len(hosts), ssh_config=config.ssh_config)
-                host = hosts[key]
-                host.users += 1
+                host = ssh_host(dest)
                 from .backup import with_command
                 uri = with_command(sc.location, host.wrapper)
             out.append(LibvirtSource(sc.location, list(config.domains), rundir, since=config.since,
