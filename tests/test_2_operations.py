@@ -164,6 +164,20 @@ class FakeProcess:
         return "exited with status 1 (fake qemu-nbd died)"
 
 
+class FakeAio:
+    """Stands for nbd.client.AioConnection: the same reads, awaited in trio's thread."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    async def pread(self, length, offset):
+        await trio.sleep(0)
+        return self.conn.pread(length, offset)
+
+    def close(self):
+        self.conn.close()
+
+
 class FakeConnection:
     """Stands for nbd.client.Connection: size, pread, block_status, close."""
 
@@ -176,6 +190,9 @@ class FakeConnection:
 
     def close(self):
         self.closed = True
+
+    def aio(self, spawn):
+        return FakeAio(self)
 
     def pread(self, length, offset):
         img, proc = self.image, self.process
@@ -408,17 +425,19 @@ async def test_server_dying_mid_read_is_restarted_once(tmp_path):
     spec = mount.spec(LAYER)
     async with mount.running() as ops:
         fh = await mount.open(LAYER + ".raw")
-        assert await mount.read(fh, 100, 64 * K) == image.content[100:100 + 64 * K]
+        assert await mount.read(fh, 0, 64 * K) == image.content[:64 * K]
         [first] = [p for p in mount.backend.started(spec) if p.running]
-        # Its second pread resets the connection: the pool starts a new server
-        # and the reader gets the right bytes.
+        # Its second pread (a chunk: a large read 6 MiB on goes on with the
+        # stream) resets the connection: the pool starts a new server and
+        # the reader gets the right bytes.
         off = 3 * CHUNK + 5
         assert await mount.read(fh, off, 300 * K) == image.content[off:off + 300 * K]
         [second] = [p for p in mount.backend.started(spec) if p.running]
         assert second is not first and first.stops and image.deaths == 0
-        # The chunks of the dead server were dropped with it.
-        assert await mount.read(fh, 100, 64 * K) == image.content[100:100 + 64 * K]
-        assert image.preads == [(0, CHUNK), (3 * CHUNK, CHUNK), (0, CHUNK)]
+        # The chunks of the dead server were dropped with it: a jump back to
+        # chunk 0 asks the server (its own bytes), where the chunk would have answered.
+        assert await mount.read(fh, 0, 64 * K) == image.content[:64 * K]
+        assert image.preads == [(0, CHUNK), (3 * CHUNK, CHUNK), (0, 64 * K)]
         assert second.preads == 2
         await ops.release(fh)
 
@@ -552,27 +571,38 @@ async def test_chunk_cache_at_extent_edges(tmp_path):
         await mount.settle(LAYER)
         assert image.preads == []
 
-        # Across a data/zero edge: one chunk; a first read fetches nothing ahead.
+        # A jump (far from the file's last read), across a data/zero edge:
+        # its own data bytes only, no chunk, nothing ahead.
         assert await mount.read(fh, MiB - 4096, 8192) == content[MiB - 4096:MiB + 4096]
+        await mount.settle(LAYER)
+        assert image.preads == [(MiB - 4096, 4096)]
+        image.preads.clear()
+
+        # A reader starting at 0 goes on: its first read, across the same
+        # edge, is one chunk, and fetches nothing ahead.
+        fh2 = await mount.open(LAYER + ".raw")
+        assert await mount.read(fh2, 0, MiB + 4096) == content[:MiB + 4096]
         await mount.settle(LAYER)
         assert image.preads == [(0, CHUNK)]
 
-        # Across the chunk 0/1 edge, sequential: chunks 3 and 4 are fetched
+        # On across the chunk 0/1 edge, sequential: chunks 3 and 4 are fetched
         # ahead, chunk 2 (all hole) is not; the last one only up to the end.
-        assert await mount.read(fh, CHUNK - 4096, 8192) == content[CHUNK - 4096:CHUNK + 4096]
+        assert await mount.read(fh2, MiB + 4096, CHUNK - MiB) == content[MiB + 4096:CHUNK + 4096]
         await mount.settle(LAYER)
         fetched = [(0, CHUNK), (CHUNK, CHUNK), (3 * CHUNK, CHUNK), (4 * CHUNK, 12345)]
         assert sorted(image.preads) == fetched
 
-        # Everything else comes from the cache, clipped at the end of the export.
-        assert await mount.read(fh, size - 100, 4096) == content[-100:]
-        assert await mount.read(fh, size, 4096) == b""
-        assert await mount.read(fh, 3 * CHUNK - 10, 20) == bytes(10) + content[3 * CHUNK:3 * CHUNK + 10]
-        assert await mount.read(fh, CHUNK + 512 * K - 7, 14) == content[CHUNK + 512 * K - 7:CHUNK + 512 * K + 7]
-        assert await mount.read(fh, 0, size) == content
+        # Everything else comes from the cache, jumps too, clipped at the end of the export.
+        for f in (fh2, fh):
+            assert await mount.read(f, size - 100, 4096) == content[-100:]
+            assert await mount.read(f, size, 4096) == b""
+            assert await mount.read(f, 3 * CHUNK - 10, 20) == bytes(10) + content[3 * CHUNK:3 * CHUNK + 10]
+            assert await mount.read(f, CHUNK + 512 * K - 7, 14) == content[CHUNK + 512 * K - 7:CHUNK + 512 * K + 7]
+            assert await mount.read(f, 0, size) == content
         await mount.settle(LAYER)
         assert sorted(image.preads) == fetched
         await ops.release(fh)
+        await ops.release(fh2)
 
 
 # -- 5. one budget for the chunk caches of every export -------------------------
@@ -631,7 +661,7 @@ async def test_a_stopped_exports_chunks_are_freed_at_once(tmp_path, autojump_clo
     async with mount.running() as ops:
         fh = await mount.open(LAYER + ".raw")
         fh2 = await mount.open(CHAIN + ".raw")
-        reply = await ops.read(fh, 100, 4096)  # as FUSE gets it: a view of chunk 0
+        reply = await ops.read(fh, 0, 4096)  # as FUSE gets it: a view of chunk 0
         assert isinstance(reply, memoryview)
         assert await mount.read(fh2, 0, MiB) == image.content[:MiB]
         layer = mount.pool.servers[mount.spec(LAYER)]
@@ -643,7 +673,7 @@ async def test_a_stopped_exports_chunks_are_freed_at_once(tmp_path, autojump_clo
         assert not layer.process and layer._cache is None
         assert budget.used == budget.held == CHUNK
         # The reply still reads right: the cache let go of the chunk, the reply did not.
-        assert bytes(reply) == image.content[100:4196]
+        assert bytes(reply) == image.content[:4096]
         await ops.release(fh2)
     assert budget.used == 0
 
@@ -666,6 +696,54 @@ async def test_a_sequential_reader_gets_readahead_within_the_budget(tmp_path, ca
         # Each chunk fetched once: nothing fetched ahead was evicted before it was read.
         assert sorted(image.preads) == [(i * CHUNK, CHUNK) for i in range(16)]
         await ops.release(fh)
+
+
+async def test_scattered_reads_ask_their_own_bytes_and_leave_a_streams_chunks(tmp_path):
+    """A random reader (a VM's 4 KiB I/O) costs one small request per read,
+    not a chunk each, and takes nothing from a sequential reader of the same
+    export: its chunks and readahead stay as they were."""
+    image = Image([(16 * CHUNK, "data", True)])
+    mount = Mount(tmp_path, image)
+    watch_budget(mount)
+    budget = mount.m.budget
+    async with mount.running() as ops:
+        stream = await mount.open(LAYER + ".raw")
+        assert await mount.read(stream, 0, MiB) == image.content[:MiB]
+        assert await mount.read(stream, MiB, MiB) == image.content[MiB:2 * MiB]
+        await mount.settle(LAYER)
+        ahead = sorted(image.preads)
+        assert ahead == [(i * CHUNK, CHUNK) for i in range(1 + READAHEAD)]
+        held = budget.used
+        image.preads.clear()
+
+        scattered = await mount.open(LAYER + ".raw")
+        jumps = [(11 * CHUNK + 4096 * 7, 4096), (13 * CHUNK + 512, 512), (7 * CHUNK - 4096, 8192),
+                 (9 * CHUNK + 4096, 4096)]
+        for off, n in jumps:
+            assert await mount.read(scattered, off, n) == image.content[off:off + n]
+        await mount.settle(LAYER)
+        # Each asked its own bytes (one across a chunk edge: in two), none a chunk.
+        assert sorted(image.preads) == sorted([(11 * CHUNK + 4096 * 7, 4096), (13 * CHUNK + 512, 512),
+                                               (7 * CHUNK - 4096, 4096), (7 * CHUNK, 4096),
+                                               (9 * CHUNK + 4096, 4096)])
+        assert budget.used == held
+        image.preads.clear()
+        # A small read that goes on from the last one starts a stream: chunks.
+        assert await mount.read(scattered, 9 * CHUNK + 8192, 4096) == image.content[9 * CHUNK + 8192:9 * CHUNK + 12288]
+        await mount.settle(LAYER)
+        assert image.preads == [(9 * CHUNK, CHUNK)]
+        image.preads.clear()
+        # A jump onto a chunk the stream holds is answered from it.
+        assert await mount.read(scattered, 3 * CHUNK + 100, 4096) == image.content[3 * CHUNK + 100:3 * CHUNK + 4196]
+        assert image.preads == []
+        # The stream goes on from its chunks, fetched once.
+        for off in range(2 * MiB, 8 * MiB, MiB):
+            assert await mount.read(stream, off, MiB) == image.content[off:off + MiB]
+        await mount.settle(LAYER)
+        assert all(length == CHUNK for _, length in image.preads)
+        assert not {o for o, _ in image.preads} & {o for o, _ in ahead}
+        await ops.release(stream)
+        await ops.release(scattered)
 
 
 # -- ownership ----------------------------------------------------------------

@@ -25,6 +25,7 @@ from ..data.exports import Exports, Lease
 from ..data.maps import Maps
 from ..errors import SnapfsError
 from ..extents import ExtentMap
+from ..nbd.chunks import SMALL
 from ..nbd.pool import Retired
 from .tree import Node, Status
 
@@ -37,6 +38,12 @@ ZEROING = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE,
 
 # Zero replies share one buffer: FUSE takes any buffer, and most zero
 # requests are a whole 1 MiB request (or less).
+# A read within this distance of the end of the file's previous one
+# continues a sequential stream (several requests of one reader arrive out
+# of order: four 1 MiB requests of a 4 MiB read, qemu-img convert's
+# coroutines); for small reads, within SMALL (a VM's random 4 KiB reads
+# land that near by chance once in thousands of reads of a disk).
+NEAR = 8 << 20
 _ZEROS = memoryview(bytes(1 << 20))
 
 
@@ -173,8 +180,9 @@ class _ViewFileHandle(Handle):
         self.lease = lease
         self.view = lease.view
         self.disk = node.disk_path
+        self._next: int | None = None  # the end of this file's latest read
 
-    async def _read_data(self, start: int, length: int, m: ExtentMap):
+    async def _read_data(self, start: int, length: int, m: ExtentMap, scattered: bool):
         """Data bytes of the view: through the chunk cache, or, beside a writer,
         straight from the image."""
         while True:
@@ -182,7 +190,7 @@ class _ViewFileHandle(Handle):
             try:
                 if srv.spec.writable:
                     return await srv.pread(length, start)
-                return await srv.chunks(self.view.size).read(start, length, m)
+                return await srv.chunks(self.view.size).read(start, length, m, scattered)
             except Retired:
                 # Its export moved to a writer, or its server was stopped for one.
                 await self.files.exports.follow(self.lease, srv)
@@ -195,8 +203,15 @@ class _ViewFileHandle(Handle):
         raise e
 
     async def _read_view(self, off: int, size: int, m: ExtentMap):
+        # Where this file's reads go next: near the last one, or elsewhere
+        # (random I/O, which the chunk cache does not fetch whole chunks for).
+        last, self._next = self._next, off + size
+        if last is None:
+            scattered = off != 0  # a reader starting at the beginning goes on (cp, cat, qemu-img)
+        else:
+            scattered = abs(off - last) > (NEAR if size > SMALL else SMALL)
         # Zero and hole areas come from the extent map, not the server.
-        return _joined([zeros(length) if zero else await self._read_data(start, length, m)
+        return _joined([zeros(length) if zero else await self._read_data(start, length, m, scattered)
                         for start, length, zero in m.pieces(off, size)])
 
     async def release(self):

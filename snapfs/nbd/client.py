@@ -3,19 +3,25 @@
 Callers get runs per metadata context and bytes; they never see libnbd
 handles or meta-context strings other than the ones named here.
 
-libnbd handles are blocking here and are driven from trio worker threads
-(`trio.to_thread.run_sync`): libnbd releases the GIL while it waits for the
-server, so several requests are in flight at once, one per connection. That
-was measured against libnbd's ``aio_*`` calls driven from the trio loop by
-``tests/bench.py --nbd-client``; see docs/design.md for the figures.
+Chunks (2 MiB) are read on blocking handles driven from trio worker
+threads (`trio.to_thread.run_sync`): libnbd releases the GIL while it
+waits for the server, so several requests are in flight at once, one per
+connection, and large replies were faster that way than with libnbd's
+``aio_*`` calls driven from the trio loop (docs/design.md, "Reads").
+Small scattered reads (a VM's random 4 KiB I/O) are the other way round: a
+worker thread's hop costs more than the read, so they go through one
+``AioConnection`` per export, many in flight on one socket, driven from the
+trio loop.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 
 import nbd  # libnbd's Python bindings (Debian's python3-libnbd)
+import trio
 
 from ..errors import TransportError as NBDError
 from ..extents import Run
@@ -59,6 +65,10 @@ class Connection:
                 pass
             # libnbd closes the handle when the last reference goes.
             del h
+
+    def aio(self, spawn) -> AioConnection:
+        """This connection, to be driven from the trio loop from now on (``AioConnection``)."""
+        return AioConnection(self, spawn)
 
     def _handle(self):
         """The libnbd handle; a connection closed under a request (its server
@@ -132,3 +142,105 @@ class Connection:
                 raise self._failed(h, f"block status at {offset}", e) from None
 
         return read_block_status(size if end is None else end, self.contexts, request, start)
+
+
+class AioConnection:
+    """A connected ``Connection`` driven from the trio loop: reads in flight
+    together on one socket, no worker thread.
+
+    spawn: ``spawn(fn) -> bool`` starts a background task (the server pool's
+    nursery): the one task that moves the connection's I/O while reads wait
+    (``_pump``). ``gone``: why the connection is lost, once it is; every
+    read then fails with ENOTCONN (asked again on a new connection).
+    """
+
+    def __init__(self, conn: Connection, spawn):
+        self._conn = conn
+        self._h = conn._h
+        self._fd = self._h.aio_get_fd()
+        self._spawn = spawn
+        self._pumping = False  # a ``_pump`` runs
+        self._work = trio.Event()  # set: reads are waiting for the pump
+        self._waiting: set[trio.Event] = set()  # of the reads in flight
+        self.gone: str | None = None
+
+    def close(self) -> None:
+        if self._h is None:
+            return
+        self._lost("connection closed")
+        trio.lowlevel.notify_closing(self._fd)  # a pump waiting on it wakes up
+        self._h = None
+        self._conn.close()
+
+    def _lost(self, why: str) -> None:
+        if self.gone is None:
+            self.gone = why
+        waiting, self._waiting = self._waiting, set()
+        for event in waiting:
+            event.set()
+        self._work.set()  # the pump ends
+
+    async def pread(self, length: int, offset: int) -> bytearray:
+        what = f"read of {length} bytes at {offset}"
+        h = self._h
+        if self.gone is not None or h is None:
+            raise NBDError(f"{what} failed: {self.gone}", errno.ENOTCONN)
+        data = bytearray(length)
+        event = trio.Event()
+        outcome = []  # the errno of the reply, once it came (0: data)
+
+        def done(err) -> int:
+            # Called by libnbd in aio_notify_*, in the pump: trio's thread.
+            outcome.append(err.value)
+            self._waiting.discard(event)
+            event.set()
+            return 1  # the command is retired
+
+        try:
+            h.aio_pread(nbd.Buffer.from_buffer(data), offset, completion=done)
+        except nbd.Error as e:
+            raise self._conn._failed(h, what, e) from None
+        if not outcome:
+            self._waiting.add(event)
+            if not self._pumping:
+                self._pumping = self._spawn(self._pump)
+                if not self._pumping:
+                    self._lost("no task to drive the connection")
+            self._work.set()
+        await event.wait()
+        if not outcome:
+            raise NBDError(f"{what} failed: {self.gone}", errno.ENOTCONN)
+        if outcome[0]:
+            gone = self._h is None or h.aio_is_dead() or h.aio_is_closed()
+            raise NBDError(f"{what} failed: {os.strerror(outcome[0])}", errno.ENOTCONN if gone else outcome[0])
+        return data
+
+    async def _pump(self) -> None:
+        """Move the connection's I/O while reads are in flight, until it is
+        closed; a lost connection fails every read still waiting."""
+        try:
+            while self._h is not None and self.gone is None:
+                if not self._waiting:
+                    # One task for the connection's life, woken by reads: a
+                    # task started per read cost more than its reply.
+                    self._work = trio.Event()
+                    await self._work.wait()
+                    continue
+                h = self._h
+                direction = h.aio_get_direction()
+                if direction & nbd.AIO_DIRECTION_WRITE:
+                    await trio.lowlevel.wait_writable(self._fd)
+                    if self._h is h:
+                        h.aio_notify_write()
+                elif direction & nbd.AIO_DIRECTION_READ:
+                    await trio.lowlevel.wait_readable(self._fd)
+                    if self._h is h:
+                        h.aio_notify_read()
+                else:
+                    self._lost("the server closed the connection")
+        except nbd.Error as e:
+            self._lost(e.string)
+        except (trio.ClosedResourceError, OSError) as e:
+            self._lost(str(e) or "connection closed")
+        finally:
+            self._pumping = False

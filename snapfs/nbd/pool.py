@@ -26,7 +26,6 @@ import itertools
 import logging
 from typing import TYPE_CHECKING, Callable
 
-import outcome
 import trio
 
 from ..errors import TransportError, Unavailable
@@ -36,7 +35,7 @@ from .qemu import START_TIMEOUT
 from .spec import ExportSpec
 
 if TYPE_CHECKING:
-    from .client import Connection
+    from .client import AioConnection, Connection
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +73,10 @@ class Server:
         self.dead: str | None = None  # a writable server that died: why, for every later request
         self._outage: float | None = None  # when its requests began to fail (read-only: asked again)
         self._answered = 0.0  # when a request last got its answer (``_watch``)
+        # Reads waiting, watched: their scope -> (since when, the process asked).
+        self._waiting: dict[trio.CancelScope, tuple[float, object]] = {}
+        self._watched = None  # the process a ``_watch`` runs for
+        self._aio: AioConnection | None = None  # for small reads (``pread_small``)
         # A start that failed: (why, not again before, first failure), for readers asking again.
         self._failed: tuple[Unavailable, float, float] | None = None
 
@@ -81,10 +84,18 @@ class Server:
         """The export's chunk cache, in the pool's budget (freed when the server stops)."""
         if self._cache is None:
             self._cache = ChunkCache(self.pread, self._pool.background(lambda: self.users > 0), size,
-                                     self._pool.budget, self.spec.host.readahead)
+                                     self._pool.budget, self.spec.host.readahead, self.pread_small)
         return self._cache
 
-    async def ensure_running(self) -> None:
+    async def ensure_running(self, trusted: bool = False) -> None:
+        """Start the server unless it runs (and, read-only, restart one that died).
+
+        trusted: a read-only server's process is taken as alive without a look
+        (a request's first try: one that finds it dead is asked again, untrusted).
+        """
+        if (trusted and self.process is not None and not self.retired and self.spec.socket is None
+                and not self.spec.writable and not self.lock.locked()):
+            return  # every read asks: the common case takes no lock and no waitpid()
         async with self.lock:
             if self.retired:
                 raise Retired(self.spec)
@@ -198,7 +209,7 @@ class Server:
         self._all.append(conn)
         return conn
 
-    async def _request(self, request: Callable[[Connection], object], bounded: bool = False):
+    async def _request(self, request: Callable[[Connection], object], bounded: bool = False, aio: bool = False):
         """Run ``request(connection)`` in a worker thread.
 
         A read-only export is idempotent: a request that meets a dead, dying
@@ -218,7 +229,7 @@ class Server:
         while True:
             sent_to = []  # the process the request went to
             try:
-                result = await self._attempt(request, sent_to, bounded)
+                result = await self._attempt(request, sent_to, bounded, aio, trusted=since is None)
             except Retired:
                 raise
             except (TransportError, Unavailable) as e:
@@ -263,36 +274,79 @@ class Server:
                    "snapfs refresh MOUNTPOINT DOMAIN starts a new one)"
         return f"qemu-nbd for {self.spec.describe()}"
 
-    async def _attempt(self, request: Callable[[Connection], object], sent_to: list, bounded: bool = False):
+    async def _attempt(self, request, sent_to: list, bounded: bool = False, aio: bool = False,
+                       trusted: bool = False):
         """One try: a running server, a connection, the request. ``sent_to``
         gets the server's process.
-        bounded: watched (``_watch``) while it connects and waits."""
-        await self.ensure_running()
+        bounded: watched (``_watch``) while it connects and waits.
+        aio: ``request`` is a coroutine function of the ``AioConnection``.
+        trusted: see ``ensure_running``."""
+        await self.ensure_running(trusted)
         process = self.process
         if process is not None:
             sent_to[:] = [process]
+        watched = process if bounded else None
+        if aio:
+            return await self._under_watch(watched, self._send_aio, request)
         async with self._limiter:
-            if not bounded or process is None:
-                return await self._send(request, await self._connection())
-            used: list[Connection] = []
+            return await self._under_watch(watched, self._send_threaded, request)
 
-            async def connect_and_send():
-                conn = await self._connection()
-                used.append(conn)
-                return await self._send(request, conn, abandon=True)
+    async def _under_watch(self, process, send, request):
+        """``send(request, used)``, watched by the watchdog of ``process`` (None: not watched)."""
+        if process is None:
+            return await send(request, None)
+        # One watchdog per process for all its reads, not one task per
+        # read: a 4 KiB read's own task and timer cost more than the read.
+        if self._watched is not process and self._pool.spawn(self._watch, process):
+            self._watched = process
+        if send == self._send_aio:
+            # Given up, the watchdog closes the connection: its reads fail.
+            token = object()
+            self._waiting[token] = (trio.current_time(), process)
+            try:
+                return await send(request, None)
+            finally:
+                del self._waiting[token]
+        used: list[Connection] = []
+        with trio.CancelScope() as stuck:
+            self._waiting[stuck] = (trio.current_time(), process)
+            try:
+                return await send(request, used)
+            finally:
+                del self._waiting[stuck]
+        # The watchdog gave up on the process: it could not be killed. Its
+        # connection is left to the thread still blocked on it.
+        self._all = [c for c in self._all if c not in used]
+        raise TransportError(self.dead, errno.EIO)
 
-            with trio.CancelScope() as stuck:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._watch, process, stuck)
-                    # Captured, raised below: not wrapped in the nursery's exception group.
-                    result = await outcome.acapture(connect_and_send)
-                    nursery.cancel_scope.cancel()
-            if stuck.cancel_called:
-                # The process could not be killed: its connection is left to
-                # the thread still blocked on it.
-                self._all = [c for c in self._all if c not in used]
-                raise TransportError(self.dead, errno.EIO)
-            return result.unwrap()
+    async def _send_threaded(self, request, used: list | None):
+        conn = await self._connection()
+        if used is None:
+            return await self._send(request, conn)
+        used.append(conn)
+        return await self._send(request, conn, abandon=True)
+
+    async def _send_aio(self, request, used: list | None):
+        conn = self._aio
+        if conn is None:
+            connected = await self._connect()
+            if self._aio is not None:  # another read connected meanwhile
+                connected.close()
+            else:
+                self._aio = connected.aio(self._pool.spawn)
+            conn = self._aio
+        try:
+            result = await request(conn)
+        except TransportError as e:
+            if e.disconnected:
+                if self._aio is conn:
+                    self._aio = None
+                conn.close()
+                if self.retired:
+                    raise Retired(self.spec) from None
+            raise
+        self._answered = trio.current_time()
+        return result
 
     async def _send(self, request: Callable[[Connection], object], conn: Connection, abandon: bool = False):
         try:
@@ -309,19 +363,30 @@ class Server:
         self._put_back(conn)
         return result
 
-    async def _watch(self, process, stuck: trio.CancelScope) -> None:
-        """A read's watchdog: a qemu-nbd that answers nothing, on any connection,
-        for ``retry_timeout`` seconds is hung (stopped, stuck): it is killed, and
-        the read fails over to its restart. One that cannot be killed (stuck in
-        the kernel) fails its reads with EIO from then on."""
+    async def _watch(self, process) -> None:
+        """The reads' watchdog: a qemu-nbd that answers nothing, on any connection,
+        for ``retry_timeout`` seconds while a read waits is hung (stopped,
+        stuck): it is killed, and its reads fail over to its restart. One that
+        cannot be killed (stuck in the kernel) fails its reads with EIO from
+        then on. Runs while ``process`` serves (looking every quarter of the
+        timeout while no read waits: a hang is seen within 1.25 times it)."""
         timeout = self._pool.retry_timeout
-        start = trio.current_time()
-        while True:
-            quiet_since = max(start, self._answered)
-            await trio.sleep_until(quiet_since + timeout)
-            if self._answered <= quiet_since:
-                break  # nothing answered: hung
-        if self.process is not process or not process.alive:
+        try:
+            while True:
+                if self.process is not process or not process.alive:
+                    return
+                starts = [t for t, p in self._waiting.values() if p is process]
+                if not starts:
+                    await trio.sleep(timeout / 4)
+                    continue
+                quiet_since = max(min(starts), self._answered)
+                if trio.current_time() >= quiet_since + timeout:
+                    break  # nothing answered: hung
+                await trio.sleep_until(quiet_since + timeout)
+        finally:
+            if self._watched is process:
+                self._watched = None
+        if not process.alive:
             return
         log.warning("qemu-nbd for %s answered nothing for %g s: killing it", self.spec.describe(), timeout)
         process.kill()
@@ -332,7 +397,12 @@ class Server:
         self.dead = (f"qemu-nbd for {self.spec.describe()} answered nothing for {timeout:g} s and does not "
                      "die when killed (stuck in the kernel)")
         log.error("%s", self.dead)
-        stuck.cancel()
+        for scope, (_, p) in list(self._waiting.items()):
+            if p is process and isinstance(scope, trio.CancelScope):
+                scope.cancel()
+        aio, self._aio = self._aio, None
+        if aio is not None:
+            aio.close()  # its reads fail, and ask again: EIO (``dead``)
 
     async def _write_request(self, request: Callable[[Connection], object]):
         """A writer's request: once. A writer that cannot be reached, or that
@@ -372,6 +442,13 @@ class Server:
     async def pread(self, length: int, offset: int) -> bytes:
         return await self._request(lambda c: c.pread(length, offset), bounded=True)
 
+    async def pread_small(self, length: int, offset: int) -> bytes:
+        """A read whose round trip costs more than its bytes (a scattered
+        4 KiB read): on the export's ``AioConnection``, no worker thread."""
+        if not self._pool.running:
+            return await self.pread(length, offset)
+        return await self._request(lambda c: c.pread(length, offset), bounded=True, aio=True)
+
     async def block_status(self, size: int, start: int = 0, end: int | None = None) -> dict[str, list[Run]]:
         return await self._request(lambda c: c.block_status(size, start, end))
 
@@ -392,6 +469,9 @@ class Server:
         conns, self._all, self._free = self._all, [], []
         for c in conns:
             c.close()
+        aio, self._aio = self._aio, None
+        if aio is not None:
+            aio.close()
         if self.process is not None:
             process, self.process = self.process, None
             await process.stop()
@@ -431,6 +511,11 @@ class ServerPool:
             self._nursery = None
             with trio.CancelScope(shield=True):
                 await self.stop_all()
+
+    @property
+    def running(self) -> bool:
+        """Whether background tasks can be started (``spawn``)."""
+        return self._nursery is not None
 
     def spawn(self, fn, *args) -> bool:
         """Run ``fn(*args)`` in the background, for as long as the pool runs;

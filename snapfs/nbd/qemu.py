@@ -82,7 +82,8 @@ class QemuNBD:
         self.hangups = 0  # its "Disconnect client" lines already told (``hung_up``)
 
     def command(self) -> list[str]:
-        cmd = ["qemu-nbd", f"--shared={self.connections + 1}",
+        # The worker threads' connections, the small reads' one (``AioConnection``) and a spare.
+        cmd = ["qemu-nbd", f"--shared={self.connections + 2}",
                f"--socket={self.socket}", f"--pid-file={self.pidfile}", "--cache=writeback"]
         if self.spec.writable:
             cmd += ["--discard=unmap", "--detect-zeroes=on"]
