@@ -244,6 +244,11 @@ class WriteMount(Mount):
         """Let the pool's tasks (a writer stopping) run."""
         await wait_all_tasks_blocked()
 
+    async def written(self):
+        """Wait until the writes queued (``WriteSession.pwrite``) were answered."""
+        for session in list(self.writes.sessions.values()):
+            await session.drain()
+
 
 async def fails(coro):
     """The errno name a handler answers, or None if it succeeded."""
@@ -284,6 +289,7 @@ async def test_write_past_the_end_is_enospc_and_a_write_across_it_is_short(tmp_p
         # Across the end: what fits is written, the rest is not.
         data = bytes(range(256)) * 32
         assert await ops.write(fh, size - 4096, data) == 4096
+        await ops.fsync(fh, False)  # the write was queued: done once fsync returns
         assert image.writes == [(size - 4096, 4096)]
         assert image.content[-4096:] == data[:4096]
         # fallocate past the end without KEEP_SIZE would grow the file: refused the same way.
@@ -587,6 +593,7 @@ async def test_writer_that_dies_fails_later_requests_with_eio_and_the_next_open_
         async with mount.running() as ops:
             fh = await mount.open(CHAIN + ".raw", os.O_WRONLY)
             await ops.write(fh, 0, b"\1" * BLOCK)
+            await mount.written()
             if when == "after a stat":
                 await mount.attrs(CHAIN + ".raw")  # the map is up to date: nothing stale at close
             [server] = mount.backend.started(wspec)
@@ -599,8 +606,12 @@ async def test_writer_that_dies_fails_later_requests_with_eio_and_the_next_open_
             else:
                 server.dead = True
             if when != "after a stat":
-                assert await fails(ops.write(fh, MiB, b"\2" * BLOCK)) == "EIO"
+                # Queued, a write returns at once: its failure comes with the
+                # writer's next request, EIO, and with every one after it.
+                assert await fails(ops.write(fh, MiB, b"\2" * BLOCK)) is None
+                await mount.written()
                 assert await fails(ops.write(fh, 2 * MiB, b"\2" * BLOCK)) == "EIO"
+                assert "a write of 65536 bytes at 1048576 queued before failed" in await mount.status_text()
             assert await fails(ops.flush(fh)) == "EIO"
             if when == "before it is reaped":
                 server.dead = True  # its exit is seen now
@@ -633,13 +644,20 @@ async def test_enospc_from_the_host_disk_fails_that_write_and_keeps_the_writer(t
     async with mount.running() as ops:
         fh = await mount.open(CHAIN + ".raw", os.O_WRONLY)
         await ops.write(fh, 0, b"\1" * BLOCK)
+        await mount.written()
         image.fail_writes = errno.ENOSPC
-        assert await fails(ops.write(fh, MiB, b"\2" * BLOCK)) == "ENOSPC"
-        assert await fails(ops.fallocate(fh, FALLOC_FL_ZERO_RANGE, 2 * MiB, BLOCK)) == "ENOSPC"
-        image.fail_writes = None  # space freed
+        # Queued, the write returns at once; it is written again before the
+        # writer's next requests, which fail with its error while it does.
         assert await fails(ops.write(fh, MiB, b"\2" * BLOCK)) is None
+        assert await fails(ops.fallocate(fh, FALLOC_FL_ZERO_RANGE, 2 * MiB, BLOCK)) == "ENOSPC"
+        assert "a write of 65536 bytes at 1048576 queued before failed" in await mount.status_text()
+        assert await fails(ops.flush(fh)) == "ENOSPC"
+        assert await fails(ops.write(fh, 3 * MiB, b"\3" * BLOCK)) == "ENOSPC"
+        assert image.writes == [(0, BLOCK)] and image.zeroes == [] and image.flushes == 0
+        image.fail_writes = None  # space freed: the failed write goes in first
+        assert await fails(ops.write(fh, 3 * MiB, b"\3" * BLOCK)) is None
         assert await fails(ops.flush(fh)) is None
         assert [p.alive for p in mount.backend.started(wspec)] == [True]
         await ops.release(fh)
-        assert image.writes == [(0, BLOCK), (MiB, BLOCK)] and image.flushes == 1
+        assert image.writes == [(0, BLOCK), (MiB, BLOCK), (3 * MiB, BLOCK)] and image.flushes == 1
         assert await mount.read_all(CHAIN + ".raw") == bytes(image.content)

@@ -35,7 +35,7 @@ from typing import Callable, Iterable
 import trio
 
 from .. import extents as ex
-from ..errors import Busy
+from ..errors import Busy, SnapfsError
 from ..nbd.pool import Server, ServerPool
 from ..nbd.spec import ExportSpec
 from ..views import View
@@ -52,6 +52,9 @@ WRITER_STOP_WAIT = 30.0
 STALE_ALIGN = 2 << 20
 # One NBD zero request at most (its length is 32 bits).
 ZERO_STEP = 1 << 30
+# Writes in flight per image, acknowledged to the writer when sent (the
+# connections a server has: each waits for its answer in a worker thread).
+WRITE_BEHIND = 4
 
 
 class WriteSession:
@@ -77,6 +80,12 @@ class WriteSession:
         self._stale: dict[View, list[ex.Run]] = {}
         self._refreshing: dict[View, int] = {}
         self._locks: weakref.WeakKeyDictionary[View, trio.Lock] = weakref.WeakKeyDictionary()
+        # Writes queued (``pwrite``): their areas, room for more, and the first that failed.
+        self._inflight: dict[object, tuple[int, int]] = {}
+        self._drained = trio.Event()
+        self._drained.set()
+        self._room = trio.Semaphore(WRITE_BEHIND)
+        self._failed: list[tuple[int, bytes]] = []  # (offset, data): to write again
 
     def join(self) -> None:
         """One more file reads or writes through this session (``release`` when it closes)."""
@@ -92,15 +101,74 @@ class WriteSession:
             ex.add_run(self._stale.setdefault(view, []), a, b - a, 1)
 
     async def pwrite(self, buf, offset: int) -> None:
+        """Queue a write: it returns once the write is sent, while up to
+        ``WRITE_BEHIND`` are in flight (a writer's next write travels while
+        qemu-nbd does the last one). A queued write that failed is kept and
+        written again before the writer's next write, zero request or flush;
+        while it still fails, so do they, with its error (``_settle``).
+        """
+        if self._failed:
+            await self._settle()
+        end = offset + len(buf)
+        if any(a < end and offset < b for a, b in self._inflight.values()):
+            await self.drain()  # NBD does not order requests in flight: overlapping ones wait
+        await self._room.acquire()
         self.closing = False
         self.changed = True
+        # Even a failed write may have changed part of the area.
+        self._mark(offset, end)
+        token = object()
+        self._inflight[token] = (offset, end)
+        if self._drained.is_set():
+            self._drained = trio.Event()
+        if not self._writes.pool.spawn(self._write, token, buf, offset):
+            await self._write(token, buf, offset)  # the pool stops: no background
+            await self._settle()
+
+    async def _write(self, token: object, buf, offset: int) -> None:
         try:
             await self.server.pwrite(buf, offset)
+        except SnapfsError:
+            # The writer's next request writes it again, and reports (and logs) why it fails.
+            self._failed.append((offset, buf))
+        except Exception:  # a background task: never ends the mount
+            log.exception("%s: a write of %d bytes at %d failed", self.image, len(buf), offset)
+            self._failed.append((offset, buf))
         finally:
-            # Even a failed write may have changed part of the area.
-            self._mark(offset, offset + len(buf))
+            del self._inflight[token]
+            self._room.release()
+            if not self._inflight:
+                self._drained.set()
+
+    async def drain(self) -> None:
+        """Wait until every queued write was answered (before what must see them:
+        a read, block status)."""
+        while self._inflight:
+            await self._drained.wait()
+
+    async def _settle(self) -> None:
+        """Every queued write answered, and those that failed written again, in
+        order: their error (ENOSPC, EIO) if one still fails. Before a write, a
+        zero request, a flush: nothing a writer was told is written is lost
+        without the writer being told at its next request, and a host disk
+        whose space was freed takes them (as a block device would)."""
+        await self.drain()
+        while self._failed:
+            offset, buf = self._failed[0]
+            try:
+                await self.server.pwrite(buf, offset)
+            except SnapfsError as e:
+                raise SnapfsError(f"a write of {len(buf)} bytes at {offset} queued before failed: {e.reason}",
+                                  e.errno) from None
+            self._failed.pop(0)
+
+    async def pread(self, length: int, offset: int):
+        """A read beside the writer: after the writes queued before it."""
+        await self.drain()
+        return await self.server.pread(length, offset)
 
     async def zero(self, start: int, end: int) -> None:
+        await self._settle()
         self.closing = False
         self.changed = True
         try:
@@ -112,6 +180,7 @@ class WriteSession:
     async def flush(self, view: View, wrote: bool) -> None:
         """``fsync``, and ``close()`` (FLUSH): durable; what other views show is true
         from when it returns (RELEASE arrives later)."""
+        await self._settle()
         await self.server.flush()
         self.closing = True
         if wrote:
@@ -128,6 +197,7 @@ class WriteSession:
         """Bring the view's map up to date: the block status of what changed, from the writer."""
         self._refreshing[view] = self._refreshing.get(view, 0) + 1
         try:
+            await self.drain()  # the writes queued are in the block status
             lock = self._locks.setdefault(view, trio.Lock())
             async with lock:
                 areas: list[ex.Run] = []
@@ -185,6 +255,13 @@ class WriteSession:
         self.files -= 1
         if self.files:
             return
+        await self.drain()
+        if self._failed:
+            # Their error reached the writer's flush (close): they are given up.
+            log.info("%s: %d failed write(s) given up (the first: %d bytes at %d): the last file "
+                     "writing the image closed", self.image, len(self._failed), len(self._failed[0][1]),
+                     self._failed[0][0])
+            self._failed.clear()
         for view in [v for v in self.views if self.stale(v)]:
             # The last file of the writer: its map is made true before it stops.
             try:

@@ -189,7 +189,7 @@ class _ViewFileHandle(Handle):
             srv = self.lease.server
             try:
                 if srv.spec.writable:
-                    return await srv.pread(length, start)
+                    return await self.lease.session.pread(length, start)
                 return await srv.chunks(self.view.size).read(start, length, m, scattered)
             except Retired:
                 # Its export moved to a writer, or its server was stopped for one.
