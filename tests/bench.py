@@ -13,7 +13,9 @@ of 128 MiB spread over the disk) and measures:
   showing a disk as one raw file (``cp --sparse=auto`` and ``cat`` of it);
 - snapfs: ``cp --sparse=auto`` of the layer view and ``cat`` of the chain
   view (the whole virtual disk), buffered sequential reads of the data, and
-  the snapfs process's peak RSS;
+  the snapfs process's peak RSS in each;
+- ``qemu-img convert -O raw`` to /dev/shm of the image itself (the anchor)
+  and of snapfs's layer view, alternating within every repetition;
 - a mount of 100 disks of 5 layers each: time until ``snapfs mount`` returns,
   time of a first ``ls -lR``, and how many qemu-nbd it runs meanwhile.
 
@@ -58,7 +60,7 @@ MANY_DISKS = 100
 MANY_LAYERS = 5
 MANY_SIZE = 64 * MiB
 
-STEPS = ("nbdcopy", "reference", "qsd", "nbdfuse", "snapfs", "seqread", "many")
+STEPS = ("nbdcopy", "reference", "qsd", "nbdfuse", "snapfs", "seqread", "convert", "many")
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -480,7 +482,8 @@ class Bench:
 
         cpu_key: record the CPU seconds snapfs and its qemu-nbd processes used for it.
         """
-        with self.snapfs(self.imgdir, self.mnt, rss_key="8 GiB disk") as pid:
+        with self.snapfs(self.imgdir, self.mnt, rss_key=f"8 GiB disk, {cpu_key}" if cpu_key else "8 GiB disk") \
+                as pid:
             before = cpu_seconds(pid)
             t = fn()
             if cpu_key is not None:
@@ -496,6 +499,27 @@ class Bench:
         self.repeat(cp, lambda: self.fresh_snapfs(
             lambda: self.timed_cp(self.view("layers"), "snapfs layer view"), cp.name))
         self.repeat(cat, lambda: self.fresh_snapfs(lambda: self.timed_cat(self.view("chain")), cat.name))
+
+    def timed_convert(self, src: str, fmt: str, what: str) -> float:
+        try:
+            t = timed(["qemu-img", "convert", "-f", fmt, "-O", "raw", src, self.copy])
+            self.verify_copy(what)
+            return t
+        finally:
+            self.remove_copy()
+
+    def step_convert(self) -> None:
+        log("qemu-img convert -O raw to /dev/shm: of the image, and of snapfs's layer view...")
+        anchor = self.add("qemu-img convert of the image", "convert", DATA_SIZE)
+        view = self.add("snapfs layer view: qemu-img convert", "convert", DATA_SIZE)
+        for _ in range(self.reps):  # alternating: the same machine state for both
+            self.warm_image()
+            anchor.times.append(self.timed_convert(self.img, "qcow2", "qemu-img convert of the image"))
+            log(f"{anchor.name}: {anchor.times[-1]:.3f} s")
+            self.warm_image()
+            view.times.append(self.fresh_snapfs(
+                lambda: self.timed_convert(self.view("layers"), "raw", view.name), view.name))
+            log(f"{view.name}: {view.times[-1]:.3f} s")
 
     def step_seqread(self) -> None:
         log(f"snapfs sequential reads of the data in {CHUNK // MiB} MiB chunks...")
@@ -647,6 +671,9 @@ class Bench:
             ("sequential reads >= 1.5 GB/s (median)", check(lambda t: DATA_SIZE / t >= 1.5e9, median(read))),
             ("cat of snapfs chain view <= 0.4x qsd cat (medians)",
              check(lambda a, b: a <= 0.4 * b, median(cat), median(qsd_cat))),
+            ("qemu-img convert of a snapfs view <= 1.3x the same convert of the image (medians)",
+             check(lambda a, b: a <= 1.3 * b, median("snapfs layer view: qemu-img convert"),
+                   median("qemu-img convert of the image"))),
             # Earlier targets (best times).
             ("cp of snapfs layer view <= 1.3x nbdcopy (best)", check(lambda a, b: a <= 1.3 * b, best(cp), nbdcopy)),
             ("sequential reads >= 1 GB/s (best)", check(lambda t: DATA_SIZE / t >= 1e9, best(read))),

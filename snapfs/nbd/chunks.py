@@ -16,6 +16,11 @@ Only data pieces reach this module: zero and hole areas are answered from
 the extent map (``ExtentMap.pieces``). Chunks that are zero or hole from end
 to end are never fetched ahead.
 
+A read its file made far from its last one (``scattered``: random I/O) is
+not a stream: it is answered from a chunk held or arriving, else read alone
+(up to ``SMALL`` bytes without a worker thread, ``fetch_small``), and
+changes nothing of the cache (docs/design.md, "Scattered reads").
+
 Memory: every export keeps at most ``KEEP`` chunks, and all the exports of a
 mount share one ``ChunkBudget``, however many are read at once: the chunks
 held and being fetched never take more. Eviction is LRU over the chunks
