@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo
 
-.PHONY: setup demo demo-libvirt test bench bench-scale clean umount-demo
+.PHONY: setup demo demo-libvirt test bench-deps bench bench-scale clean umount-demo
 
 setup:
 	mount-helpers/setup
@@ -19,7 +19,16 @@ demo-libvirt: setup
 test: setup
 	mount-helpers/run-tests
 
-bench: setup
+# fio (Debian's package) for tests/bench_random.py: installed only for the benches,
+# as mount-helpers/setup installs its packages (only when missing; sudo unless root).
+bench-deps:
+	@command -v fio >/dev/null || { \
+		echo 'bench-deps: installing Debian package: fio' >&2; \
+		SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends fio >/dev/null; }
+
+bench: setup bench-deps
 	$(PY) tests/bench.py
 	$(PY) tests/bench_nbd.py
 	$(PY) tests/bench_libvirt.py
@@ -27,6 +36,7 @@ bench: setup
 	$(PY) tests/bench_qcow2.py
 	$(PY) tests/bench_memory.py
 	$(PY) tests/bench_remote.py
+	$(PY) tests/bench_random.py
 
 bench-scale: setup
 	$(PY) tests/bench_scale.py
