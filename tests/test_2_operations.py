@@ -698,6 +698,39 @@ async def test_a_sequential_reader_gets_readahead_within_the_budget(tmp_path, ca
         await ops.release(fh)
 
 
+async def test_a_stream_read_out_of_order_fetches_each_chunk_once(tmp_path):
+    """qemu-img convert reads eight 2 MiB buffers at once, each two 1 MiB FUSE
+    requests in flight together, a reader taking the next buffer as it is
+    done: one stream all the same, each chunk fetched once."""
+    image = Image([(40 * CHUNK, "data", True)])
+    mount = Mount(tmp_path, image)
+    watch_budget(mount)
+    async with mount.running() as ops:
+        fh = await mount.open(LAYER + ".raw")
+        front = [0]
+
+        async def half(off):
+            assert await mount.read(fh, off, MiB) == image.content[off:off + MiB]
+
+        async def reader():
+            while front[0] < image.size:
+                off = front[0]
+                front[0] += CHUNK
+                async with trio.open_nursery() as halves:
+                    halves.start_soon(half, off)
+                    halves.start_soon(half, off + MiB)
+
+        async with trio.open_nursery() as readers:
+            for _ in range(8):
+                readers.start_soon(reader)
+        await mount.settle(LAYER)
+        chunks = sorted(p for p in image.preads if p[1] == CHUNK)
+        assert chunks == [(i * CHUNK, CHUNK) for i in range(40)]
+        # Besides, at most the file's first read, when it did not come first at 0: read alone.
+        assert len(image.preads) - len(chunks) <= 1
+        await ops.release(fh)
+
+
 async def test_scattered_reads_ask_their_own_bytes_and_leave_a_streams_chunks(tmp_path):
     """A random reader (a VM's 4 KiB I/O) costs one small request per read,
     not a chunk each, and takes nothing from a sequential reader of the same

@@ -28,6 +28,7 @@ returns). Nothing else changes a session's state or its server's.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import weakref
 from typing import Callable, Iterable
@@ -35,7 +36,7 @@ from typing import Callable, Iterable
 import trio
 
 from .. import extents as ex
-from ..errors import Busy, SnapfsError
+from ..errors import Busy, SnapfsError, TransportError
 from ..nbd.pool import Server, ServerPool
 from ..nbd.spec import ExportSpec
 from ..views import View
@@ -52,8 +53,8 @@ WRITER_STOP_WAIT = 30.0
 STALE_ALIGN = 2 << 20
 # One NBD zero request at most (its length is 32 bits).
 ZERO_STEP = 1 << 30
-# Writes in flight per image, acknowledged to the writer when sent (the
-# connections a server has: each waits for its answer in a worker thread).
+# Writes in flight per image, acknowledged to the writer when sent (each
+# waits for its answer on one of the server's connections, 4 by default).
 WRITE_BEHIND = 4
 
 
@@ -80,12 +81,14 @@ class WriteSession:
         self._stale: dict[View, list[ex.Run]] = {}
         self._refreshing: dict[View, int] = {}
         self._locks: weakref.WeakKeyDictionary[View, trio.Lock] = weakref.WeakKeyDictionary()
-        # Writes queued (``pwrite``): their areas, room for more, and the first that failed.
-        self._inflight: dict[object, tuple[int, int]] = {}
-        self._drained = trio.Event()
-        self._drained.set()
+        # Writes queued (``pwrite``): their areas by number (in the order
+        # queued), room for more, those that failed, to write again.
+        self._seq = 0
+        self._inflight: dict[int, tuple[int, int]] = {}
+        self._answered = trio.Event()  # set (and replaced) as each is answered
         self._room = trio.Semaphore(WRITE_BEHIND)
-        self._failed: list[tuple[int, bytes]] = []  # (offset, data): to write again
+        self._failed: list[tuple[int, bytes]] = []  # (offset, data)
+        self._settling = trio.Lock()
 
     def join(self) -> None:
         """One more file reads or writes through this session (``release`` when it closes)."""
@@ -104,71 +107,99 @@ class WriteSession:
         """Queue a write: it returns once the write is sent, while up to
         ``WRITE_BEHIND`` are in flight (a writer's next write travels while
         qemu-nbd does the last one). A queued write that failed is kept and
-        written again before the writer's next write, zero request or flush;
-        while it still fails, so do they, with its error (``_settle``).
+        written again before any later write is queued, and before a zero
+        request, a flush or a read beside the writer; while it still fails,
+        so do they, with its error (``settle``).
         """
-        if self._failed:
-            await self._settle()
+        if self.server is not None and self.server.dead is not None:
+            raise TransportError(self.server.dead, errno.EIO)  # a writer that died: never queued
         end = offset + len(buf)
-        if any(a < end and offset < b for a, b in self._inflight.values()):
-            await self.drain()  # NBD does not order requests in flight: overlapping ones wait
-        await self._room.acquire()
+        while True:
+            if self._failed:
+                await self.settle()
+                continue
+            if self._overlaps(offset, end):
+                await self.drain()  # NBD does not order requests in flight: overlapping ones wait
+                continue
+            await self._room.acquire()
+            # Checked again with no checkpoint before the write is in flight:
+            # one that failed, or an overlapping one queued, while this waited.
+            if self._failed or self._overlaps(offset, end):
+                self._room.release()
+                continue
+            break
         self.closing = False
         self.changed = True
-        # Even a failed write may have changed part of the area.
         self._mark(offset, end)
-        token = object()
+        self._seq += 1
+        token = self._seq
         self._inflight[token] = (offset, end)
-        if self._drained.is_set():
-            self._drained = trio.Event()
         if not self._writes.pool.spawn(self._write, token, buf, offset):
             await self._write(token, buf, offset)  # the pool stops: no background
-            await self._settle()
+            await self.settle()
 
-    async def _write(self, token: object, buf, offset: int) -> None:
+    def _overlaps(self, start: int, end: int) -> bool:
+        return any(a < end and start < b for a, b in self._inflight.values())
+
+    async def _write(self, token: int, buf, offset: int) -> None:
         try:
             await self.server.pwrite(buf, offset)
         except SnapfsError:
-            # The writer's next request writes it again, and reports (and logs) why it fails.
+            # Written again before the writer's next request, which reports
+            # (and logs) why it fails while it does.
             self._failed.append((offset, buf))
-        except Exception:  # a background task: never ends the mount
-            log.exception("%s: a write of %d bytes at %d failed", self.image, len(buf), offset)
+        except BaseException as e:  # a background task: never ends the mount
+            if not isinstance(e, trio.Cancelled):
+                log.exception("%s: a write of %d bytes at %d failed", self.image, len(buf), offset)
             self._failed.append((offset, buf))
+            if isinstance(e, trio.Cancelled):
+                raise
         finally:
+            # Marked again once answered: a map refreshed while it was in
+            # flight may not have seen it.
+            self._mark(offset, offset + len(buf))
             del self._inflight[token]
             self._room.release()
-            if not self._inflight:
-                self._drained.set()
+            self._answered.set()
+            self._answered = trio.Event()
 
     async def drain(self) -> None:
-        """Wait until every queued write was answered (before what must see them:
-        a read, block status)."""
-        while self._inflight:
-            await self._drained.wait()
+        """Wait until the writes queued before this call were answered (before
+        what must see them: a read, block status); writes queued later do not
+        hold it up."""
+        upto = self._seq
+        while any(token <= upto for token in self._inflight):
+            await self._answered.wait()
 
-    async def _settle(self) -> None:
-        """Every queued write answered, and those that failed written again, in
-        order: their error (ENOSPC, EIO) if one still fails. Before a write, a
-        zero request, a flush: nothing a writer was told is written is lost
-        without the writer being told at its next request, and a host disk
-        whose space was freed takes them (as a block device would)."""
+    async def settle(self) -> None:
+        """The writes queued before answered, and those that failed written
+        again, in order: their error (ENOSPC, EIO) if one still fails. Before
+        a write is queued, and before a zero request, a flush or a read
+        beside the writer: nothing a writer was told is written is lost
+        without its next request failing, and a host disk whose space was
+        freed takes them (as a block device would)."""
         await self.drain()
-        while self._failed:
-            offset, buf = self._failed[0]
-            try:
-                await self.server.pwrite(buf, offset)
-            except SnapfsError as e:
-                raise SnapfsError(f"a write of {len(buf)} bytes at {offset} queued before failed: {e.reason}",
-                                  e.errno) from None
-            self._failed.pop(0)
+        async with self._settling:  # one at a time: each kept write is sent once
+            while self._failed:
+                item = self._failed[0]
+                offset, buf = item
+                try:
+                    await self.server.pwrite(buf, offset)
+                except SnapfsError as e:
+                    raise SnapfsError(f"a write of {len(buf)} bytes at {offset} queued before failed: "
+                                      f"{e.reason}", e.errno) from None
+                finally:
+                    self._mark(offset, offset + len(buf))
+                self._failed.remove(item)
 
     async def pread(self, length: int, offset: int):
-        """A read beside the writer: after the writes queued before it."""
-        await self.drain()
+        """A read beside the writer: after the writes queued before it (and those
+        that failed, written again)."""
+        await self.settle()
         return await self.server.pread(length, offset)
 
     async def zero(self, start: int, end: int) -> None:
-        await self._settle()
+        await self.settle()
         self.closing = False
         self.changed = True
         try:
@@ -180,7 +211,7 @@ class WriteSession:
     async def flush(self, view: View, wrote: bool) -> None:
         """``fsync``, and ``close()`` (FLUSH): durable; what other views show is true
         from when it returns (RELEASE arrives later)."""
-        await self._settle()
+        await self.settle()
         await self.server.flush()
         self.closing = True
         if wrote:
@@ -256,12 +287,6 @@ class WriteSession:
         if self.files:
             return
         await self.drain()
-        if self._failed:
-            # Their error reached the writer's flush (close): they are given up.
-            log.info("%s: %d failed write(s) given up (the first: %d bytes at %d): the last file "
-                     "writing the image closed", self.image, len(self._failed), len(self._failed[0][1]),
-                     self._failed[0][0])
-            self._failed.clear()
         for view in [v for v in self.views if self.stale(v)]:
             # The last file of the writer: its map is made true before it stops.
             try:
@@ -271,6 +296,12 @@ class WriteSession:
                 view.forget_map()
         if self.files:
             return  # opened again meanwhile: it goes on serving
+        if self._failed:
+            # Their error reached the writer's flush (close): they are given up.
+            log.info("%s: %d failed write(s) given up (the first: %d bytes at %d): the last file "
+                     "writing the image closed", self.image, len(self._failed), len(self._failed[0][1]),
+                     self._failed[0][0])
+            self._failed.clear()
         # From here on, opens of other views of the image wait for the writer
         # to stop (check_readable); end() then tells every view of it.
         self.ending = True

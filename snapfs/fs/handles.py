@@ -41,9 +41,9 @@ ZEROING = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE,
 # A read within this distance of the end of the file's previous one
 # continues a sequential stream (several requests of one reader arrive out
 # of order: four 1 MiB requests of a 4 MiB read, qemu-img convert's
-# coroutines); for small reads, within SMALL (a VM's random 4 KiB reads
-# land that near by chance once in thousands of reads of a disk).
-NEAR = 8 << 20
+# coroutines, 8 x 2 MiB); for small reads, within SMALL (a VM's random
+# 4 KiB reads land that near by chance once in thousands of reads of a disk).
+NEAR = 16 << 20
 _ZEROS = memoryview(bytes(1 << 20))
 
 
@@ -305,6 +305,8 @@ class ViewHandle(_ViewFileHandle):
     async def truncate(self) -> None:
         """``O_TRUNC``, ``truncate(0)``: the disk reads as zero; a layer must be empty."""
         view = self.view
+        # Writes that failed are written again first: zeroing goes after them.
+        await self.lease.session.settle()
         m = await self.lease.session.refresh(view) or await self.map()
         if view.kind == "layer":
             held = next((e for e in m.extents if not e.hole), None)

@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 
 CHUNK = 2 << 20
 READAHEAD = 4
-KEEP = 8  # chunks cached per export: 16 MiB
+KEEP = 16  # chunks cached per export: 32 MiB (a stream read out of order spans BEHIND + READAHEAD)
+BEHIND = 8  # chunks a stream's read may lag behind its front (16 MiB: qemu-img convert's 8 x 2 MiB)
 # All chunk caches of a mount together (snapfs mount --cache-size, in MiB):
 # four exports read at once keep KEEP chunks each, as each would alone.
 DEFAULT_BUDGET_MIB = 64
@@ -287,8 +288,9 @@ class ChunkCache:
         self._chunks[index] = data
         self._budget.fetched(self, index, n, ahead)
         while len(self._chunks) > KEEP:
-            # The oldest chunk a reader used, else the oldest fetched ahead.
-            victim = next((i for i in self._chunks if not self._budget.is_unread(self, i)), None)
+            # The oldest chunk a reader used and is not on, else the oldest fetched ahead.
+            victim = next((i for i in self._chunks if not self._budget.is_unread(self, i)
+                           and not self.is_current(i)), None)
             if victim is None:
                 victim = next(iter(self._chunks))
             del self._chunks[victim]
@@ -342,7 +344,8 @@ class ChunkCache:
                 await f.event.wait()
                 data = f.data
             if data is None:
-                return await (self._fetch_small if length <= SMALL else self._fetch)(length, offset)
+                small = length <= SMALL and self.size >= 2 * SMALL
+                return await (self._fetch_small if small else self._fetch)(length, offset)
             lo = offset - first * CHUNK
             return memoryview(data)[lo:lo + length]
         parts = []
@@ -392,11 +395,14 @@ class ChunkCache:
         if scattered:
             return await self._scattered(offset, length, first, last)
         prev = self._last
-        sequential = prev is not None and first in (prev, prev + 1)
-        if prev is not None and not prev - 1 <= first <= prev + self.readahead:
+        # A stream's reads arrive out of order (qemu-img convert reads 8
+        # buffers of 2 MiB at once): behind its front by up to BEHIND chunks,
+        # a read goes on with the stream, and the front stays where it is.
+        sequential = prev is not None and prev - BEHIND <= first <= prev + 1
+        if prev is not None and not prev - BEHIND <= first <= prev + self.readahead:
             # The reader jumped: what was fetched ahead of it is evicted first.
             self._budget.give_up(self, [i for i in self._chunks if not first <= i <= last + self.readahead])
-        self._first, self._last = first, last
+        self._first, self._last = first, max(last, prev) if sequential else last
         span = range(first, last + 1)
         for i in span:
             self._reading[i] = self._reading.get(i, 0) + 1
@@ -414,5 +420,5 @@ class ChunkCache:
                     self._reading[i] -= 1
         if sequential:
             # After the chunks this read needs: readahead never takes their room.
-            self._prefetch(last, m)
+            self._prefetch(max(last, self._last), m)
         return parts[0] if len(parts) == 1 else b"".join(parts)

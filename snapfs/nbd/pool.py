@@ -93,8 +93,8 @@ class Server:
         trusted: a read-only server's process is taken as alive without a look
         (a request's first try: one that finds it dead is asked again, untrusted).
         """
-        if (trusted and self.process is not None and not self.retired and self.spec.socket is None
-                and not self.spec.writable and not self.lock.locked()):
+        if (trusted and self.process is not None and self.dead is None and not self.retired
+                and self.spec.socket is None and not self.spec.writable and not self.lock.locked()):
             return  # every read asks: the common case takes no lock and no waitpid()
         async with self.lock:
             if self.retired:
@@ -235,6 +235,13 @@ class Server:
             except (TransportError, Unavailable) as e:
                 if isinstance(e, TransportError) and not e.disconnected and e.errno != errno.ENOENT:
                     raise  # the server answered: an error of the request itself
+                if aio and isinstance(e, TransportError):
+                    # The small reads' connection is shared: which of its reads
+                    # made qemu-nbd hang up (a damaged cluster) is not known.
+                    # Each asks again alone, on a connection of its own, where
+                    # a read the server cannot serve is told apart.
+                    aio = False
+                    continue
                 # qemu-nbd hangs up on a client whose request it cannot serve
                 # (a read of a damaged image) and serves the others on: that
                 # is this request's fault, not a server killed under it, and
@@ -299,14 +306,6 @@ class Server:
         # read: a 4 KiB read's own task and timer cost more than the read.
         if self._watched is not process and self._pool.spawn(self._watch, process):
             self._watched = process
-        if send == self._send_aio:
-            # Given up, the watchdog closes the connection: its reads fail.
-            token = object()
-            self._waiting[token] = (trio.current_time(), process)
-            try:
-                return await send(request, None)
-            finally:
-                del self._waiting[token]
         used: list[Connection] = []
         with trio.CancelScope() as stuck:
             self._waiting[stuck] = (trio.current_time(), process)
@@ -315,7 +314,8 @@ class Server:
             finally:
                 del self._waiting[stuck]
         # The watchdog gave up on the process: it could not be killed. Its
-        # connection is left to the thread still blocked on it.
+        # connection is left to the thread still blocked on it (the small
+        # reads' one was dropped).
         self._all = [c for c in self._all if c not in used]
         raise TransportError(self.dead, errno.EIO)
 
@@ -329,9 +329,13 @@ class Server:
     async def _send_aio(self, request, used: list | None):
         conn = self._aio
         if conn is None:
+            process = self.process
             connected = await self._connect()
-            if self._aio is not None:  # another read connected meanwhile
+            if self._aio is not None or self.process is not process or self.retired:
+                # Another read connected meanwhile, or the server stopped.
                 connected.close()
+                if self._aio is None:
+                    raise TransportError("the server was stopped", errno.ENOTCONN)
             else:
                 self._aio = connected.aio(self._pool.spawn)
             conn = self._aio
