@@ -188,7 +188,7 @@ class FakeConnection:
         self.size = self.image.size
         self.closed = False
 
-    def close(self):
+    def close(self, idle=True):
         self.closed = True
 
     def aio(self, spawn):

@@ -127,7 +127,7 @@ class WritableConnection(FakeConnection):
         super().__init__(process, ctxs)
         process.clients += 1
 
-    def close(self):
+    def close(self, idle=True):
         if not self.closed:
             self.process.left()
         self.closed = True

@@ -148,12 +148,12 @@ class WriteSession:
             # Written again before the writer's next request, which reports
             # (and logs) why it fails while it does.
             self._failed.append((offset, buf))
-        except BaseException as e:  # a background task: never ends the mount
-            if not isinstance(e, trio.Cancelled):
-                log.exception("%s: a write of %d bytes at %d failed", self.image, len(buf), offset)
+        except Exception:  # a background task: never ends the mount
+            log.exception("%s: a write of %d bytes at %d failed", self.image, len(buf), offset)
             self._failed.append((offset, buf))
-            if isinstance(e, trio.Cancelled):
-                raise
+        except BaseException:  # cancelled (the mount ends), interrupted: kept, and on its way
+            self._failed.append((offset, buf))
+            raise
         finally:
             # Marked again once answered: a map refreshed while it was in
             # flight may not have seen it.

@@ -60,7 +60,7 @@ READAHEAD = 4
 KEEP = 16  # chunks cached per export: 32 MiB (a stream read out of order spans BEHIND + READAHEAD)
 BEHIND = 8  # chunks a stream's read may lag behind its front (16 MiB: qemu-img convert's 8 x 2 MiB)
 # All chunk caches of a mount together (snapfs mount --cache-size, in MiB):
-# four exports read at once keep KEEP chunks each, as each would alone.
+# four exports read at once keep 8 chunks each; one read alone, up to KEEP.
 DEFAULT_BUDGET_MIB = 64
 # Scattered reads up to this size go to ``fetch_small`` (no worker thread).
 SMALL = 128 << 10
@@ -288,11 +288,14 @@ class ChunkCache:
         self._chunks[index] = data
         self._budget.fetched(self, index, n, ahead)
         while len(self._chunks) > KEEP:
-            # The oldest chunk a reader used and is not on, else the oldest fetched ahead.
+            # The oldest chunk a reader used and is not on, else the oldest
+            # fetched ahead; never one a reader is on (the budget still bounds them).
             victim = next((i for i in self._chunks if not self._budget.is_unread(self, i)
                            and not self.is_current(i)), None)
             if victim is None:
-                victim = next(iter(self._chunks))
+                victim = next((i for i in self._chunks if not self.is_current(i)), None)
+            if victim is None:
+                break
             del self._chunks[victim]
             self._budget.forget(self, victim)
 
@@ -344,7 +347,8 @@ class ChunkCache:
                 await f.event.wait()
                 data = f.data
             if data is None:
-                small = length <= SMALL and self.size >= 2 * SMALL
+                # Not near the end: the small reads' buffers, widened, fit (``client``).
+                small = length <= SMALL and offset - offset % 4096 + 2 * SMALL <= self.size
                 return await (self._fetch_small if small else self._fetch)(length, offset)
             lo = offset - first * CHUNK
             return memoryview(data)[lo:lo + length]

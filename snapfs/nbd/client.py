@@ -56,15 +56,28 @@ class Connection:
             self.close()
             raise
 
-    def close(self) -> None:
+    def close(self, idle: bool = True) -> None:
+        """Close the connection, never waiting for the server: libnbd's
+        ``shutdown`` waits for its answer, forever for a server stuck in the
+        kernel, in the caller's thread (trio's).
+
+        idle: no other thread uses it now; it then says goodbye first (an NBD
+        disconnect, sent without waiting), so qemu-nbd logs no dropped
+        client. A connection a worker thread may still be blocked on is only
+        let go: every call on it would wait for that thread.
+        """
         h, self._h = self._h, None
-        if h is not None:
+        if h is None:
+            return
+        if idle:
             try:
-                h.shutdown()
+                if h.aio_is_ready():
+                    h.aio_disconnect(0)
             except nbd.Error:
                 pass
-            # libnbd closes the handle when the last reference goes.
-            del h
+        # libnbd closes the socket when the last reference goes (a thread's,
+        # if one still uses it).
+        del h
 
     def aio(self, spawn) -> AioConnection:
         """This connection, to be driven from the trio loop from now on (``AioConnection``)."""
@@ -149,11 +162,11 @@ class Connection:
 # (30000 reads of 4 KiB, each into a buffer of its own, grew a process by
 # 117 MiB; one buffer reused for 100000 reads grew it by nothing). A read is
 # widened to 4 KiB boundaries and done into the smallest size that holds it.
-_SIZES = tuple(4096 << i for i in range(7))  # 4 KiB .. 256 KiB
+# 4 KiB steps up to 32 KiB, then 32 KiB steps up to 256 KiB.
+_SIZES = tuple(range(4096, 32768 + 1, 4096)) + tuple(range(65536, 262144 + 1, 32768))
 _free: dict[int, list[tuple[bytearray, nbd.Buffer]]] = {n: [] for n in _SIZES}
-# Reads in flight on all AioConnections at once: what bounds the buffers made.
+# Reads in flight on one AioConnection: what bounds the buffers made.
 AIO_READS = 32
-_aio_slots: trio.Semaphore | None = None
 
 
 def _take(size: int) -> tuple[bytearray, nbd.Buffer]:
@@ -180,6 +193,8 @@ class AioConnection:
         self._fd = self._h.aio_get_fd()
         self._spawn = spawn
         self._pumping = False  # a ``_pump`` runs
+        self._parked = False  # it waits on the fd
+        self._slots = trio.Semaphore(AIO_READS)  # reads in flight: bounds the buffers made
         self._work = trio.Event()  # set: reads are waiting for the pump
         self._waiting: set[trio.Event] = set()  # of the reads in flight
         self.gone: str | None = None
@@ -192,16 +207,21 @@ class AioConnection:
         if h is None:
             return
         self._lost("connection closed")
-        try:
-            open_fd = not (h.aio_is_dead() or h.aio_is_closed())
-        except nbd.Error:
-            open_fd = False
-        if open_fd:
-            # A pump waiting on it wakes up (not once libnbd closed the fd
-            # itself: the number may be another socket's by now).
-            trio.lowlevel.notify_closing(self._fd)
+        self._unpark()
         self._conn._h = None
         del h  # the last reference: libnbd closes the socket
+
+    def _unpark(self) -> None:
+        """Wake a pump waiting on the fd, and take its registration out of trio.
+
+        Whenever it waits, libnbd may have closed the fd meanwhile (a dead
+        connection: it closes the socket itself), and the number may be
+        given to a new socket: trio must forget the old wait first. While
+        the pump waits on the number, no other task of trio can be.
+        """
+        if self._parked:
+            self._parked = False
+            trio.lowlevel.notify_closing(self._fd)
 
     def _lost(self, why: str) -> None:
         if self.gone is None:
@@ -212,10 +232,7 @@ class AioConnection:
         self._work.set()  # the pump ends
 
     async def pread(self, length: int, offset: int) -> bytes:
-        global _aio_slots
-        if _aio_slots is None:
-            _aio_slots = trio.Semaphore(AIO_READS)
-        async with _aio_slots:
+        async with self._slots:
             return await self._pread(length, offset)
 
     async def _pread(self, length: int, offset: int) -> bytes:
@@ -225,13 +242,13 @@ class AioConnection:
             raise NBDError(f"{what} failed: {self.gone}", errno.ENOTCONN)
         start = offset - offset % 4096
         size = next((n for n in _SIZES if n >= offset + length - start), None)
-        pooled = size is not None and size <= self._conn.size
+        pooled = size is not None and start + size <= self._conn.size
         if pooled:
-            start = min(start, self._conn.size - size)  # near the end: the window moves back
             item = _take(size)
         else:
-            # Larger than the set holds (callers keep to 128 KiB), or an export
-            # smaller than the read's size: a buffer of its own.
+            # Larger than the set holds, or near the end of the export (the
+            # chunk cache sends neither): exactly the read, into a buffer of
+            # its own (past the end, the server's error).
             start, size = offset, length
             data = bytearray(length)
             item = (data, nbd.Buffer.from_buffer(data))
@@ -254,7 +271,12 @@ class AioConnection:
         except nbd.Error as e:
             if pooled:
                 _free[size].append(item)
-            raise self._conn._failed(h, what, e) from None
+            error = self._conn._failed(h, what, e)
+            if error.errno == errno.ENOTCONN:
+                # libnbd closed the fd (a dead connection): the pump forgets it now.
+                self._lost(error.reason)
+                self._unpark()
+            raise error from None
         if not outcome:
             self._waiting.add(event)
             if not self._pumping:
@@ -297,19 +319,27 @@ class AioConnection:
                     continue
                 h = self._h
                 direction = h.aio_get_direction()
-                if direction & nbd.AIO_DIRECTION_WRITE:
-                    await trio.lowlevel.wait_writable(self._fd)
-                    if self._h is h:
-                        h.aio_notify_write()
-                elif direction & nbd.AIO_DIRECTION_READ:
-                    await trio.lowlevel.wait_readable(self._fd)
-                    if self._h is h:
-                        h.aio_notify_read()
-                else:
+                if not direction & (nbd.AIO_DIRECTION_READ | nbd.AIO_DIRECTION_WRITE):
                     self._lost("the server closed the connection")
+                    break
+                self._parked = True
+                try:
+                    if direction & nbd.AIO_DIRECTION_WRITE:
+                        await trio.lowlevel.wait_writable(self._fd)
+                    else:
+                        await trio.lowlevel.wait_readable(self._fd)
+                finally:
+                    self._parked = False
+                if self._h is h:
+                    if direction & nbd.AIO_DIRECTION_WRITE:
+                        h.aio_notify_write()
+                    else:
+                        h.aio_notify_read()
+                    if h.aio_is_dead() or h.aio_is_closed():
+                        self._lost("the server closed the connection")
         except nbd.Error as e:
             self._lost(e.string)
-        except (trio.ClosedResourceError, OSError) as e:
+        except (trio.ClosedResourceError, trio.BusyResourceError, OSError) as e:
             self._lost(str(e) or "connection closed")
         finally:
             self._pumping = False

@@ -241,6 +241,8 @@ class Server:
                     # Each asks again alone, on a connection of its own, where
                     # a read the server cannot serve is told apart.
                     aio = False
+                    if since is None:
+                        since = trio.current_time()  # the bound counts from here
                     continue
                 # qemu-nbd hangs up on a client whose request it cannot serve
                 # (a read of a damaged image) and serves the others on: that
@@ -441,7 +443,7 @@ class Server:
     def _drop(self, conn: Connection) -> None:
         if conn in self._all:
             self._all.remove(conn)
-        conn.close()
+        conn.close(idle=False)  # lost: nobody to say goodbye to
 
     async def pread(self, length: int, offset: int) -> bytes:
         return await self._request(lambda c: c.pread(length, offset), bounded=True)
@@ -470,9 +472,9 @@ class Server:
         if cache is not None and cache.close():
             trim_malloc()  # the freed chunks' pages go back to the system now
         self.dead = None
-        conns, self._all, self._free = self._all, [], []
+        conns, free, self._all, self._free = self._all, self._free, [], []
         for c in conns:
-            c.close()
+            c.close(idle=c in free)
         aio, self._aio = self._aio, None
         if aio is not None:
             aio.close()
