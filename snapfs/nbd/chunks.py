@@ -388,7 +388,7 @@ class ChunkCache:
     async def read(self, offset: int, length: int, m: ExtentMap, scattered: bool = False) -> bytes:
         """Data bytes of ``[offset, offset + length)`` (a data piece of the map).
 
-        scattered: the reader's file jumped here from elsewhere (``Stream``).
+        scattered: the reader's file jumped here from elsewhere (``_ViewFileHandle._read_view``).
         What a cached or arriving chunk holds is answered from it; the rest
         is read alone, for this read only: a 4 KiB read of a VM's random
         I/O costs one 4 KiB request, not a 2 MiB chunk (0.5k IOPS that
