@@ -36,14 +36,15 @@ FALLOC_FL_ZERO_RANGE = 0x10
 ZEROING = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE,
            FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
 
-# Zero replies share one buffer: FUSE takes any buffer, and most zero
-# requests are a whole 1 MiB request (or less).
 # A read within this distance of the end of the file's previous one
 # continues a sequential stream (several requests of one reader arrive out
 # of order: four 1 MiB requests of a 4 MiB read, qemu-img convert's
 # coroutines, 8 x 2 MiB); for small reads, within SMALL (a VM's random
 # 4 KiB reads land that near by chance once in thousands of reads of a disk).
 NEAR = 16 << 20
+
+# Zero replies share one buffer: FUSE takes any buffer, and most zero
+# requests are a whole 1 MiB request (or less).
 _ZEROS = memoryview(bytes(1 << 20))
 
 

@@ -231,6 +231,13 @@ class ChunkBudget:
                 cache._evicted(index)
 
 
+def _spans(offset: int, length: int, first: int, last: int):
+    """``(chunk, lo, hi)``: the part ``[lo, hi)`` of each chunk from ``first`` to
+    ``last`` that ``[offset, offset + length)`` covers."""
+    for i in range(first, last + 1):
+        yield i, max(offset, i * CHUNK) - i * CHUNK, min(offset + length, (i + 1) * CHUNK) - i * CHUNK
+
+
 class _Fetch:
     """One chunk being fetched: every reader waiting for it gets its outcome."""
 
@@ -352,12 +359,8 @@ class ChunkCache:
                 return await (self._fetch_small if small else self._fetch)(length, offset)
             lo = offset - first * CHUNK
             return memoryview(data)[lo:lo + length]
-        parts = []
-        for i in range(first, last + 1):
-            lo = max(offset, i * CHUNK)
-            hi = min(offset + length, (i + 1) * CHUNK)
-            parts.append(await self._scattered(lo, hi - lo, i, i))
-        return b"".join(parts)
+        return b"".join([await self._scattered(i * CHUNK + lo, hi - lo, i, i)
+                         for i, lo, hi in _spans(offset, length, first, last)])
 
     def _prefetch(self, index: int, m: ExtentMap) -> None:
         """Fetch the chunks after ``index`` in the background, nearest first, while
@@ -411,11 +414,7 @@ class ChunkCache:
         for i in span:
             self._reading[i] = self._reading.get(i, 0) + 1
         try:
-            parts = []
-            for i in span:
-                lo = max(offset, i * CHUNK) - i * CHUNK
-                hi = min(offset + length, (i + 1) * CHUNK) - i * CHUNK
-                parts.append(await self._piece(i, lo, hi))
+            parts = [await self._piece(i, lo, hi) for i, lo, hi in _spans(offset, length, first, last)]
         finally:
             for i in span:
                 if self._reading[i] == 1:

@@ -30,6 +30,14 @@ from .contexts import read_block_status
 log = logging.getLogger(__name__)
 
 
+def _lost(h) -> bool:
+    """Whether a handle's connection is gone (its server died or closed it)."""
+    try:
+        return h.aio_is_dead() or h.aio_is_closed()
+    except nbd.Error:
+        return True
+
+
 class Connection:
     """One blocking libnbd connection to an export on a UNIX socket."""
 
@@ -95,14 +103,7 @@ class Connection:
         """The error for a failed request; one whose connection is gone (the
         server died: "server disconnected unexpectedly", EIO or none from
         libnbd, then "invalid state: DEAD", EINVAL) is ENOTCONN, asked again."""
-        err = e.errno
-        try:
-            gone = h.aio_is_dead() or h.aio_is_closed()
-        except nbd.Error:
-            gone = True
-        if gone:
-            err = errno.ENOTCONN
-        return NBDError(f"{what} failed: {e.string}", err)
+        return NBDError(f"{what} failed: {e.string}", errno.ENOTCONN if _lost(h) else e.errno)
 
     def pread(self, length: int, offset: int) -> bytes:
         h = self._handle()
@@ -257,20 +258,24 @@ class AioConnection:
         outcome = []  # the errno of the reply, once it came (0: data)
         abandoned = []  # the reader went (cancelled) before the reply came
 
+        def give_back() -> None:
+            """The buffer to the set, once libnbd is done with it and nobody reads it."""
+            if pooled:
+                _free[size].append(item)
+
         def done(err) -> int:
             # Called by libnbd in aio_notify_*, in the pump: trio's thread.
             outcome.append(err.value)
             self._waiting.discard(event)
             event.set()
-            if abandoned and pooled:
-                _free[size].append(item)  # libnbd is done with it, and nobody reads it
+            if abandoned:
+                give_back()
             return 1  # the command is retired
 
         try:
             h.aio_pread(buf, start, completion=done)
         except nbd.Error as e:
-            if pooled:
-                _free[size].append(item)
+            give_back()
             error = self._conn._failed(h, what, e)
             if error.errno == errno.ENOTCONN:
                 # libnbd closed the fd (a dead connection): the pump forgets it now.
@@ -289,8 +294,8 @@ class AioConnection:
         except BaseException:
             if not outcome:
                 abandoned.append(True)  # given back by ``done``, once libnbd is done with it
-            elif pooled:
-                _free[size].append(item)
+            else:
+                give_back()
             raise
         if not outcome:
             # The connection was lost: libnbd may still fill the buffer (its
@@ -299,10 +304,9 @@ class AioConnection:
             raise NBDError(f"{what} failed: {self.gone}", errno.ENOTCONN)
         lo = offset - start
         result = bytes(memoryview(data)[lo:lo + length])  # copied: the buffer is used again
-        if pooled:
-            _free[size].append(item)
+        give_back()
         if outcome[0]:
-            gone = self._h is None or h.aio_is_dead() or h.aio_is_closed()
+            gone = self._h is None or _lost(h)
             raise NBDError(f"{what} failed: {os.strerror(outcome[0])}", errno.ENOTCONN if gone else outcome[0])
         return result
 
@@ -335,7 +339,7 @@ class AioConnection:
                         h.aio_notify_write()
                     else:
                         h.aio_notify_read()
-                    if h.aio_is_dead() or h.aio_is_closed():
+                    if _lost(h):
                         self._lost("the server closed the connection")
         except nbd.Error as e:
             self._lost(e.string)

@@ -210,7 +210,8 @@ class Server:
         return conn
 
     async def _request(self, request: Callable[[Connection], object], bounded: bool = False, aio: bool = False):
-        """Run ``request(connection)`` in a worker thread.
+        """Run ``request(connection)`` in a worker thread (aio: awaited on the
+        export's ``AioConnection``, in trio's thread).
 
         A read-only export is idempotent: a request that meets a dead, dying
         or restarting server waits for it to come back and asks again, for
@@ -404,7 +405,7 @@ class Server:
                      "die when killed (stuck in the kernel)")
         log.error("%s", self.dead)
         for scope, (_, p) in list(self._waiting.items()):
-            if p is process and isinstance(scope, trio.CancelScope):
+            if p is process:
                 scope.cancel()
         aio, self._aio = self._aio, None
         if aio is not None:
