@@ -30,7 +30,7 @@ from .contexts import read_block_status
 log = logging.getLogger(__name__)
 
 
-def _lost(h) -> bool:
+def _handle_lost(h) -> bool:
     """Whether a handle's connection is gone (its server died or closed it)."""
     try:
         return h.aio_is_dead() or h.aio_is_closed()
@@ -103,7 +103,7 @@ class Connection:
         """The error for a failed request; one whose connection is gone (the
         server died: "server disconnected unexpectedly", EIO or none from
         libnbd, then "invalid state: DEAD", EINVAL) is ENOTCONN, asked again."""
-        return NBDError(f"{what} failed: {e.string}", errno.ENOTCONN if _lost(h) else e.errno)
+        return NBDError(f"{what} failed: {e.string}", errno.ENOTCONN if _handle_lost(h) else e.errno)
 
     def pread(self, length: int, offset: int) -> bytes:
         h = self._handle()
@@ -306,7 +306,7 @@ class AioConnection:
         result = bytes(memoryview(data)[lo:lo + length])  # copied: the buffer is used again
         give_back()
         if outcome[0]:
-            gone = self._h is None or _lost(h)
+            gone = self._h is None or _handle_lost(h)
             raise NBDError(f"{what} failed: {os.strerror(outcome[0])}", errno.ENOTCONN if gone else outcome[0])
         return result
 
@@ -339,7 +339,7 @@ class AioConnection:
                         h.aio_notify_write()
                     else:
                         h.aio_notify_read()
-                    if _lost(h):
+                    if _handle_lost(h):
                         self._lost("the server closed the connection")
         except nbd.Error as e:
             self._lost(e.string)
