@@ -12,10 +12,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import time
 import xml.etree.ElementTree as ET
 from itertools import pairwise
+from pathlib import Path
 
 import libvirt
 import pytest
@@ -295,6 +297,132 @@ def test_seed_004_missing_bitmap_falls_back_to_full(conn, d, mount, tmp_path):
         m.close()
 
 
+# -- the definition travels with the disks: seed 004's restore on another host ----------------
+
+
+def definition_blocks():
+    """docs/libvirt.md's two blocks: save the definition files, define the domain again."""
+    with open(os.path.join(REPO, "docs", "libvirt.md")) as f:
+        text = f.read()
+    section = text[text.index("## Define the domain again"):]
+    section = section[:section.index("\n## ", 1)]
+    save, define = re.findall(r"```sh\n(.*?)```", section, re.S)
+    return save, define
+
+
+def sh(block, **env):
+    r = run("bash", "-euo", "pipefail", "-c", block, check=False,
+            env=dict(os.environ, LIBVIRT_DEFAULT_URI=URI, **{k: str(v) for k, v in env.items()}))
+    assert r.returncode == 0, f"{block}\n{r.stdout}{r.stderr}"
+
+
+def definition_files(m, dom):
+    """{name: content} of the domain's files (domain.xml, checkpoint-*.xml); its
+    directories are its disks'."""
+    top = Path(m / dom.name)
+    assert sorted(p.name for p in top.iterdir() if p.is_dir()) == ["vda", "vdb"]
+    return {p.name: p.read_bytes() for p in sorted(top.iterdir()) if not p.is_dir()}
+
+
+def test_definition_and_checkpoints_restore_with_the_disks(conn, d, mount, tmp_path):
+    disks = [DiskSpec(t, f"{d}/{t}.qcow2", size=32 * MiB) for t in ("vda", "vdb")]
+    saved = tmp_path / "saved"
+    save, define = definition_blocks()
+    with TestDomain.define(conn, "defs", disks) as dom:
+        dom.start()
+        dom.write("vda", 0, 1 * MiB, 0x41)
+        dom.write("vdb", 0, 1 * MiB, 0x42)
+        rec = [{t: dom.record(t, str(tmp_path / f"{t}.0.raw")) for t in ("vda", "vdb")}]
+
+        # Full backup with ck1: the files say what libvirt says, read-only,
+        # with the disks' owner and mode; ck1, made by the job, is among them.
+        m = lv_mount(mount, dom, "--checkpoint", "ck1", name="m1")
+        files = definition_files(m, dom)
+        assert files == {
+            "domain.xml": dom.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode(),
+            "checkpoint-00-ck1.xml": dom.dom.checkpointLookupByName("ck1").getXMLDesc(
+                libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN).encode()}
+        view = os.stat(m / f"{dom.name}/vda/chain/current.raw")
+        for name in files:
+            st = os.stat(Path(m / dom.name) / name)
+            assert (st.st_uid, st.st_gid, st.st_mode) == (view.st_uid, view.st_gid, view.st_mode), name
+            with pytest.raises(OSError) as e:
+                open(Path(m / dom.name) / name, "r+b")
+            assert e.value.errno in (errno.EROFS, errno.EACCES)
+        backups = {}
+        for t in ("vda", "vdb"):
+            backups[t] = [str(tmp_path / f"{t}.full.qcow2")]
+            qemu_img("convert", "-f", "raw", "-O", "qcow2", m / f"{dom.name}/{t}/chain/current.raw",
+                     backups[t][0])
+        m.close()
+
+        # Incremental since ck1, with ck2: both checkpoints saved, parent first.
+        dom.write("vda", 4 * MiB, 1 * MiB, 0x43)
+        dom.write("vdb", 8 * MiB, 2 * MiB, 0x44)
+        rec.append({t: dom.record(t, str(tmp_path / f"{t}.1.raw")) for t in ("vda", "vdb")})
+        m = lv_mount(mount, dom, "--since", "ck1", "--checkpoint", "ck2", name="m2")
+        for t in ("vda", "vdb"):
+            view = m / f"{dom.name}/{t}/dirty/ck1.raw"
+            assert xattr(view, "backupmode") == "incremental"
+            backups[t].append(backup_from_dirty(view, str(tmp_path / f"{t}.inc1.qcow2"), 32 * MiB))
+        files = definition_files(m, dom)
+        assert sorted(files) == ["checkpoint-00-ck1.xml", "checkpoint-01-ck2.xml", "domain.xml"]
+        sh(save, MNT=m.path, DOMAIN=dom.name, SAVED=saved)
+        assert {p.name: p.read_bytes() for p in saved.iterdir()} == files
+        m.close()
+        dom.write("vda", 12 * MiB, 1 * MiB, 0x45)
+        rec.append({t: dom.record(t, str(tmp_path / f"{t}.2.raw")) for t in ("vda", "vdb")})
+
+        # The domain goes (its checkpoint metadata with it; the bitmaps stay in
+        # the images) and comes back from the saved files, as on another host.
+        dom.destroy()
+        dom.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+        sh(define, DOMAIN=dom.name, SAVED=saved)
+        dom.dom = conn.lookupByName(dom.name)
+        assert [c.getName() for c in dom.dom.listAllCheckpoints(
+            libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)] == ["ck1", "ck2"]
+
+        # The next incremental since ck2 is incremental, and exact.
+        dom.start()
+        m = lv_mount(mount, dom, name="m3")
+        for t in ("vda", "vdb"):
+            view = m / f"{dom.name}/{t}/dirty/ck2.raw"
+            assert xattr(view, "backupmode") == "incremental"
+            assert maps(view) == job_dirty_map(dom, t, f"backup-{t}")
+            backups[t].append(backup_from_dirty(view, str(tmp_path / f"{t}.inc2.qcow2"), 32 * MiB))
+        assert [(e["start"], e["length"]) for e in maps(m / f"{dom.name}/vda/dirty/ck2.raw")
+                if e["dirty"]] == [(12 * MiB, 1 * MiB)]
+        assert not any(e["dirty"] for e in maps(m / f"{dom.name}/vdb/dirty/ck2.raw"))
+        m.close()
+
+        # A checkpoint whose bitmap is gone from a disk: that disk's view is full, with the reason.
+        dom.destroy()
+        qemu_img("bitmap", "--remove", f"{d}/vdb.qcow2", "ck2")
+        m = lv_mount(mount, dom, name="m4")
+        assert xattr(m / f"{dom.name}/vda/dirty/ck2.raw", "backupmode") == "incremental"
+        assert xattr(m / f"{dom.name}/vdb/dirty/ck2.raw", "backupmode") == "full"
+        assert (f"{dom.name}/vdb/dirty/ck2.raw: full: bitmap 'ck2' is missing from the top image "
+                f"{d}/vdb.qcow2") in m.status()
+        m.close()
+
+    for t in ("vda", "vdb"):
+        full, inc1, inc2 = backups[t]
+        chain_onto(inc1, full)
+        chain_onto(inc2, inc1)
+        for image, truth in zip((full, inc1, inc2), rec, strict=True):
+            identical(image, truth[t])
+
+
+def test_a_domain_with_no_disk_served_keeps_its_definition_to_the_mounting_user(conn, d, mount):
+    # A network disk is not served (its status says why): no image tells who may read.
+    with TestDomain.define(conn, "nodisk", [NetworkDiskSpec("vda", "export")]) as dom:
+        top = Path(lv_mount(mount, dom) / dom.name)
+        st = os.stat(top / "domain.xml")
+        assert (st.st_uid, st.st_mode & 0o777) == (os.getuid(), 0o400)
+        assert (top / "domain.xml").read_bytes() == dom.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode()
+        assert sorted(os.listdir(top)) == ["domain.xml"]
+
+
 # -- snapshot names, a branch, and reading backing layers of a running domain ---------------
 
 
@@ -398,7 +526,7 @@ def test_cdrom_network_and_empty_disks_are_listed(conn, d, mount, loop_device):
         assert f"{dom.name}/hdc: a cdrom device, not a disk" in status
         assert f"{dom.name}/hdd: a cdrom device, not a disk" in status
         assert f"{dom.name}/vdz: a network disk" in status
-        assert sorted(os.listdir(m / dom.name)) == ["vda", "vdb"]
+        assert sorted(os.listdir(m / dom.name)) == ["domain.xml", "vda", "vdb"]
         assert sorted(os.listdir(m / f"{dom.name}/vda/chain")) == ["current.map.json", "current.qcow2",
                                                                    "current.raw"]
         # A raw disk on a block device is served like a raw file.
@@ -668,7 +796,7 @@ def test_running_domain_with_a_cdrom(conn, d, mount, tmp_path):
         dom.write("vdb", 0, 1 * MiB, 0xc1)
         rec = dom.record("vdb", str(tmp_path / "vdb.raw"))
         m = lv_mount(mount, dom, "--checkpoint", "ck1")
-        assert sorted(os.listdir(m / dom.name)) == ["vda", "vdb"]
+        assert sorted(os.listdir(m / dom.name)) == ["checkpoint-00-ck1.xml", "domain.xml", "vda", "vdb"]
         identical(m / f"{dom.name}/vdb/chain/current.raw", rec, fa="raw")
         exported = {x.get("name"): x.get("backup") for x in
                     ET.fromstring(dom.dom.backupGetXMLDesc(0)).iterfind("disks/disk")}

@@ -18,7 +18,7 @@ from ..hosts.local import LOCAL
 from ..views import FOLDERS
 from .access import Facts, access, view_access
 from .layout import Catalog
-from .tree import Directory, MapFile, Node, Qcow2File, StatusFile, Tree, ViewFile, ViewNode
+from .tree import ContentFile, Directory, MapFile, Node, Qcow2File, StatusFile, Tree, ViewFile, ViewNode
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,9 @@ WRITABLE_MASK = 0o666  # writable views of --rw mounts
 
 
 def _ownership(tree: Tree, node: Node, facts: Facts | None) -> tuple[int, int, int]:
-    if isinstance(node, StatusFile):
+    if isinstance(node, StatusFile) or isinstance(node, ContentFile) and node.paths is None:
         # It names what is in directories others may not list: the mounting
-        # user's alone.
+        # user's alone (a domain's definition when no disk of it is served).
         return tree.uid, tree.gid, 0o400
     if isinstance(node, ViewNode):
         return view_access(node, facts or Facts(ttl=0))
@@ -117,6 +117,8 @@ class Attributes:
             data = self._json(node.view)
             return None if data is None else self._content(node, data, node.view.layer_mtime_ns,
                                                            timeout=0 if node.view.mutable else 300)
+        if isinstance(node, ContentFile):
+            return self._content(node, node.content)
         if isinstance(node, StatusFile):
             # Its content changes when views fail: never cache its attributes.
             return self._content(node, self.catalog.status_file(), timeout=0)

@@ -1,7 +1,7 @@
 """Open files, by kind: each with its own read, lseek and (views) write.
 
 - ``ContentHandle``: a file whose content is known at open (a map's JSON,
-  the status file): dense, read from memory;
+  the status file, a libvirt domain's definition): dense, read from memory;
 - ``Qcow2Handle``: a composed ``.qcow2`` (``views/qcow2.py``): its layout is
   fixed at open, its metadata generated, its data read from the view;
 - ``ViewHandle``: a view ``.raw``: zeros from the map, data from its lease's

@@ -75,6 +75,9 @@ class Catalog:
                 node.paths, node.host = needs, lay.source.host
         for view in unit.views:
             self.tree.add_view(view, lay.prefix)
+        for rel, content, needs in unit.files:
+            node = self.tree.add_file(lay.prefix + rel, content)
+            node.paths, node.host = needs, lay.source.host
         for path, reason in unit.missing:
             report.warning("not available: %s%s: %s", lay.prefix, path, reason)
         for note in unit.notes:

@@ -26,7 +26,7 @@ from ..errors import Refused, Unavailable, fuse_errno
 from .attrs import Attributes
 from .handles import ContentHandle, Files, Qcow2Handle, ViewHandle, opener
 from .layout import Catalog
-from .tree import Directory, MapFile, Node, Qcow2File, StatusFile, Tree, ViewFile, ViewNode
+from .tree import ContentFile, Directory, MapFile, Node, Qcow2File, StatusFile, Tree, ViewFile, ViewNode
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,8 @@ class Operations(pyfuse3.Operations):
             fh = files.add(ContentHandle(files, node, await self.attrs.map_content(node)))
             # Map files never change under a read-only mount: their page cache is kept.
             return pyfuse3.FileInfo(fh=fh, keep_cache=not node.view.mutable)
+        if isinstance(node, ContentFile):
+            return pyfuse3.FileInfo(fh=files.add(ContentHandle(files, node, node.content)), keep_cache=True)
         if isinstance(node, StatusFile):
             fh = files.add(ContentHandle(files, node, self.catalog.status_file()))
             return pyfuse3.FileInfo(fh=fh, direct_io=True)

@@ -101,6 +101,16 @@ class Qcow2File(ViewNode):
         return super().hidden or self.view.qcow2_problem is not None
 
 
+class ContentFile(Node):
+    """A small read-only file a source carries, its content fixed when laid out:
+    a libvirt domain's ``domain.xml`` and ``checkpoint-NN-NAME.xml``.
+    ``paths`` None: the mounting user's alone."""
+
+    def __init__(self, inode, name, parent, content: bytes):
+        super().__init__(inode, name, parent)
+        self.content = content
+
+
 class StatusFile(Node):
     """``.snapfs-status`` at the root: what the mount could not offer, and why."""
 
@@ -216,6 +226,14 @@ class Tree:
 
     def add_status(self) -> StatusFile:
         return self._add(StatusFile, STATUS_NAME, self.root)
+
+    def add_file(self, path: str, content: bytes) -> ContentFile:
+        """A ``ContentFile`` at a relative path (its directories created)."""
+        folder, _, name = path.rpartition("/")
+        parent = self.directory(folder)
+        if name in parent.children:
+            raise ValueError(f"{path} exists")
+        return self._add(ContentFile, name, parent, content)
 
     def add_view(self, view: View, prefix: str = "") -> None:
         """A view's three files, in its folder (under ``prefix``: its source's)."""

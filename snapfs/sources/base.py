@@ -19,7 +19,7 @@ never asks which kind it has:
 A source's tree is made of *units*: the parts laid out and refreshed as one
 (an image directory's disk, a libvirt domain). A unit names the directories
 it needs, with what reading each needs without the mount (``fs/access.py``),
-its views, what it could not offer (with the reason) and notes for the
+its views, the small files it carries, what it could not offer (with the reason) and notes for the
 status file. Pure: no pyfuse3, no libnbd, no libvirt.
 """
 
@@ -42,6 +42,9 @@ class Unit:
     dirs: ``(relpath, needs)`` of every directory it makes, parents first;
     needs as in ``fs/access.py`` (``(path, READ|SEARCH|LIST)`` pairs on the
     source's host), None for the mount's own.
+    files: ``(relpath, content, needs)`` of small read-only files it carries
+    (a libvirt domain's definition and checkpoints); needs as for dirs, None
+    for the mounting user's alone.
     missing: ``(relpath, reason)`` of what it could not offer.
     signature: what it was made from; a refresh keeps a unit (its views,
     their maps and inodes) whose signature is unchanged. None: never equal.
@@ -50,6 +53,7 @@ class Unit:
     key: str
     dirs: list[tuple[str, tuple | None]] = field(default_factory=list)
     views: list[View] = field(default_factory=list)
+    files: list[tuple[str, bytes, tuple | None]] = field(default_factory=list)
     missing: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     signature: object = None

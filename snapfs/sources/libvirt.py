@@ -62,9 +62,15 @@ def libvirt_message(e: libvirt.libvirtError) -> str:
 
 
 def _ordered(items, parse):
-    """Parsed checkpoints or snapshots, oldest first (libvirt's topological order breaks ties)."""
-    parsed = [parse(x.getXMLDesc(0)) for x in items]
-    return [p for _, p in sorted(enumerate(parsed), key=lambda ip: (ip[1].created, ip[0]))]
+    """``(parsed, item)`` of checkpoints or snapshots, oldest first (libvirt's
+    topological order breaks ties, so a parent always comes before its children)."""
+    parsed = [(parse(x.getXMLDesc(0)), x) for x in items]
+    return [p for _, p in sorted(enumerate(parsed), key=lambda ip: (ip[1][0].created, ip[0]))]
+
+
+# Beside the disks' directories, as files: a loop over DOMAIN/*/ sees disks only.
+DEFINITION = "domain.xml"
+CHECKPOINT_FILE = "checkpoint-{number}-{name}.xml"
 
 
 # -- one domain ------------------------------------------------------------------------
@@ -86,6 +92,8 @@ class DomainPlan:
     missing: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     job: BackupJob | None = None
+    # (name in the domain's directory, content): domain.xml, checkpoint-NN-NAME.xml
+    files: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 class DomainReader:
@@ -107,12 +115,13 @@ class DomainReader:
         try:
             running = bool(dom.isActive())
             xml = ET.fromstring(dom.XMLDesc(0))
-            checkpoints = _ordered(dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL),
-                                   parse_checkpoint)
-            snapshots = _ordered(dom.listAllSnapshots(libvirt.VIR_DOMAIN_SNAPSHOT_LIST_TOPOLOGICAL),
-                                 parse_snapshot)
+            ordered = _ordered(dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL),
+                               parse_checkpoint)
+            snapshots = [s for s, _ in _ordered(
+                dom.listAllSnapshots(libvirt.VIR_DOMAIN_SNAPSHOT_LIST_TOPOLOGICAL), parse_snapshot)]
         except libvirt.libvirtError as e:
             raise SourceError(f"domain {name}: {libvirt_message(e)}") from None
+        checkpoints = [c for c, _ in ordered]
         plan = DomainPlan(name=name, dirname=escape_name(name), running=running)
         disks = parse_disks(xml)
         served = []
@@ -134,9 +143,34 @@ class DomainReader:
                 if self.strict:
                     raise SourceError(msg)
                 plan.notes.append(f"{plan.dirname}: {msg}")
+        try:
+            if plan.job is not None and self.new_checkpoint:
+                # The job made a checkpoint: the next incremental starts there.
+                ordered = _ordered(dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL),
+                                   parse_checkpoint)
+            plan.files = self._definition(dom, ordered)
+        except libvirt.libvirtError as e:
+            if plan.job is not None:
+                plan.job.stop()
+            raise SourceError(f"domain {name}: {libvirt_message(e)}") from None
         for d in served:
             self._disk(plan, d, snapshots, checkpoints, since)
         return plan
+
+    @staticmethod
+    def _definition(dom, checkpoints) -> list[tuple[str, bytes]]:
+        """What defining the domain again on another host takes: its inactive
+        definition (``virsh dumpxml --inactive``: no passwords) and each
+        checkpoint as ``virsh checkpoint-dumpxml --no-domain`` gives it, for
+        ``virsh checkpoint-create --redefine``, numbered parents first (libvirt
+        redefines a checkpoint only after its parent)."""
+        files = [(DEFINITION, dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())]
+        width = max(2, len(str(max(len(checkpoints) - 1, 0))))
+        for i, (cp, obj) in enumerate(checkpoints):
+            xml = obj.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
+            name = CHECKPOINT_FILE.format(number=f"{i:0{width}d}", name=escape_name(cp.name))
+            files.append((name, xml.encode()))
+        return files
 
     # -- running domains --------------------------------------------------
 
@@ -439,14 +473,21 @@ class LibvirtSource:
             mark_writable(plan.views)
         disks = {v.disk.relpath: v.disk for v in plan.views}
         dirs: list[tuple[str, tuple | None]] = [(plan.dirname, None)]
+        every: dict[tuple, None] = {}  # what reading every disk served needs
         for rel in plan.disk_dirs:
             # A disk's directory and folders show the leaf's names, and take its permissions.
             disk = disks.get(rel)
             needs = file_needs(disk.top.path, disk.host) if disk is not None else None
             dirs += [(rel, needs)] + [(f"{rel}/{folder}", needs) for folder in FOLDERS]
+            every.update(dict.fromkeys(needs or ()))
+        # The definition tells what the disks hold (their paths, the bitmaps):
+        # for whoever can read them all; with no disk served, the mounting user.
+        defs = tuple(every) or None
+        files = [(f"{plan.dirname}/{name}", content, defs) for name, content in plan.files]
         log.info("domain %s: %d disk(s), %d view(s)%s", plan.name, len(plan.disk_dirs), len(plan.views),
                  " (running: read through a backup job)" if plan.running else "")
-        return Unit(key=plan.dirname, dirs=dirs, views=plan.views, missing=plan.missing, notes=plan.notes)
+        return Unit(key=plan.dirname, dirs=dirs, views=plan.views, files=files, missing=plan.missing,
+                    notes=plan.notes)
 
     # -- libvirt (blocking: in worker threads) ------------------------------------
 
