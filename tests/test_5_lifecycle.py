@@ -1,5 +1,6 @@
 """Tier 5: mounting, unmounting, crashes: no qemu-nbd is ever left behind."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -124,6 +125,32 @@ def test_killed_snapfs_leaves_no_server(images, mount, unmount):
         run("fusermount3", "-u", m.path)
     assert not os.path.ismount(m.path)
     assert wait_gone(servers) == set()
+
+
+def test_killed_snapfs_under_an_open_file_is_detached_by_snapfs_umount(images, mount):
+    """A reader (a VM paused on the mount) still holds a file of the dead mount:
+    nothing more can be lost, so snapfs umount detaches it without --force."""
+    m = mount(images, "--idle-timeout", "60")
+    pid = m.pid
+    fds = _open_views(m)
+    servers = children(pid)
+    os.kill(pid, signal.SIGKILL)
+    try:
+        r = run("fusermount3", "-u", m.path, check=False)
+        assert r.returncode != 0 and "busy" in r.stderr.lower(), r.stderr  # held: a plain unmount fails
+        r = run(*SNAPFS, "umount", m.path, cwd=REPO, check=False)
+        assert r.returncode == 0, r.stderr
+        assert not os.path.ismount(m.path)
+        assert wait_gone(servers) == set()
+        with pytest.raises(OSError) as e:
+            os.pread(fds[0], 4096, 0)
+        assert e.value.errno == errno.ENOTCONN
+    finally:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the flush of a file of a dead mount: ENOTCONN
 
 
 @pytest.mark.log_allows(r"died; restarting it", r"exited with -9")

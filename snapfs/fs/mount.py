@@ -246,6 +246,10 @@ def umount(mountpoint: str, timeout: float = 10.0, force: bool = False) -> list[
     returned, for the caller to say what breaks.
     """
     found = find_mount(mountpoint)
+    # A mount whose snapfs is gone answers no one: detaching it loses nothing,
+    # even where a process (a VM paused on it) still holds one of its files.
+    pid = found[1].get("pid") if found is not None else None
+    dead = bool(pid) and not pid_alive(pid)
     busy = []
     if found is not None and is_mounted(mountpoint):
         try:
@@ -259,8 +263,9 @@ def umount(mountpoint: str, timeout: float = 10.0, force: bool = False) -> list[
                          "down, or move its disk home with virsh blockcopy --pivot), or unmount anyway with "
                          "snapfs umount --force")
     if is_mounted(mountpoint):
-        # --force: detached even where it is busy (-z); its snapfs is stopped below.
-        r = subprocess.run(["fusermount3", "-u", *(["-z"] if force else []), mountpoint],
+        # --force, or a dead mount: detached even where it is busy (-z); a
+        # snapfs still running is stopped below.
+        r = subprocess.run(["fusermount3", "-u", *(["-z"] if force or dead else []), mountpoint],
                            capture_output=True, text=True)
         if r.returncode != 0:
             msg = r.stderr.strip() or f"fusermount3 exited with {r.returncode}"
