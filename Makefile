@@ -37,6 +37,7 @@ bench: setup bench-deps
 	$(PY) tests/bench_memory.py
 	$(PY) tests/bench_remote.py
 	$(PY) tests/bench_random.py
+	$(PY) tests/bench_recovery.py
 
 bench-scale: setup
 	$(PY) tests/bench_scale.py
