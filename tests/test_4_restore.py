@@ -735,7 +735,8 @@ def test_qcow2_files_of_a_written_image(tmp_path, mount):
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o444, p
         for flags in (os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_TRUNC):
             assert errno_of(os.open, p, flags) == errno.EACCES, (p, flags)
-    assert "top.qcow2/chain/01-top.qcow2: maps, .qcow2 files and the status file are read-only" in m.status()
+    assert ("top.qcow2/chain/01-top.qcow2: maps, .qcow2 files, domain definitions and the status file are "
+            "read-only") in m.status()
     before = os.stat(chain_q).st_size
 
     # An open .qcow2 keeps the writer out.

@@ -135,6 +135,7 @@ def test_killed_snapfs_under_an_open_file_is_detached_by_snapfs_umount(images, m
     fds = _open_views(m)
     servers = children(pid)
     os.kill(pid, signal.SIGKILL)
+    assert wait_gone({pid}) == set()
     try:
         r = run("fusermount3", "-u", m.path, check=False)
         assert r.returncode != 0 and "busy" in r.stderr.lower(), r.stderr  # held: a plain unmount fails

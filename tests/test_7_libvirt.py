@@ -340,7 +340,7 @@ def test_definition_and_checkpoints_restore_with_the_disks(conn, d, mount, tmp_p
         files = definition_files(m, dom)
         assert files == {
             "domain.xml": dom.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode(),
-            "checkpoint-00-ck1.xml": dom.dom.checkpointLookupByName("ck1").getXMLDesc(
+            "checkpoint-00.xml": dom.dom.checkpointLookupByName("ck1").getXMLDesc(
                 libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN).encode()}
         view = os.stat(m / f"{dom.name}/vda/chain/current.raw")
         for name in files:
@@ -366,7 +366,8 @@ def test_definition_and_checkpoints_restore_with_the_disks(conn, d, mount, tmp_p
             assert xattr(view, "backupmode") == "incremental"
             backups[t].append(backup_from_dirty(view, str(tmp_path / f"{t}.inc1.qcow2"), 32 * MiB))
         files = definition_files(m, dom)
-        assert sorted(files) == ["checkpoint-00-ck1.xml", "checkpoint-01-ck2.xml", "domain.xml"]
+        assert sorted(files) == ["checkpoint-00.xml", "checkpoint-01.xml", "domain.xml"]
+        assert b"<name>ck1</name>" in files["checkpoint-00.xml"] and b"<name>ck2</name>" in files["checkpoint-01.xml"]
         sh(save, MNT=m.path, DOMAIN=dom.name, SAVED=saved)
         assert {p.name: p.read_bytes() for p in saved.iterdir()} == files
         m.close()
@@ -398,7 +399,14 @@ def test_definition_and_checkpoints_restore_with_the_disks(conn, d, mount, tmp_p
         # A checkpoint whose bitmap is gone from a disk: that disk's view is full, with the reason.
         dom.destroy()
         qemu_img("bitmap", "--remove", f"{d}/vdb.qcow2", "ck2")
+        # The definition is for whoever may read every disk: here, vdb's readers.
+        os.chmod(f"{d}/vda.qcow2", 0o644)
+        os.chmod(f"{d}/vdb.qcow2", 0o600)
         m = lv_mount(mount, dom, name="m4")
+        modes = {t: os.stat(m / f"{dom.name}/{t}/chain/current.raw").st_mode & 0o777 for t in ("vda", "vdb")}
+        assert modes["vda"] != modes["vdb"], modes
+        for name in ("domain.xml", "checkpoint-00.xml", "checkpoint-01.xml"):
+            assert os.stat(Path(m / dom.name) / name).st_mode & 0o777 == modes["vda"] & modes["vdb"], name
         assert xattr(m / f"{dom.name}/vda/dirty/ck2.raw", "backupmode") == "incremental"
         assert xattr(m / f"{dom.name}/vdb/dirty/ck2.raw", "backupmode") == "full"
         assert (f"{dom.name}/vdb/dirty/ck2.raw: full: bitmap 'ck2' is missing from the top image "
@@ -411,6 +419,16 @@ def test_definition_and_checkpoints_restore_with_the_disks(conn, d, mount, tmp_p
         chain_onto(inc2, inc1)
         for image, truth in zip((full, inc1, inc2), rec, strict=True):
             identical(image, truth[t])
+
+
+def test_a_disk_no_one_can_read_keeps_the_definition_from_everyone(conn, d, mount):
+    # vdb's image is missing: it has no view, and grants nothing.
+    disks = [DiskSpec("vda", f"{d}/vda.qcow2", size=4 * MiB), DiskSpec("vdb", f"{d}/gone.qcow2")]
+    with TestDomain.define(conn, "unread", disks) as dom:
+        m = lv_mount(mount, dom)
+        assert os.stat(m / f"{dom.name}/vda/chain/current.raw").st_mode & 0o444
+        assert os.listdir(m / f"{dom.name}/vdb/chain") == []
+        assert os.stat(Path(m / dom.name) / "domain.xml").st_mode & 0o777 == 0
 
 
 def test_a_domain_with_no_disk_served_keeps_its_definition_to_the_mounting_user(conn, d, mount):
@@ -796,7 +814,7 @@ def test_running_domain_with_a_cdrom(conn, d, mount, tmp_path):
         dom.write("vdb", 0, 1 * MiB, 0xc1)
         rec = dom.record("vdb", str(tmp_path / "vdb.raw"))
         m = lv_mount(mount, dom, "--checkpoint", "ck1")
-        assert sorted(os.listdir(m / dom.name)) == ["checkpoint-00-ck1.xml", "domain.xml", "vda", "vdb"]
+        assert sorted(os.listdir(m / dom.name)) == ["checkpoint-00.xml", "domain.xml", "vda", "vdb"]
         identical(m / f"{dom.name}/vdb/chain/current.raw", rec, fa="raw")
         exported = {x.get("name"): x.get("backup") for x in
                     ET.fromstring(dom.dom.backupGetXMLDesc(0)).iterfind("disks/disk")}

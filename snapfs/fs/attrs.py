@@ -118,7 +118,7 @@ class Attributes:
             return None if data is None else self._content(node, data, node.view.layer_mtime_ns,
                                                            timeout=0 if node.view.mutable else 300)
         if isinstance(node, ContentFile):
-            return self._content(node, node.content)
+            return self._content(node, node.content, node.mtime_ns)
         if isinstance(node, StatusFile):
             # Its content changes when views fail: never cache its attributes.
             return self._content(node, self.catalog.status_file(), timeout=0)

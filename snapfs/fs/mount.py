@@ -12,6 +12,7 @@ directory and ``mount.json`` are described in ``runtime.py``.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -21,6 +22,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 
 import pyfuse3
@@ -237,6 +239,26 @@ def describe_in_use(files: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def aborted(mountpoint: str, timeout: float = 2.0) -> bool:
+    """True when the kernel says the mount's FUSE connection is gone (its
+    snapfs died): statfs, which the kernel never answers from its caches,
+    fails with ENOTCONN. A mount that answers, or does not answer within
+    ``timeout`` (a snapfs alive but stuck), is not."""
+    answer: list[int] = []
+
+    def ask():
+        try:
+            os.statvfs(mountpoint)
+            answer.append(0)
+        except OSError as e:
+            answer.append(e.errno)
+
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    t.join(timeout)
+    return answer == [errno.ENOTCONN]
+
+
 def umount(mountpoint: str, timeout: float = 10.0, force: bool = False) -> list[dict]:
     """Unmount, wait for the snapfs process, and stop any qemu-nbd it left.
 
@@ -249,7 +271,7 @@ def umount(mountpoint: str, timeout: float = 10.0, force: bool = False) -> list[
     # A mount whose snapfs is gone answers no one: detaching it loses nothing,
     # even where a process (a VM paused on it) still holds one of its files.
     pid = found[1].get("pid") if found is not None else None
-    dead = bool(pid) and not pid_alive(pid)
+    dead = bool(pid) and not pid_alive(pid) and aborted(mountpoint)
     busy = []
     if found is not None and is_mounted(mountpoint):
         try:

@@ -112,8 +112,8 @@ class Operations(pyfuse3.Operations):
         if not self.tree.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
         if not isinstance(node, ViewFile):
-            self.files.refuse(node, errno.EACCES, "maps, .qcow2 files and the status file are read-only "
-                              "(restore through the view's .raw file)")
+            self.files.refuse(node, errno.EACCES, "maps, .qcow2 files, domain definitions and the status "
+                              "file are read-only (restore through the view's .raw file)")
         refusal = node.view.write_refusal()
         if refusal is not None:
             self.files.refuse(node, *refusal)

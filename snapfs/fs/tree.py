@@ -103,12 +103,14 @@ class Qcow2File(ViewNode):
 
 class ContentFile(Node):
     """A small read-only file a source carries, its content fixed when laid out:
-    a libvirt domain's ``domain.xml`` and ``checkpoint-NN-NAME.xml``.
-    ``paths`` None: the mounting user's alone."""
+    a libvirt domain's ``domain.xml`` and ``checkpoint-NN.xml``. Its mtime is
+    when it was laid out (a refresh's new content is newer). ``paths`` None:
+    the mounting user's alone."""
 
     def __init__(self, inode, name, parent, content: bytes):
         super().__init__(inode, name, parent)
         self.content = content
+        self.mtime_ns = time.time_ns()
 
 
 class StatusFile(Node):

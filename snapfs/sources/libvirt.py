@@ -62,15 +62,16 @@ def libvirt_message(e: libvirt.libvirtError) -> str:
 
 
 def _ordered(items, parse):
-    """``(parsed, item)`` of checkpoints or snapshots, oldest first (libvirt's
-    topological order breaks ties, so a parent always comes before its children)."""
-    parsed = [(parse(x.getXMLDesc(0)), x) for x in items]
-    return [p for _, p in sorted(enumerate(parsed), key=lambda ip: (ip[1][0].created, ip[0]))]
+    """Parsed checkpoints or snapshots, oldest first (libvirt's topological order breaks ties)."""
+    parsed = [parse(x.getXMLDesc(0)) for x in items]
+    return [p for _, p in sorted(enumerate(parsed), key=lambda ip: (ip[1].created, ip[0]))]
 
 
 # Beside the disks' directories, as files: a loop over DOMAIN/*/ sees disks only.
 DEFINITION = "domain.xml"
-CHECKPOINT_FILE = "checkpoint-{number}-{name}.xml"
+# Numbered, not named: the directory is listed by anyone who may list the
+# domain's, and a checkpoint's name is the disks' (their bitmaps) to tell.
+CHECKPOINT_FILE = "checkpoint-{number}.xml"
 
 
 # -- one domain ------------------------------------------------------------------------
@@ -92,8 +93,9 @@ class DomainPlan:
     missing: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     job: BackupJob | None = None
-    # (name in the domain's directory, content): domain.xml, checkpoint-NN-NAME.xml
+    # (name in the domain's directory, content): domain.xml, checkpoint-NN.xml
     files: list[tuple[str, bytes]] = field(default_factory=list)
+    disk_tops: list[Layer] = field(default_factory=list)  # of every disk served
 
 
 class DomainReader:
@@ -115,13 +117,12 @@ class DomainReader:
         try:
             running = bool(dom.isActive())
             xml = ET.fromstring(dom.XMLDesc(0))
-            ordered = _ordered(dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL),
-                               parse_checkpoint)
-            snapshots = [s for s, _ in _ordered(
-                dom.listAllSnapshots(libvirt.VIR_DOMAIN_SNAPSHOT_LIST_TOPOLOGICAL), parse_snapshot)]
+            listed = dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)
+            checkpoints = _ordered(listed, parse_checkpoint)
+            snapshots = _ordered(dom.listAllSnapshots(libvirt.VIR_DOMAIN_SNAPSHOT_LIST_TOPOLOGICAL),
+                                 parse_snapshot)
         except libvirt.libvirtError as e:
             raise SourceError(f"domain {name}: {libvirt_message(e)}") from None
-        checkpoints = [c for c, _ in ordered]
         plan = DomainPlan(name=name, dirname=escape_name(name), running=running)
         disks = parse_disks(xml)
         served = []
@@ -146,9 +147,8 @@ class DomainReader:
         try:
             if plan.job is not None and self.new_checkpoint:
                 # The job made a checkpoint: the next incremental starts there.
-                ordered = _ordered(dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL),
-                                   parse_checkpoint)
-            plan.files = self._definition(dom, ordered)
+                listed = dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)
+            plan.files = self._definition(dom, listed)
         except libvirt.libvirtError as e:
             if plan.job is not None:
                 plan.job.stop()
@@ -162,14 +162,14 @@ class DomainReader:
         """What defining the domain again on another host takes: its inactive
         definition (``virsh dumpxml --inactive``: no passwords) and each
         checkpoint as ``virsh checkpoint-dumpxml --no-domain`` gives it, for
-        ``virsh checkpoint-create --redefine``, numbered parents first (libvirt
-        redefines a checkpoint only after its parent)."""
+        ``virsh checkpoint-create --redefine``, numbered in libvirt's
+        topological order: parents first, as redefining needs them (creation
+        times may not be, after a clock step)."""
         files = [(DEFINITION, dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())]
         width = max(2, len(str(max(len(checkpoints) - 1, 0))))
-        for i, (cp, obj) in enumerate(checkpoints):
-            xml = obj.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
-            name = CHECKPOINT_FILE.format(number=f"{i:0{width}d}", name=escape_name(cp.name))
-            files.append((name, xml.encode()))
+        for i, cp in enumerate(checkpoints):
+            xml = cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
+            files.append((CHECKPOINT_FILE.format(number=f"{i:0{width}d}"), xml.encode()))
         return files
 
     # -- running domains --------------------------------------------------
@@ -216,6 +216,7 @@ class DomainReader:
         rel = f"{plan.dirname}/{d.target}"
         plan.disk_dirs.append(rel)
         top = self.chains.layer(d.source, d.format)
+        plan.disk_tops.append(top)
         chain, cut = self.chains.chain(top)
         disk = Disk(relpath=rel, chain=chain, complete=cut is None, cut_reason=cut)
         whole = disk.complete and all(lay.problem is None for lay in chain)
@@ -473,15 +474,15 @@ class LibvirtSource:
             mark_writable(plan.views)
         disks = {v.disk.relpath: v.disk for v in plan.views}
         dirs: list[tuple[str, tuple | None]] = [(plan.dirname, None)]
-        every: dict[tuple, None] = {}  # what reading every disk served needs
         for rel in plan.disk_dirs:
             # A disk's directory and folders show the leaf's names, and take its permissions.
             disk = disks.get(rel)
             needs = file_needs(disk.top.path, disk.host) if disk is not None else None
             dirs += [(rel, needs)] + [(f"{rel}/{folder}", needs) for folder in FOLDERS]
-            every.update(dict.fromkeys(needs or ()))
         # The definition tells what the disks hold (their paths, the bitmaps):
-        # for whoever can read them all; with no disk served, the mounting user.
+        # for whoever can read every disk served, views or not (an image that
+        # cannot be read grants nothing); with no disk served, the mounting user.
+        every = {need: None for top in plan.disk_tops for need in file_needs(top.path, top.host)}
         defs = tuple(every) or None
         files = [(f"{plan.dirname}/{name}", content, defs) for name, content in plan.files]
         log.info("domain %s: %d disk(s), %d view(s)%s", plan.name, len(plan.disk_dirs), len(plan.views),
