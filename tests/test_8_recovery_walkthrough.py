@@ -109,9 +109,9 @@ class Shell:
         self.logs.update(re.findall(r"^snapfs: mounted .* \(log: (.*)\)$", r.stdout, re.M))
         return r.stdout
 
-    def mount(self, *source):
+    def mount(self, *source, allow_other=True):
         """A mount made by the test itself, as the document makes it."""
-        out = run(SNAPFS, "mount", *source, self.mnt, "--allow-other").stdout
+        out = run(SNAPFS, "mount", *source, self.mnt, *(["--allow-other"] if allow_other else [])).stdout
         self.logs.update(re.findall(r"\(log: (.*)\)$", out, re.M))
 
     def umount(self, *opts):
@@ -340,6 +340,21 @@ def test_a_vm_runs_from_a_backup_and_moves_home(conn, d):
             assert_copy(final, as_raw(truth, f"{d}/expected.raw", *WRITES))
         finally:
             sh.close()
+
+
+def test_the_check_of_step_1_fails_without_allow_other(d):
+    """Step 1's last line tells, before any VM starts, that qemu's user cannot read the point."""
+    (mount_blk,) = walkthrough(DOC)["1"]
+    check = mount_blk.strip().splitlines()[-1]
+    assert check.startswith("runuser -u libvirt-qemu -- "), check
+    sh = Shell(d, IMAGES=build_backups(d))
+    try:
+        sh.mount("--images", sh.env["IMAGES"], allow_other=False)
+        r = run("bash", "-euo", "pipefail", "-c", check, env=sh.env, check=False)
+        assert r.returncode != 0 and "Permission denied" in r.stderr, r.stdout + r.stderr
+        sh(check.replace("runuser -u libvirt-qemu -- ", ""))  # the mounting user reads it
+    finally:
+        sh.close()
 
 
 # -- step 5: a libvirt domain's snapshot ------------------------------------------------
