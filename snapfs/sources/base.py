@@ -19,8 +19,9 @@ never asks which kind it has:
 A source's tree is made of *units*: the parts laid out and refreshed as one
 (an image directory's disk, a libvirt domain). A unit names the directories
 it needs, with what reading each needs without the mount (``fs/access.py``),
-its views, the small files it carries, what it could not offer (with the reason) and notes for the
-status file. Pure: no pyfuse3, no libnbd, no libvirt.
+its views, the small files it carries, what it could not offer (with the
+reason) and notes for the status file. Pure: no pyfuse3, no libnbd, no
+libvirt.
 """
 
 from __future__ import annotations
