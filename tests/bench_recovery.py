@@ -35,6 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import libvirt  # noqa: E402
+from bench_libvirt import sh, timed  # noqa: E402
 from libvirt_env import NAME_PREFIX, TestDomain, accelerator, domain_xml, libvirt_conn, new_image_dir  # noqa: E402
 
 SNAPFS = os.path.join(os.path.dirname(HERE), ".venv", "bin", "snapfs")
@@ -66,19 +67,6 @@ DISK_XML = """<disk type='file' device='disk'>
 
 def log(msg):
     print(f"bench: {msg}", file=sys.stderr, flush=True)
-
-
-def sh(*cmd):
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))}: {r.stderr.strip()}")
-    return r.stdout
-
-
-def timed(*cmd):
-    t0 = time.perf_counter()
-    sh(*cmd)
-    return time.perf_counter() - t0
 
 
 def build(d):

@@ -277,6 +277,16 @@ def assert_copy(final, expected):
     assert_identical(final, expected)
 
 
+def on_its_copy(dom, final, written, expected):
+    """After the pivot: the VM runs on ``final`` and reads ``written``; shut off,
+    ``final`` is a clean standalone qcow2 equal to ``expected``."""
+    assert dom.source("vda") == (final, "qcow2")
+    wait_guest_reading(dom)
+    vm_reads(dom, written)
+    dom.destroy()
+    assert_copy(final, expected)
+
+
 # -- steps 1 to 4: a backup repository --------------------------------------------------
 
 def test_a_vm_runs_from_a_backup_and_moves_home(conn, d):
@@ -332,12 +342,8 @@ def test_a_vm_runs_from_a_backup_and_moves_home(conn, d):
             final = f"{sh.vmdir}/web1.qcow2"
             assert overlay in out and out.index(overlay) < out.index(final), out  # domblklist before, after
             assert not os.path.ismount(sh.mnt) and not os.path.exists(overlay)
-            assert dom.source("vda") == (final, "qcow2")
             assert persistent_source(dom) == final  # libvirt wrote the pivot into the definition
-            wait_guest_reading(dom)
-            vm_reads(dom, written)
-            dom.destroy()
-            assert_copy(final, as_raw(truth, f"{d}/expected.raw", *WRITES))
+            on_its_copy(dom, final, written, as_raw(truth, f"{d}/expected.raw", *WRITES))
         finally:
             sh.close()
 
@@ -501,12 +507,8 @@ def test_snapfs_killed_under_the_vm_go_on(conn, d):
             assert "Successfully pivoted" in out, out
             assert not os.path.ismount(sh.mnt)
             final = f"{sh.vmdir}/web1.qcow2"
-            assert dom.source("vda") == (final, "qcow2")
             assert qemu_files_under(dom, sh.mnt) == []
-            wait_guest_reading(dom)
-            vm_reads(dom, written)
-            dom.destroy()
-            assert_copy(final, as_raw(truth, f"{d}/expected.raw", *WRITES))
+            on_its_copy(dom, final, written, as_raw(truth, f"{d}/expected.raw", *WRITES))
         finally:
             sh.close()
 
