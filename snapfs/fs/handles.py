@@ -186,12 +186,18 @@ class _ViewFileHandle(Handle):
     async def _read_data(self, start: int, length: int, m: ExtentMap, scattered: bool):
         """Data bytes of the view: through the chunk cache, or, beside a writer,
         straight from the image."""
+        view = self.view
+        if view.offset:
+            # A partition: its bytes at its offset in the chain view's export,
+            # through that export's chunks (readahead skips the chain's holes).
+            start += view.offset
+            m = view.export_map or m
         while True:
             srv = self.lease.server
             try:
                 if srv.spec.writable:
                     return await self.lease.session.pread(length, start)
-                return await srv.chunks(self.view.size).read(start, length, m, scattered)
+                return await srv.chunks(view.export_size).read(start, length, m, scattered)
             except Retired:
                 # Its export moved to a writer, or its server was stopped for one.
                 await self.files.exports.follow(self.lease, srv)

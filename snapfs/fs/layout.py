@@ -75,6 +75,12 @@ class Catalog:
                 node.paths, node.host = needs, lay.source.host
         for view in unit.views:
             self.tree.add_view(view, lay.prefix)
+            if view.kind == "chain":
+                # partitions/NAME/: read as the chain folder is (fs/partitions.py fills it).
+                folder = self.tree.add_partition_folder(view, lay.prefix)
+                chain_dir = self.tree.find(f"{lay.prefix}{view.disk.relpath}/{view.folder}")
+                for node in (folder, folder.parent):
+                    node.paths, node.host = chain_dir.paths, chain_dir.host
         for rel, content, needs in unit.files:
             node = self.tree.add_file(lay.prefix + rel, content)
             node.paths, node.host = needs, lay.source.host
@@ -89,6 +95,7 @@ class Catalog:
         Returns ``(parent, name)`` of every entry removed, for the kernel to forget.
         """
         lay.units.pop(key, None)
+        self.status.forget_under(lay.prefix + key)
         removed = []
         node = self.tree.remove(lay.prefix + key)
         while node is not None:
@@ -113,4 +120,5 @@ class Catalog:
         problems += [(p + v.path, v.problem) for p, v in views if v.problem is not None]
         problems += [(f"{p}{v.disk.relpath}/{v.folder}/{v.qcow2_filename}", v.qcow2_problem)
                      for p, v in views if v.problem is None and v.qcow2_problem is not None]
+        problems += list(self.status.problems.items())
         return self.status.render(", ".join(lay.source.label for lay in self.laid), notes, problems)

@@ -45,6 +45,7 @@ from .control import Refresher, control_server
 from .handles import Files
 from .layout import Catalog
 from .operations import HAS_LSEEK, Operations
+from .partitions import Partitions
 from .tree import Status, Tree
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ class Mount:
         self.maps = Maps(self.block_status, self.writes)
         self.files = Files(Exports(self.pool, self.writes, self.maps), self.maps, self.status)
         self.attrs = Attributes(self.tree, self.catalog, self.maps, self.writes, self.pool.spawn)
-        self.ops = Operations(self.tree, self.catalog, self.files, self.attrs)
+        self.ops = Operations(self.tree, self.catalog, self.files, self.attrs,
+                              Partitions(self.tree, self.status, config.mountpoint))
         self.refresher = Refresher(self.catalog, self.files, self.pool, self.block_status)
 
 

@@ -26,7 +26,9 @@ from ..errors import Refused, Unavailable, fuse_errno
 from .attrs import Attributes
 from .handles import ContentHandle, Files, Qcow2Handle, ViewHandle, opener
 from .layout import Catalog
-from .tree import ContentFile, Directory, MapFile, Node, Qcow2File, StatusFile, Tree, ViewFile, ViewNode
+from .partitions import Partitions
+from .tree import (ContentFile, Directory, MapFile, Node, PartitionFolder, Qcow2File, StatusFile, Tree, ViewFile,
+                   ViewNode)
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +52,13 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, tree: Tree, catalog: Catalog, files: Files, attrs: Attributes):
+    def __init__(self, tree: Tree, catalog: Catalog, files: Files, attrs: Attributes, partitions: Partitions):
         super().__init__()
         self.tree = tree
         self.catalog = catalog
         self.files = files
         self.attrs = attrs
+        self.partitions = partitions
 
     # -- attributes -------------------------------------------------------
 
@@ -70,6 +73,8 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         if not isinstance(parent, Directory):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if isinstance(parent, PartitionFolder):
+            await self.partitions.fill(parent)
         node = parent.children.get(os.fsdecode(name))
         if node is None or node.hidden:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -93,6 +98,8 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def readdir(self, fh, start_id, token):
         node = self._node(fh)
+        if isinstance(node, PartitionFolder):
+            await self.partitions.fill(node)
         if start_id == 0:
             self.attrs.prefetch_maps(node)
         entries = sorted(node.children.items())

@@ -63,6 +63,20 @@ class Directory(Node):
         self.children: dict[str, Node] = {}
 
 
+class PartitionFolder(Directory):
+    """``partitions/NAME/``: the partitions of chain view ``chain``, read from its
+    partition table the first time the folder is looked into (``filled``)."""
+
+    def __init__(self, inode, name, parent, chain: View):
+        super().__init__(inode, name, parent)
+        self.chain = chain
+        self.filled = False
+
+    @property
+    def hidden(self) -> bool:
+        return self.removed or self.chain.problem is not None
+
+
 class ViewNode(Node):
     """A file about a view; hidden once the view turned out unservable."""
 
@@ -78,7 +92,7 @@ class ViewNode(Node):
     @property
     def disk_path(self) -> str:
         """The mount path of the view's disk (a refresh waits for its open files)."""
-        return self.path.rsplit("/", 2)[0]
+        return self.path.rsplit("/", 2 + self.view.folder.count("/"))[0]
 
     @property
     def hidden(self) -> bool:
@@ -130,6 +144,18 @@ class Status:
         self.started = time.strftime("%Y-%m-%d %H:%M:%S %z")
         self.notes: list[str] = []
         self.refusals: dict[str, tuple[str, str]] = {}
+        # Found once the mount runs (a partition table that cannot be trusted): path -> reason.
+        self.problems: dict[str, str] = {}
+
+    def problem(self, path: str, reason: str) -> None:
+        if self.problems.get(path) != reason:
+            report.warning("not available: %s: %s", path, reason)
+        self.problems[path] = reason
+
+    def forget_under(self, prefix: str) -> None:
+        """A refresh replaced what is under ``prefix``: its problems go with it."""
+        for path in [p for p in self.problems if p == prefix or p.startswith(prefix + "/")]:
+            del self.problems[path]
 
     def refuse(self, path: str, reason: str) -> None:
         report.warning("refused: %s: %s", path, reason)
@@ -241,5 +267,14 @@ class Tree:
         """A view's three files, in its folder (under ``prefix``: its source's)."""
         folder = self.directory(f"{prefix}{view.disk.relpath}/{view.folder}")
         self._add(ViewFile, view.filename, folder, view)
-        self._add(Qcow2File, view.qcow2_filename, folder, view)
+        if view.has_qcow2:
+            self._add(Qcow2File, view.qcow2_filename, folder, view)
         self._add(MapFile, view.map_filename, folder, view)
+
+    def add_partition_folder(self, chain: View, prefix: str = "") -> PartitionFolder:
+        """``partitions/NAME/`` of a chain view: filled when first looked into."""
+        parent = self.directory(f"{prefix}{chain.disk.relpath}/partitions")
+        node = parent.children.get(chain.basename)
+        if node is None:
+            node = self._add(PartitionFolder, chain.basename, parent, chain)
+        return node

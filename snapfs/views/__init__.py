@@ -79,6 +79,8 @@ class View:
 
     kind = ""
     folder = ""  # the disk's folder holding views of this kind
+    has_qcow2 = True  # a NAME.qcow2 beside NAME.raw
+    offset = 0  # where the view starts in its export (a partition's start)
 
     def __init__(self, disk: Disk, basename: str, layer: Layer, spec: ExportSpec, size: int):
         self.disk = disk
@@ -101,6 +103,16 @@ class View:
     @property
     def filename(self) -> str:
         return self.basename + ".raw"
+
+    @property
+    def export_size(self) -> int:
+        """The size of the export the view reads (its own, but for a partition)."""
+        return self.size
+
+    @property
+    def export_map(self):
+        """The map of the whole export, in its offsets (readahead skips its holes)."""
+        return self.map
 
     @property
     def map_filename(self) -> str:
