@@ -72,8 +72,10 @@ class Mount:
         self.maps = Maps(self.block_status, self.writes)
         self.files = Files(Exports(self.pool, self.writes, self.maps), self.maps, self.status)
         self.attrs = Attributes(self.tree, self.catalog, self.maps, self.writes, self.pool.spawn)
+        self.partitions = Partitions(self.tree, self.status, config.mountpoint, self.block_status,
+                                     self.pool.spawn)
         self.ops = Operations(self.tree, self.catalog, self.files, self.attrs,
-                              Partitions(self.tree, self.status, config.mountpoint))
+                              self.partitions)
         self.refresher = Refresher(self.catalog, self.files, self.pool, self.block_status)
 
 
@@ -141,6 +143,7 @@ async def serve(config: MountConfig, ready=None) -> None:
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=not gone.is_set())
+            m.partitions.close()  # its qemu-io processes
             log.info("unmounted %s", mountpoint)
     finally:
         # The servers are stopped (the pool's nursery is done): end what the sources started.

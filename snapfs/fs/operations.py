@@ -27,8 +27,18 @@ from .attrs import Attributes
 from .handles import ContentHandle, Files, Qcow2Handle, ViewHandle, opener
 from .layout import Catalog
 from .partitions import Partitions
-from .tree import (ContentFile, Directory, MapFile, Node, PartitionFolder, Qcow2File, StatusFile, Tree, ViewFile,
-                   ViewNode)
+from .tree import (
+    ContentFile,
+    Directory,
+    MapFile,
+    Node,
+    PartitionFolder,
+    Qcow2File,
+    StatusFile,
+    Tree,
+    ViewFile,
+    ViewNode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +112,8 @@ class Operations(pyfuse3.Operations):
             await self.partitions.fill(node)
         if start_id == 0:
             self.attrs.prefetch_maps(node)
+            if node.name == "partitions":
+                self.partitions.prefetch(node)
         entries = sorted(node.children.items())
         for i, (name, child) in enumerate(entries[start_id:], start_id):
             if child.hidden:
@@ -254,7 +266,13 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def getxattr(self, inode, name, ctx):
-        value = self._xattrs(self._node(inode)).get(os.fsdecode(name))
+        name = os.fsdecode(name)
+        if not name.startswith("user."):
+            # No ACLs, no security labels: "not supported" (not "no such
+            # attribute") lets ls -l stop asking for every further file of
+            # the mount (coreutils remembers it per device).
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        value = self._xattrs(self._node(inode)).get(name)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
         return os.fsencode(value)

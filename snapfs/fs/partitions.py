@@ -3,8 +3,16 @@
 The partition table is read by util-linux's ``sfdisk --json`` run on the
 chain view's own file in the mount (its bytes are the disk's at that point,
 served by this process meanwhile), never by a reader of snapfs's. Nothing is
-read until a ``partitions/NAME/`` folder is listed or looked into, so
-listing a mount costs no more than without the folders.
+read until a ``partitions/`` folder is listed or looked into.
+
+Most disks of a backup repository need no sfdisk at all: every label sfdisk
+reads (dos, gpt with its protective MBR, sun, sgi, bsd) has its magic in the
+disk's first kilobyte, so that kilobyte is read first, through qemu, by a
+long-lived qemu-io (``nbd/heads.py``) instead of a qemu-nbd per point. The
+maps say where it comes from: an area that reads as zero needs no read at
+all, and an area that one layer holds is read from that layer alone, once
+for every point above it that still shows it. Only a disk with a magic there
+is handed to sfdisk.
 
 Linux's numbering is kept: GPT entries 1..N, MBR primaries 1-4 and logical
 partitions from 5. An MBR extended partition (a container of logical ones)
@@ -24,23 +32,60 @@ import subprocess
 
 import trio
 
+from .. import extents as ex
+from ..formats import json_node
+from ..nbd.contexts import ALLOCATION_DEPTH, BASE_ALLOCATION
+from ..nbd.heads import HeadError, Heads
 from ..views.partition import EXTENDED_TYPES, PartitionView
-from .tree import PartitionFolder, Status, Tree
+from .tree import Directory, PartitionFolder, Status, Tree
 
 log = logging.getLogger(__name__)
 
 SFDISK_TIMEOUT = 60.0
 NO_TABLE = "does not contain a recognized partition table"
+HEAD = 1024  # the bytes looked at for a label's magic
+
+
+def may_hold_label(head: bytes) -> bool:
+    """Whether sfdisk could find a partition table on a disk that starts with
+    ``head`` (HEAD bytes): the magic numbers libfdisk's labels check first."""
+    return (head[510:512] == b"\x55\xaa"  # dos, and gpt (libfdisk wants its protective MBR)
+            or head[508:510] == b"\xda\xbe"  # sun
+            or head[0:4] == b"\x0b\xe5\xa9\x41"  # sgi
+            or b"\x57\x45\x56\x82" in (head[512:516], head[576:580]))  # bsd, in sector 1
 
 
 class Partitions:
-    """Fills partition folders; ``mountpoint``: where the chain views are read."""
+    """Fills partition folders; ``mountpoint``: where the chain views are read;
+    ``block_status``: the exports' runs (where a disk's first bytes come from);
+    ``spawn``: starts background tasks (a listed ``partitions/`` fills its folders)."""
 
-    def __init__(self, tree: Tree, status: Status, mountpoint: str):
+    def __init__(self, tree: Tree, status: Status, mountpoint: str, block_status=None, spawn=None):
         self.tree = tree
         self.status = status
         self.mountpoint = os.path.abspath(mountpoint)
+        self.block_status = block_status
+        self.spawn = spawn
         self._locks: dict[PartitionFolder, trio.Lock] = {}
+        self._heads: dict[int, Heads] = {}  # id(host) -> its qemu-io processes
+        # (host, layers, their stats) -> whether a label's magic is there; pending: an Event.
+        self._labels: dict[tuple, bool | trio.Event] = {}
+        self.head_reads = 0  # images qemu-io was asked for (tests count them)
+
+    def prefetch(self, node: Directory) -> None:
+        """``partitions/`` is listed: fill its folders in the background
+        (``ls -lR`` looks into each of them next)."""
+        if self.spawn is None:
+            return
+        for child in node.children.values():
+            if isinstance(child, PartitionFolder) and not child.filled and not child.hidden:
+                self.spawn(self._fill_quietly, child)
+
+    async def _fill_quietly(self, folder: PartitionFolder) -> None:
+        try:
+            await self.fill(folder)
+        except Exception:
+            log.exception("reading the partition table of %s failed", folder.path)
 
     async def fill(self, folder: PartitionFolder) -> None:
         if folder.filled:
@@ -58,8 +103,88 @@ class Partitions:
             folder.filled = True
         self._locks.pop(folder, None)
 
+    def close(self) -> None:
+        for heads in self._heads.values():
+            heads.close()
+        self._heads.clear()
+
+    # -- is there a label at all? ----------------------------------------------
+
+    async def _may_hold_label(self, chain) -> bool:
+        """False only when qemu's first HEAD bytes of the chain view carry no
+        label's magic; True when they do or could not be read (sfdisk decides)."""
+        spec = chain.spec
+        if (self.block_status is None or spec.socket is not None or spec.snapshot is not None
+                or spec.writable or spec.host is None):
+            return True  # a backup job's export, an internal snapshot: read through the mount
+        try:
+            runs = await self.block_status.runs(spec, chain.size)
+        except Exception as e:
+            log.debug("%s: no block status (%s): its first bytes are read whole", chain.filename, e)
+            runs = {}
+        head = min(HEAD, chain.size)
+        alloc = [r for r in runs.get(BASE_ALLOCATION, ()) if r.start < head]
+        if alloc and all(r.flags & ex.STATE_ZERO for r in alloc):
+            return False  # reads as zero: no magic
+        layers, pins = spec.layers, spec.pins
+        depth = [r for r in runs.get(ALLOCATION_DEPTH, ()) if r.start < head]
+        if len(depth) == 1 and 1 <= depth[0].flags <= len(layers):
+            # One layer holds it all: read from that layer alone, shared by the points above.
+            i = depth[0].flags - 1
+            layers, pins = layers[i:i + 1], pins[i:i + 1]
+            name = json_node(layers, spec.host.protocol_driver)
+        else:
+            name = spec.json_filename()
+        key = self._key(spec.host, layers, pins)
+        if key is None or chain.mutable:
+            return await self._read_head(spec.host, name, head, chain)
+        while True:
+            known = self._labels.get(key)
+            if isinstance(known, bool):
+                return known
+            if known is None:
+                break
+            await known.wait()  # another point reads the same layer
+        pending = self._labels[key] = trio.Event()
+        try:
+            found = await self._read_head(spec.host, name, head, chain)
+        finally:
+            del self._labels[key]
+            pending.set()
+        self._labels[key] = found
+        return found
+
+    @staticmethod
+    def _key(host, layers, pins) -> tuple | None:
+        """What the head of ``layers`` depends on: the files as they are now
+        (a file written in place has a new ctime); None: not known."""
+        stats = []
+        for path, _ in layers:
+            try:
+                st = host.stat(path)
+            except OSError:
+                return None
+            stats.append((st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns))
+        return id(host), layers, pins, tuple(stats)
+
+    async def _read_head(self, host, name: str, length: int, chain) -> bool:
+        heads = self._heads.get(id(host))
+        if heads is None:
+            heads = self._heads[id(host)] = Heads(host.qemu_io())
+        self.head_reads += 1
+        try:
+            data = await heads.read(name, length - length % 16 or 16)
+        except HeadError as e:
+            log.debug("%s: first bytes not read by qemu-io (%s): sfdisk decides", chain.filename, e)
+            return True
+        return may_hold_label(data.ljust(HEAD, b"\0"))
+
+    # -- the table -------------------------------------------------------------
+
     async def _read(self, folder: PartitionFolder) -> tuple[list[PartitionView], list[tuple[str, str]]]:
         chain = folder.chain
+        if not await self._may_hold_label(chain):
+            return [], []  # no partition table: an empty folder
         raw = os.path.join(self.mountpoint, folder.parent.parent.path, chain.folder, chain.filename)
         with trio.move_on_after(SFDISK_TIMEOUT) as timeout:
             r = await trio.run_process(["sfdisk", "--json", raw], capture_stdout=True, capture_stderr=True,

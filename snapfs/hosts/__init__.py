@@ -33,6 +33,7 @@ The protocol every host implements (``LocalHost`` is the reference)::
     expect([(path, fmt, pin)])              the layers a scan found (a hint)
     layer_statuses([(path, fmt, pin)])      {key: formats.status.LayerStatus, or None: ask qemu}
     nbd_server(spec, rundir, ident, conns)  a process serving the export (nbd.qemu.QemuNBD)
+    qemu_io()                               the command of a qemu-io reading commands on stdin
     reach_socket(path)                      a UNIX socket there (a backup job's) as a path here
     connect(socket, contexts, export)       a connection to it (nbd.client.Connection)
 """

@@ -126,6 +126,10 @@ class LocalHost:
         from ..nbd.qemu import QemuNBD
         return QemuNBD(spec, rundir, ident, connections)
 
+    def qemu_io(self) -> list[str]:
+        """The command that starts a qemu-io reading commands from its stdin."""
+        return ["qemu-io"]
+
     def reach_socket(self, path: str) -> str:
         """A UNIX socket on the host (a backup job's), as a path here."""
         return path

@@ -698,6 +698,10 @@ class SshHost:
         from ..nbd.remote import RemoteQemuNBD
         return RemoteQemuNBD(self, spec, rundir, ident, connections)
 
+    def qemu_io(self) -> list[str]:
+        """A qemu-io on the host, reading commands from this side."""
+        return self.command("exec qemu-io")
+
     def reach_socket(self, path: str) -> str:
         """A UNIX socket on the host (a backup job's NBD server), forwarded to
         one here through the master connection (once per path)."""
