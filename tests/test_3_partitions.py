@@ -11,79 +11,20 @@ an offset. Damaged tables show what can be trusted and say the rest.
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
 import os
-import shutil
+import re
 import subprocess
 
 import pytest
+import trio
 from conftest import MiB, data_ranges, poke, qemu_img, run, seek_walk
+from partition_disks import GPT, MBR, SECTOR, TYPES, make_disk, sha
 
-SIZE = 64 * MiB
-SECTOR = 512
-
-# (label, sfdisk script, filesystems: partition number -> (start sector, sectors, kind))
-GPT = ("gpt", "label: gpt\n,16M,L\n,8M,EBD0A0A2-B9E5-4433-87C0-68B9B7D0C699\n,16M,L\n",
-       {1: (2048, 32768, "ext4"), 2: (34816, 16384, "fat"), 3: (51200, 32768, "ext4")})
-MBR = ("dos", "label: dos\n,16M,83\n,,5\n,8M,83\n,8M,c\n",
-       {1: (2048, 32768, "ext4"), 5: (36864, 16384, "ext4"), 6: (55296, 16384, "fat")})
-TYPES = {"gpt": {1: "0fc63daf-8483-4772-8e79-3d69d8477de4", 2: "ebd0a0a2-b9e5-4433-87c0-68b9b7d0c699",
-                 3: "0fc63daf-8483-4772-8e79-3d69d8477de4"},
-         "dos": {1: "0x83", 5: "0x83", 6: "0x0c"}}
-
-
-def fill(raw, parts, point, tmp):
-    """Write each partition's file system as it is at ``point`` (0, 1, 2)."""
-    for number, (start, sectors, kind) in parts.items():
-        files = {f"note{number}.txt": f"partition {number} at point {point}\n".encode(),
-                 "same.bin": bytes(range(256)) * 1024}
-        if point >= 1:
-            files[f"added{point}.bin"] = os.urandom(200_000)
-        if kind == "ext4":
-            d = tmp / f"fs{number}-{point}"
-            d.mkdir()
-            for name, data in files.items():
-                (d / name).write_bytes(data)
-            run("mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={start * SECTOR}", "-U",
-                f"00000000-0000-0000-0000-00000000000{number}", "-d", d, raw, f"{sectors // 2}k")
-        else:
-            run("mkfs.vfat", "-i", f"0000000{number}", "--offset", str(start), raw, str(sectors // 2))
-            for name, data in files.items():
-                src = tmp / f"{number}-{point}-{name}"
-                src.write_bytes(data)
-                run("mcopy", "-i", f"{raw}@@{start * SECTOR}", src, f"::/{name}")
-
-
-def make_disk(tmp, kind):
-    """An image directory ``disk.qcow2`` <- ``s1.qcow2`` <- ``s2.qcow2``, and the raw disk at each point."""
-    label, script, parts = kind
-    work = tmp / f"work-{label}"
-    work.mkdir()
-    images = tmp / f"images-{label}"
-    images.mkdir()
-    raws = []
-    for point, name in enumerate(("disk", "s1", "s2")):
-        raw = work / f"{point}.raw"
-        if point == 0:
-            with open(raw, "wb") as f:
-                f.truncate(SIZE)
-            subprocess.run(["sfdisk", "-q", raw], input=script.encode(), check=True, capture_output=True)
-        else:
-            shutil.copy(raws[-1], raw)
-        fill(raw, parts, point, work)
-        raws.append(raw)
-        img = images / f"{name}.qcow2"
-        qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", raw, img)
-        if point:
-            # Only what changed since the point before stays in the overlay.
-            qemu_img("rebase", "-q", "-f", "qcow2", "-b", f"{('disk', 's1')[point - 1]}.qcow2", "-F", "qcow2",
-                     img)
-    return images, raws
-
-
-def sha(data):
-    return hashlib.sha256(data).hexdigest()
+from snapfs.formats import json_node
+from snapfs.fs.partitions import may_hold_label
+from snapfs.nbd.heads import HeadError, Heads
 
 
 @pytest.mark.parametrize("kind", [GPT, MBR], ids=["gpt", "mbr"])
@@ -131,16 +72,6 @@ def test_every_partition_at_every_point_reads_as_the_original(kind, tmp_path, mo
     assert "every view is available" in m.status()
 
 
-def test_a_disk_without_a_table_has_empty_folders_and_listing_reads_no_table(tmp_path, mount):
-    images = tmp_path / "images"
-    images.mkdir()
-    qemu_img("create", "-q", "-f", "qcow2", images / "blank.qcow2", "16M")
-    m = mount(images)
-    run("ls", "-lR", m.path)
-    assert os.listdir(m / "blank.qcow2/partitions/00-blank") == []
-    assert "every view is available" in m.status()
-
-
 def test_damaged_tables_show_what_can_be_trusted_and_say_the_rest(tmp_path, mount):
     images = tmp_path / "images"
     images.mkdir()
@@ -169,3 +100,125 @@ def test_damaged_tables_show_what_can_be_trusted_and_say_the_rest(tmp_path, moun
     assert "gpt.qcow2/partitions/00-gpt: sfdisk: " in status and "primary GPT" in status, status
     # The disks' other views are untouched.
     run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", m / "mbr.qcow2/chain/00-mbr.raw", images / "mbr.qcow2")
+
+
+def _small_table(path, script=b"label: gpt\n,4M,L\n"):
+    with open(path, "wb") as f:
+        f.truncate(16 * MiB)
+    subprocess.run(["sfdisk", "-q", path], input=script, check=True, capture_output=True)
+
+
+def test_listing_reads_each_first_kilobyte_once_through_qemu_io_and_starts_no_qemu_nbd(tmp_path, mount):
+    """A repository of disks without tables: a first ``ls -lR`` reads each
+    disk's first KiB through qemu-io, once per layer that holds it, runs no
+    sfdisk and starts no qemu-nbd; a disk with a table in the same mount
+    lists its partitions (sfdisk through the mount: one qemu-nbd)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    # data: base writes sector 0, l1 overwrites it, l2 and l3 write elsewhere.
+    writes = {"base": "0x31 0 64k", "l1": "0x62 0 32k", "l2": "0x33 1M 64k", "l3": "0x34 2M 64k"}
+    below = None
+    for name, w in writes.items():
+        img = images / f"{name}.qcow2"
+        if below is None:
+            qemu_img("create", "-q", "-f", "qcow2", img, "16M")
+        else:
+            qemu_img("create", "-q", "-f", "qcow2", "-b", below, "-F", "qcow2", img)
+        run("qemu-io", "-f", "qcow2", "-c", f"write -P {w}", img)
+        below = f"{name}.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", images / "blank.qcow2", "16M")  # reads as zero: nothing read
+    _small_table(tmp_path / "gpt.raw")
+    qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", tmp_path / "gpt.raw", images / "gpt.qcow2")
+    m = mount(images, "--debug")
+    run("ls", "-lR", m.path)
+    for point in ("00-base", "01-l1", "02-l2", "03-l3"):
+        assert os.listdir(m / f"l3.qcow2/partitions/{point}") == []
+    assert os.listdir(m / "blank.qcow2/partitions/00-blank") == []
+    assert sorted(os.listdir(m / "gpt.qcow2/partitions/00-gpt")) == ["p1.map.json", "p1.raw"]
+    log = m.log
+    heads = re.findall(r"first kilobyte of (.*) read by qemu-io: (.*)$", log, re.M)
+    assert sorted(heads) == sorted([(str(images / "base.qcow2"), "no label's magic"),
+                                    (str(images / "l1.qcow2"), "no label's magic"),
+                                    (str(images / "gpt.qcow2"), "a label's magic")]), heads
+    assert len(re.findall(r"qemu-nbd pid \d+ serves", log)) == 1, log
+    assert "every view is available" in m.status()
+
+
+@pytest.mark.parametrize("label", ["dos", "gpt", "sun", "sgi"])
+def test_every_label_sfdisk_writes_has_its_magic_in_the_first_kilobyte(label, tmp_path):
+    raw = tmp_path / "disk.raw"
+    _small_table(raw, f"label: {label}\n,4M\n".encode())
+    table = json.loads(run("sfdisk", "--json", raw).stdout)["partitiontable"]
+    assert table["label"] == label and len(table["partitions"]) >= 1
+    with open(raw, "rb") as f:
+        assert may_hold_label(f.read(1024))
+
+
+def test_a_first_kilobyte_without_magic_holds_no_table_sfdisk_reads(tmp_path):
+    raw = tmp_path / "disk.raw"
+    _small_table(raw, b"label: dos\n,4M,83\n,4M,83\n")
+    with open(raw, "rb") as f:
+        mbr = f.read(1024)
+    near = [mbr[:510] + b"\x55\xab" + mbr[512:],  # the signature off by one bit
+            os.urandom(508) + bytes(4) + os.urandom(512)]
+    for head in near:
+        assert not may_hold_label(head)
+        with open(raw, "r+b") as f:
+            f.write(head)
+        r = run("sfdisk", "--json", raw, check=False)
+        assert r.returncode != 0 and "does not contain a recognized partition table" in r.stderr, r
+
+
+def test_qemu_io_hands_back_the_guests_bytes_whatever_they_say(tmp_path):
+    """The hexdump's text column shows the disk's bytes: a guest that writes
+    qemu-io's prompt and its messages there changes nothing."""
+    data = (b"qemu-io> " * 7 + b"\nread 1024/1024 bytes at offset 0\nqemu-io> \n").ljust(1024, b"q")
+    forged = b"qemu-io> 00000000:  55 aa\n"
+    data = data[:512] + forged + data[512 + len(forged):]
+    assert len(data) == 1024
+    img = tmp_path / "guest.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    (tmp_path / "head.bin").write_bytes(data)
+    run("qemu-io", "-f", "qcow2", "-c", f"write -s {tmp_path / 'head.bin'} 0 1024", img)
+
+    async def reads():
+        heads = Heads(["qemu-io"])
+        try:
+            got = [await heads.read(json_node([(str(img), "qcow2")], lambda p: "file"), 1024)]
+            with pytest.raises(HeadError, match="No such file or directory"):
+                await heads.read(json_node([(str(tmp_path / "gone.qcow2"), "qcow2")], lambda p: "file"), 1024)
+            got.append(await heads.read(json_node([(str(img), "qcow2")], lambda p: "file"), 1024))
+            return got
+        finally:
+            heads.close()
+
+    assert trio.run(reads) == [data, data]
+
+
+def test_xattrs_outside_user_are_not_supported(tmp_path, mount):
+    """No ACLs, no security labels: ``ls -l`` learns it once and asks no more."""
+    images = tmp_path / "images"
+    images.mkdir()
+    qemu_img("create", "-q", "-f", "qcow2", images / "d.qcow2", "1M")
+    m = mount(images)
+    view = m / "d.qcow2/chain/00-d.raw"
+    for name in ("security.selinux", "system.posix_acl_access", "trusted.x"):
+        with pytest.raises(OSError) as e:
+            os.getxattr(view, name)
+        assert e.value.errno == errno.EOPNOTSUPP, name
+    assert os.getxattr(view, "user.snapfs.view") == b"chain"
+    with pytest.raises(OSError) as e:
+        os.getxattr(view, "user.snapfs.nothing")
+    assert e.value.errno == errno.ENODATA
+
+
+def test_a_writable_point_has_no_partition_folder(tmp_path, mount):
+    """--rw: the top's table can change with every write; the points beneath keep theirs."""
+    images = tmp_path / "images"
+    images.mkdir()
+    _small_table(tmp_path / "base.raw")
+    qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", tmp_path / "base.raw", images / "base.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", images / "top.qcow2")
+    m = mount(images, "--rw")
+    assert os.listdir(m / "top.qcow2/partitions") == ["00-base"]
+    assert sorted(os.listdir(m / "top.qcow2/partitions/00-base")) == ["p1.map.json", "p1.raw"]

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 
 import pytest
@@ -332,3 +333,47 @@ def test_image_swapped_for_a_symlink_after_the_mount_is_not_followed(user, share
     with pytest.raises(OSError):  # root is not shown the other file either
         with open(view, "rb") as f:
             f.read()
+
+
+LISTER = """
+import json, os, sys
+out = {}
+for path in sys.argv[1:]:
+    try:
+        out[path] = sorted(os.listdir(path))
+    except OSError as e:
+        out[path] = e.errno
+print(json.dumps(out))
+"""
+
+
+def test_a_partition_folder_is_listed_by_whoever_may_read_its_point(user, shared_tmp, mount):
+    """Where a point's partitions lie is its bytes: the folder takes its chain view's access."""
+    images = os.path.join(shared_tmp, "images")
+    os.mkdir(images, 0o755)
+    raw = os.path.join(shared_tmp, "table.raw")
+    with open(raw, "wb") as f:
+        f.truncate(16 * MiB)
+    subprocess.run(["sfdisk", "-q", raw], input=b"label: gpt\n,4M,L\n", check=True, capture_output=True)
+    base = os.path.join(images, "base.qcow2")
+    qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", raw, base)
+    os.chmod(base, 0o600)  # root's alone
+    top = os.path.join(images, "top.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    os.chmod(top, 0o644)
+    m = mount(images, "--allow-other", name=os.path.join(shared_tmp, "mnt"))
+    folders = [m / "top.qcow2/partitions", m / "top.qcow2/partitions/00-base", m / "top.qcow2/partitions/01-top"]
+    got = json.loads(as_user(user, user.python, "-c", LISTER, *folders).stdout)
+    assert got == {folders[0]: ["00-base", "01-top"], folders[1]: errno.EACCES, folders[2]: errno.EACCES}
+    # Root, who may read both, sees the partition.
+    assert sorted(os.listdir(folders[2])) == ["p1.map.json", "p1.raw"]
+    # Readable by all: listed, and its partition read, by the other user too.
+    m.close()
+    os.chmod(base, 0o644)
+    m = mount(images, "--allow-other", name=os.path.join(shared_tmp, "mnt"))
+    got = json.loads(as_user(user, user.python, "-c", LISTER, folders[2]).stdout)
+    assert got == {folders[2]: ["p1.map.json", "p1.raw"]}
+    got = read_named_as(user, {"p1": m / "top.qcow2/partitions/01-top/p1.raw"})
+    with open(raw, "rb") as f:
+        f.seek(2048 * 512)
+        assert got == {"p1": hashlib.sha256(f.read(4 * MiB)).hexdigest()}

@@ -18,7 +18,18 @@ from ..hosts.local import LOCAL
 from ..views import FOLDERS
 from .access import Facts, access, view_access
 from .layout import Catalog
-from .tree import ContentFile, Directory, MapFile, Node, Qcow2File, StatusFile, Tree, ViewFile, ViewNode
+from .tree import (
+    ContentFile,
+    Directory,
+    MapFile,
+    Node,
+    PartitionFolder,
+    Qcow2File,
+    StatusFile,
+    Tree,
+    ViewFile,
+    ViewNode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +44,8 @@ def _ownership(tree: Tree, node: Node, facts: Facts | None) -> tuple[int, int, i
         return tree.uid, tree.gid, 0o400
     if isinstance(node, ViewNode):
         return view_access(node, facts or Facts(ttl=0))
+    if isinstance(node, PartitionFolder) and node.chain_node is not None:
+        return view_access(node.chain_node, facts or Facts(ttl=0))  # its listing is the view's bytes
     if node.paths is None:  # the mount's own (a libvirt domain's directory)
         return tree.uid, tree.gid, 0o555
     return access(node.paths, facts, node.host or LOCAL)

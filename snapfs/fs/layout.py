@@ -75,10 +75,12 @@ class Catalog:
                 node.paths, node.host = needs, lay.source.host
         for view in unit.views:
             self.tree.add_view(view, lay.prefix)
-            if view.kind == "chain":
+            if view.kind == "chain" and not view.mutable:
                 # partitions/NAME/: read as the chain folder is (fs/partitions.py fills it).
+                # Not of a point a --rw mount writes: its table can change with any write.
                 folder = self.tree.add_partition_folder(view, lay.prefix)
                 chain_dir = self.tree.find(f"{lay.prefix}{view.disk.relpath}/{view.folder}")
+                folder.chain_node = chain_dir.children[view.filename]
                 for node in (folder, folder.parent):
                     node.paths, node.host = chain_dir.paths, chain_dir.host
         for rel, content, needs in unit.files:

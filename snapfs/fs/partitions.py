@@ -70,7 +70,6 @@ class Partitions:
         self._heads: dict[int, Heads] = {}  # id(host) -> its qemu-io processes
         # (host, layers, their stats) -> whether a label's magic is there; pending: an Event.
         self._labels: dict[tuple, bool | trio.Event] = {}
-        self.head_reads = 0  # images qemu-io was asked for (tests count them)
 
     def prefetch(self, node: Directory) -> None:
         """``partitions/`` is listed: fill its folders in the background
@@ -137,7 +136,7 @@ class Partitions:
             name = spec.json_filename()
         key = self._key(spec.host, layers, pins)
         if key is None or chain.mutable:
-            return await self._read_head(spec.host, name, head, chain)
+            return await self._read_head(spec.host, layers, name, head, chain)
         while True:
             known = self._labels.get(key)
             if isinstance(known, bool):
@@ -147,7 +146,7 @@ class Partitions:
             await known.wait()  # another point reads the same layer
         pending = self._labels[key] = trio.Event()
         try:
-            found = await self._read_head(spec.host, name, head, chain)
+            found = await self._read_head(spec.host, layers, name, head, chain)
         finally:
             del self._labels[key]
             pending.set()
@@ -167,17 +166,19 @@ class Partitions:
             stats.append((st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns))
         return id(host), layers, pins, tuple(stats)
 
-    async def _read_head(self, host, name: str, length: int, chain) -> bool:
+    async def _read_head(self, host, layers, name: str, length: int, chain) -> bool:
         heads = self._heads.get(id(host))
         if heads is None:
             heads = self._heads[id(host)] = Heads(host.qemu_io())
-        self.head_reads += 1
+        what = " <- ".join(path for path, _ in reversed(layers))
         try:
             data = await heads.read(name, length - length % 16 or 16)
         except HeadError as e:
-            log.debug("%s: first bytes not read by qemu-io (%s): sfdisk decides", chain.filename, e)
+            log.debug("first kilobyte of %s not read by qemu-io (%s): sfdisk decides", what, e)
             return True
-        return may_hold_label(data.ljust(HEAD, b"\0"))
+        found = may_hold_label(data.ljust(HEAD, b"\0"))
+        log.debug("first kilobyte of %s read by qemu-io: %s", what, "a label's magic" if found else "no label's magic")
+        return found
 
     # -- the table -------------------------------------------------------------
 

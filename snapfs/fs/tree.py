@@ -65,11 +65,16 @@ class Directory(Node):
 
 class PartitionFolder(Directory):
     """``partitions/NAME/``: the partitions of chain view ``chain``, read from its
-    partition table the first time the folder is looked into (``filled``)."""
+    partition table the first time the folder is looked into (``filled``).
+
+    Its listing tells what the chain view's bytes say (where its partitions
+    are): it may be listed by whoever may read ``chain_node``, the chain view's
+    ``NAME.raw``, and no one else."""
 
     def __init__(self, inode, name, parent, chain: View):
         super().__init__(inode, name, parent)
         self.chain = chain
+        self.chain_node: ViewFile | None = None
         self.filled = False
 
     @property
