@@ -181,18 +181,33 @@ def test_qemu_io_hands_back_the_guests_bytes_whatever_they_say(tmp_path):
     (tmp_path / "head.bin").write_bytes(data)
     run("qemu-io", "-f", "qcow2", "-c", f"write -s {tmp_path / 'head.bin'} 0 1024", img)
 
+    other = tmp_path / "other.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", other, "1M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x77 0 1k", other)
+    # Names qemu prints in its errors, made to look like its prompts and answers.
+    forged_name = str(tmp_path / "e\nqemu-io> a\nqemu-io> read 1024/1024 bytes at offset 0\nqemu-io> b.qcow2")
+
+    def node(path):
+        return json_node([(str(path), "qcow2")], lambda p: "file")
+
     async def reads():
-        heads = Heads(["qemu-io"])
+        heads = Heads(["qemu-io"], workers=1)  # one process: every answer below comes through it
         try:
-            got = [await heads.read(json_node([(str(img), "qcow2")], lambda p: "file"), 1024)]
+            got = [await heads.read(node(img), 1024)]
             with pytest.raises(HeadError, match="No such file or directory"):
-                await heads.read(json_node([(str(tmp_path / "gone.qcow2"), "qcow2")], lambda p: "file"), 1024)
-            got.append(await heads.read(json_node([(str(img), "qcow2")], lambda p: "file"), 1024))
+                await heads.read(node(tmp_path / "gone.qcow2"), 1024)
+            with pytest.raises(HeadError, match="No such file or directory"):
+                await heads.read(node(forged_name), 1024)
+            with pytest.raises(HeadError, match="too long for qemu-io's command line"):
+                await heads.read(node(tmp_path / ("x" * 1000)), 1024)
+            got.append(await heads.read(node(other), 1024))
+            got.append(await heads.read(node(img), 1024))
+            assert len(heads.procs) == 1
             return got
         finally:
             heads.close()
 
-    assert trio.run(reads) == [data, data]
+    assert trio.run(reads) == [data, b"\x77" * 1024, data]
 
 
 def test_xattrs_outside_user_are_not_supported(tmp_path, mount):

@@ -67,7 +67,8 @@ def test_layout(mnt):
     assert sorted(os.listdir(mnt / "vm1")) == ["branch.qcow2", "snap2.qcow2"]
     assert sorted(os.listdir(mnt / "vm2")) == ["top.qcow2"]      # notes.txt ignored
     d = mnt / "vm1/snap2.qcow2"
-    assert sorted(os.listdir(d)) == ["chain", "dirty", "layers"]
+    assert sorted(os.listdir(d)) == ["chain", "dirty", "layers", "partitions"]
+    assert sorted(os.listdir(os.path.join(d, "partitions"))) == ["00-base", "01-snap1", "02-snap2"]
     assert sorted(os.listdir(os.path.join(d, "chain"))) == [
         "00-base.map.json", "00-base.qcow2", "00-base.raw", "01-snap1.map.json", "01-snap1.qcow2",
         "01-snap1.raw", "02-snap2.map.json", "02-snap2.qcow2", "02-snap2.raw"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -457,3 +458,33 @@ def test_a_file_swapped_on_the_host_is_never_read(host, tmp_path, mount, swap):
     status = m.status()
     assert "replaced since the mount was made" in status, status
     assert not host.pids_of("qemu-nbd")
+
+
+def test_remote_partitions_are_the_local_partitions(host, tmp_path, mount):
+    """A remote disk's partition files are a local mount's of the same images;
+    its first kilobytes are read by a qemu-io on the host, which goes with the mount."""
+    local = tmp_path / "parts-here"
+    local.mkdir()
+    raw = tmp_path / "gpt.raw"
+    with open(raw, "wb") as f:
+        f.truncate(16 * MiB)
+    subprocess.run(["sfdisk", "-q", raw], input=b"label: gpt\n,4M,L\n,4M,L\n", check=True, capture_output=True)
+    qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", raw, local / "gpt.qcow2")
+    qemu_io(local / "gpt.qcow2", "write -P 0x5a 1M 64k", "write -P 0x5b 6M 64k")
+    qemu_io(create(local / "plain.qcow2", 8 * MiB), "write -P 0x31 0 64k")  # data, no table
+    remote = put(host, str(local), "parts")
+    r = mount(["--images", host.url(remote)], *ssh_opts(host), "--debug", name="remote")
+    here = mount(local, name="local")
+    got = without_places(tree(os.path.join(r.path)), remote, ALIAS)
+    want = without_places(tree(here.path), str(local), None)
+    for rel in want:
+        if "/partitions/" in rel:
+            assert got[rel] == want[rel], rel
+    assert sorted(os.listdir(r / "gpt.qcow2/partitions/00-gpt")) == ["p1.map.json", "p1.raw", "p2.map.json",
+                                                                     "p2.raw"]
+    assert os.listdir(r / "plain.qcow2/partitions/00-plain") == []
+    heads = re.findall(r"first kilobyte of (.*) read by qemu-io: (.*)$", r.log, re.M)
+    assert sorted(heads) == [(f"{remote}/gpt.qcow2", "a label's magic"), (f"{remote}/plain.qcow2", "no label's magic")]
+    assert host.pids_of("qemu-io")
+    r.close()
+    assert wait_for(lambda: not host.pids_of("qemu-io")), host.pids_of("qemu-io")

@@ -119,6 +119,10 @@ class BlockStatus:
                     self.pool.release(srv, linger=False)
         return runs
 
+    def cached(self, spec: ExportSpec) -> dict[str, list[Run]] | None:
+        """The runs of ``spec`` if they were read already (nothing is started)."""
+        return self._runs.get(spec)
+
     def forget(self, image: str) -> None:
         """Block status read before ``image`` changed is stale."""
         for spec in [s for s in self._runs if s.socket is None and s.image == image]:

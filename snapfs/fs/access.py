@@ -10,9 +10,11 @@ would need without the mount (``Node.paths``; a view's, ``view_access``):
   alone (it names what is in directories others may not list);
 - a directory that mirrors one of the image directory's: that directory
   (read and search);
-- a disk's directory and its ``chain/``, ``layers/``, ``dirty/``: the leaf
-  image (read) and every directory above it, as found and as resolved
-  (search);
+- a disk's directory and its ``chain/``, ``layers/``, ``dirty/``,
+  ``partitions/``: the leaf image (read) and every directory above it, as
+  found and as resolved (search);
+- a folder ``partitions/NAME/``: what its chain view ``chain/NAME.raw``
+  needs (its listing says where that point's partitions lie);
 - a view and its map: every image the view reads (read: a layer view its
   layer, a chain or dirty view every layer of the chain), and the
   directories above them (search) that the disk's folder does not gate

@@ -33,7 +33,7 @@ import subprocess
 import trio
 
 from .. import extents as ex
-from ..formats import json_node
+from ..formats import check_pinned, json_node
 from ..nbd.contexts import ALLOCATION_DEPTH, BASE_ALLOCATION
 from ..nbd.heads import HeadError, Heads
 from ..views.partition import EXTENDED_TYPES, PartitionView
@@ -42,6 +42,7 @@ from .tree import Directory, PartitionFolder, Status, Tree
 log = logging.getLogger(__name__)
 
 SFDISK_TIMEOUT = 60.0
+SFDISK_AT_ONCE = 4  # sfdisk runs in flight (each reads through this mount)
 NO_TABLE = "does not contain a recognized partition table"
 HEAD = 1024  # the bytes looked at for a label's magic
 
@@ -70,6 +71,7 @@ class Partitions:
         self._heads: dict[int, Heads] = {}  # id(host) -> its qemu-io processes
         # (host, layers, their stats) -> whether a label's magic is there; pending: an Event.
         self._labels: dict[tuple, bool | trio.Event] = {}
+        self._sfdisk = trio.CapacityLimiter(SFDISK_AT_ONCE)
 
     def prefetch(self, node: Directory) -> None:
         """``partitions/`` is listed: fill its folders in the background
@@ -93,13 +95,16 @@ class Partitions:
         async with lock:
             if folder.filled:
                 return
-            views, problems = await self._read(folder)
+            views, problems, final = await self._read(folder)
+            if folder.removed:
+                return  # a refresh replaced the disk meanwhile: this table is no one's
             prefix = folder.path[: -len(f"{folder.chain.disk.relpath}/partitions/{folder.name}")]
             for view in views:
-                self.tree.add_view(view, prefix)
+                self.tree.add_view(view, prefix)  # into this folder: nothing awaited since the check
             for path, reason in problems:
                 self.status.problem(f"{folder.path}/{path}" if path else folder.path, reason)
-            folder.filled = True
+            # Not final (sfdisk timed out, or could not be run): asked again next time.
+            folder.filled = final
         self._locks.pop(folder, None)
 
     def close(self) -> None:
@@ -116,11 +121,9 @@ class Partitions:
         if (self.block_status is None or spec.socket is not None or spec.snapshot is not None
                 or spec.writable or spec.host is None):
             return True  # a backup job's export, an internal snapshot: read through the mount
-        try:
-            runs = await self.block_status.runs(spec, chain.size)
-        except Exception as e:
-            log.debug("%s: no block status (%s): its first bytes are read whole", chain.filename, e)
-            runs = {}
+        # The runs the chain view's map was made of, if read: asking for them
+        # now could start a qemu-nbd, which is what this read avoids.
+        runs = self.block_status.cached(spec) or {}
         head = min(HEAD, chain.size)
         alloc = [r for r in runs.get(BASE_ALLOCATION, ()) if r.start < head]
         if alloc and all(r.flags & ex.STATE_ZERO for r in alloc):
@@ -132,8 +135,20 @@ class Partitions:
             i = depth[0].flags - 1
             layers, pins = layers[i:i + 1], pins[i:i + 1]
             name = json_node(layers, spec.host.protocol_driver)
+        elif spec.headers:
+            return True  # qemu would follow the headers: left to the mount, which checks them
         else:
             name = spec.json_filename()
+        if spec.host.name is None:
+            # The files scanned, still (as qemu-nbd's are checked): a file
+            # swapped since is not opened.
+            for (path, _), pin in zip(layers, pins, strict=True):
+                try:
+                    if pin is not None:
+                        check_pinned(path, pin)
+                except OSError as e:
+                    log.debug("first kilobyte of %s not read: %s", path, e)
+                    return True
         key = self._key(spec.host, layers, pins)
         if key is None or chain.mutable:
             return await self._read_head(spec.host, layers, name, head, chain)
@@ -182,26 +197,34 @@ class Partitions:
 
     # -- the table -------------------------------------------------------------
 
-    async def _read(self, folder: PartitionFolder) -> tuple[list[PartitionView], list[tuple[str, str]]]:
+    async def _read(self, folder: PartitionFolder) -> tuple[list[PartitionView], list[tuple[str, str]], bool]:
+        """The partitions of the folder's point, the problems, and whether that is
+        final (False: sfdisk timed out or could not be run; try again later)."""
         chain = folder.chain
         if not await self._may_hold_label(chain):
-            return [], []  # no partition table: an empty folder
+            return [], [], True  # no partition table: an empty folder
         raw = os.path.join(self.mountpoint, folder.parent.parent.path, chain.folder, chain.filename)
-        with trio.move_on_after(SFDISK_TIMEOUT) as timeout:
-            r = await trio.run_process(["sfdisk", "--json", raw], capture_stdout=True, capture_stderr=True,
-                                       check=False, stdin=subprocess.DEVNULL)
+        env = dict(os.environ, LC_ALL="C")  # its words, untranslated (NO_TABLE)
+        async with self._sfdisk:
+            with trio.move_on_after(SFDISK_TIMEOUT) as timeout:
+                try:
+                    r = await trio.run_process(["sfdisk", "--json", raw], capture_stdout=True,
+                                               capture_stderr=True, check=False, stdin=subprocess.DEVNULL,
+                                               env=env)
+                except OSError as e:
+                    return [], [("", f"sfdisk cannot be run (util-linux's fdisk package): {e.strerror}")], False
         if timeout.cancelled_caught:
-            return [], [("", f"its partition table was not read within {SFDISK_TIMEOUT:.0f} s")]
+            return [], [("", f"its partition table was not read within {SFDISK_TIMEOUT:.0f} s")], False
         err = r.stderr.decode(errors="replace").replace(raw, "the disk").strip()
         if r.returncode != 0 or not r.stdout.strip():
             if NO_TABLE in err or not err:
-                return [], []  # no partition table: an empty folder
-            return [], [("", f"its partition table cannot be read: {err}")]
+                return [], [], True  # no partition table: an empty folder
+            return [], [("", f"its partition table cannot be read: {err}")], True
         try:
             table = json.loads(r.stdout)["partitiontable"]
         except (ValueError, KeyError, TypeError) as e:
-            return [], [("", f"sfdisk's answer cannot be read: {e}")]
-        return parse_table(chain, table, err)
+            return [], [("", f"sfdisk's answer cannot be read: {e}")], True
+        return (*parse_table(chain, table, err), True)
 
 
 def parse_table(chain, table: dict, warnings: str = "") -> tuple[list, list[tuple[str, str]]]:

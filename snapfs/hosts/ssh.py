@@ -699,8 +699,10 @@ class SshHost:
         return RemoteQemuNBD(self, spec, rundir, ident, connections)
 
     def qemu_io(self) -> list[str]:
-        """A qemu-io on the host, reading commands from this side."""
-        return self.command("exec qemu-io")
+        """A qemu-io on the host, reading commands from this side. Its stderr
+        joins its stdout there: ssh carries the two apart, and its messages
+        must stay in order with its prompts (``nbd.heads``)."""
+        return self.command("exec qemu-io 2>&1")
 
     def reach_socket(self, path: str) -> str:
         """A UNIX socket on the host (a backup job's NBD server), forwarded to

@@ -11,11 +11,9 @@ byte; this module only carries its hexdump back.
 
 The images are named as qemu-nbd is given them (``formats.json_node``),
 respelled so that qemu-io's command line, which splits at spaces, keeps the
-name whole. qemu-io answers each command and then prints its prompt; both of
-its streams go into one pipe, so a command's messages are the lines between
-two prompts. A prompt counts only at the start of a line: the hexdump's
-text column shows the disk's own bytes, and a guest can write a prompt
-there.
+name whole; a name too long for that line is not read here (the caller
+then asks sfdisk). Both of qemu-io's streams go into one pipe, and each
+command's answer ends at a marker of ours (``QemuIO``).
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import subprocess
 
 import trio
@@ -34,10 +33,16 @@ PROMPT = b"qemu-io> "
 WORKERS = 2  # qemu-io processes per host
 TIMEOUT = 30.0  # for one image's answer
 _DUMP = re.compile(rb"([0-9a-f]{8}):  ((?:[0-9a-f]{2} ){16})")
+# qemu-io reads a command line into 1024 bytes: a longer one would run as two.
+MAX_COMMAND = 1000
 
 
 class HeadError(Exception):
     """The bytes could not be read; the reason, as qemu gave it."""
+
+
+class OutOfStep(HeadError):
+    """The process is gone or its answers can no longer be told apart."""
 
 
 def command_name(json_filename: str) -> str:
@@ -47,58 +52,76 @@ def command_name(json_filename: str) -> str:
 
 
 class QemuIO:
-    """One qemu-io process, one request at a time."""
+    """One qemu-io process, one request at a time.
+
+    Each command is followed by a marker, a command qemu-io does not know
+    (``snapfs-NONCE``, a fresh random name each time), sent once the command's
+    prompt came back: what qemu-io printed before "command "snapfs-NONCE" not
+    found" is the command's answer. Nothing qemu-io prints can forge that
+    line, neither the disk's bytes (in the hexdump) nor an image's name (in
+    an error message, where a name can hold newlines and prompts): the
+    nonce did not exist when they were written.
+    """
 
     def __init__(self, argv: list[str]):
         self.argv = argv
         self.proc: trio.Process | None = None
         self._buf = b""
-        self.answered = False  # the last request was answered whole
 
     async def start(self) -> None:
         env = dict(os.environ, LC_ALL="C")
         self.proc = await trio.lowlevel.open_process(
             self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
             start_new_session=True)
-        await self._answers(1)  # the first prompt
+        await self._until_prompt()
 
-    async def _answers(self, n: int) -> list[list[bytes]]:
-        """The lines printed before each of the next ``n`` prompts."""
-        out: list[list[bytes]] = [[]]
+    async def _until_prompt(self) -> list[bytes]:
+        """The lines printed up to the next prompt (at the start of a line)."""
+        lines: list[bytes] = []
         while True:
             while self._buf:
                 if self._buf.startswith(PROMPT):
                     self._buf = self._buf[len(PROMPT):]
-                    if len(out) == n:
-                        return out
-                    out.append([])
-                    continue
+                    return lines
                 if len(self._buf) < len(PROMPT) and PROMPT.startswith(self._buf):
                     break  # a prompt, not whole yet
                 end = self._buf.find(b"\n")
                 if end < 0:
                     break
-                out[-1].append(self._buf[:end])
+                lines.append(self._buf[:end])
                 self._buf = self._buf[end + 1:]
             chunk = await self.proc.stdout.receive_some(1 << 16)
             if not chunk:
-                said = b" ".join(line for part in out for line in part) + self._buf
-                raise HeadError(f"qemu-io exited: {said.decode(errors='replace').strip() or 'no reason given'}")
+                said = b" ".join(lines) + self._buf
+                raise OutOfStep(f"qemu-io exited: {said.decode(errors='replace').strip() or 'no reason given'}")
             self._buf += chunk
 
     async def _ask(self, command: str) -> list[bytes]:
+        """What qemu-io printed for ``command``.
+
+        One line at a time: qemu-io reads all that was sent at once but runs
+        one line of it, and the next only when more arrives."""
         await self.proc.stdin.send_all(command.encode() + b"\n")
-        return (await self._answers(1))[0]
+        lines = await self._until_prompt()
+        mark = "snapfs-" + secrets.token_hex(8)
+        done = f'command "{mark}" not found'.encode()
+        await self.proc.stdin.send_all(mark.encode() + b"\n")
+        while True:
+            more = await self._until_prompt()
+            if done in more:
+                if more[-1] != done:
+                    raise OutOfStep(f"qemu-io printed after its answer: {more[-1][:80]!r}")
+                return lines + more[:-1]
+            lines += more
 
     async def read(self, name: str, length: int) -> bytes:
         """The first ``length`` bytes (a multiple of 16) of the image ``name``."""
-        self.answered = False
-        # One command at a time: qemu-io reads what it was sent at once but
-        # runs one line of it, and the next only when more arrives.
-        opened = await self._ask(f"open -r {name}")
-        read = await self._ask(f"read -v 0 {length}")
+        command = f"open -r {name}"
+        if len(command) > MAX_COMMAND or "\n" in command:
+            raise HeadError(f"the image's name is too long for qemu-io's command line ({len(command)} bytes)")
+        opened = await self._ask(command)
+        read = [] if opened else await self._ask(f"read -v 0 {length}")  # opening prints nothing
         await self._ask("close")
-        self.answered = True
         data = bytearray()
         for line in read:
             m = _DUMP.match(line)
@@ -115,6 +138,13 @@ class QemuIO:
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
+
+    async def end(self) -> None:
+        """Kill it and collect its exit (no zombie), within a second."""
+        self.kill()
+        if self.proc is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self.proc.wait()
 
 
 class Heads:
@@ -138,16 +168,16 @@ class Heads:
                         self.procs.append(q)
                         await q.start()
                     data = await q.read(name, length)
+            except OutOfStep:
+                await self._drop(q)
+                raise
             except HeadError:
-                if q.proc is not None and q.proc.returncode is None and q.answered:
-                    self._idle.append(q)  # it answered: the image was at fault
-                else:
-                    self._drop(q)
+                self._idle.append(q)  # it answered: the image was at fault
                 raise
             except BaseException as e:
                 # No answer in time, or cancelled mid-answer: its stream is out of step.
                 if q is not None:
-                    self._drop(q)
+                    await self._drop(q)
                 if isinstance(e, trio.TooSlowError):
                     raise HeadError(f"no answer from qemu-io within {TIMEOUT:.0f} s") from None
                 if isinstance(e, (OSError, trio.BrokenResourceError, trio.ClosedResourceError)):
@@ -156,10 +186,10 @@ class Heads:
             self._idle.append(q)
             return data
 
-    def _drop(self, q: QemuIO) -> None:
-        q.kill()
+    async def _drop(self, q: QemuIO) -> None:
         if q in self.procs:
             self.procs.remove(q)
+        await q.end()
 
     def close(self) -> None:
         for q in self.procs:
