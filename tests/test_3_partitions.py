@@ -24,6 +24,7 @@ from partition_disks import GPT, MBR, SECTOR, TYPES, make_disk, sha
 
 from snapfs.formats import json_node
 from snapfs.fs.partitions import may_hold_label
+from snapfs.hosts.local import LOCAL
 from snapfs.nbd.heads import HeadError, Heads
 
 
@@ -191,7 +192,7 @@ def test_qemu_io_hands_back_the_guests_bytes_whatever_they_say(tmp_path):
         return json_node([(str(path), "qcow2")], lambda p: "file")
 
     async def reads():
-        heads = Heads(["qemu-io"], workers=1)  # one process: every answer below comes through it
+        heads = Heads(LOCAL.qemu_io(), workers=1)  # one process: every answer below comes through it
         try:
             got = [await heads.read(node(img), 1024)]
             with pytest.raises(HeadError, match="No such file or directory"):

@@ -127,8 +127,9 @@ class LocalHost:
         return QemuNBD(spec, rundir, ident, connections)
 
     def qemu_io(self) -> list[str]:
-        """The command that starts a qemu-io reading commands from its stdin."""
-        return ["qemu-io"]
+        """The command that starts a qemu-io reading commands from its stdin
+        (unbuffered: ``nbd.heads``)."""
+        return ["stdbuf", "-i0", "qemu-io"]
 
     def reach_socket(self, path: str) -> str:
         """A UNIX socket on the host (a backup job's), as a path here."""

@@ -702,7 +702,7 @@ class SshHost:
         """A qemu-io on the host, reading commands from this side. Its stderr
         joins its stdout there: ssh carries the two apart, and its messages
         must stay in order with its prompts (``nbd.heads``)."""
-        return self.command("exec qemu-io 2>&1")
+        return self.command("exec stdbuf -i0 qemu-io 2>&1")
 
     def reach_socket(self, path: str) -> str:
         """A UNIX socket on the host (a backup job's NBD server), forwarded to

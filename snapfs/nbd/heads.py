@@ -45,6 +45,10 @@ class OutOfStep(HeadError):
     """The process is gone or its answers can no longer be told apart."""
 
 
+def _mark() -> str:
+    return "snapfs-" + secrets.token_hex(8)
+
+
 def command_name(json_filename: str) -> str:
     """``json_filename`` as one word of qemu-io's command line (no space in it)."""
     node = json.loads(json_filename.removeprefix("json:"))
@@ -54,13 +58,23 @@ def command_name(json_filename: str) -> str:
 class QemuIO:
     """One qemu-io process, one request at a time.
 
-    Each command is followed by a marker, a command qemu-io does not know
-    (``snapfs-NONCE``, a fresh random name each time), sent once the command's
-    prompt came back: what qemu-io printed before "command "snapfs-NONCE" not
-    found" is the command's answer. Nothing qemu-io prints can forge that
-    line, neither the disk's bytes (in the hexdump) nor an image's name (in
-    an error message, where a name can hold newlines and prompts): the
-    nonce did not exist when they were written.
+    ``argv`` runs it with its stdin unbuffered (``stdbuf -i0``): qemu-io
+    reads stdin through stdio, and a buffered stdin would swallow every line
+    sent at once but the first until more arrives. Unbuffered, a request is
+    sent whole (one round trip, which counts over ssh)::
+
+        open -r NAME
+        snapfs-NONCE1        a command qemu-io does not know
+        read -v 0 LENGTH
+        close
+        snapfs-NONCE2
+
+    Its answers end at the "command "snapfs-NONCE" not found" lines, which
+    nothing printed before them can forge: neither the disk's bytes (in the
+    hexdump's text column) nor an image's name (in an error message, where a
+    name may hold newlines and prompts) held the nonces, made afresh for each
+    request. What came before the first is the open's answer (nothing when
+    it opened), the read's comes between the two, and holds no name.
     """
 
     def __init__(self, argv: list[str]):
@@ -73,16 +87,22 @@ class QemuIO:
         self.proc = await trio.lowlevel.open_process(
             self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
             start_new_session=True)
-        await self._until_prompt()
+        mark = _mark()
+        await self.proc.stdin.send_all(mark.encode() + b"\n")
+        await self._until(mark)
 
-    async def _until_prompt(self) -> list[bytes]:
-        """The lines printed up to the next prompt (at the start of a line)."""
+    async def _until(self, mark: str) -> list[bytes]:
+        """The lines printed up to qemu-io's answer to the command ``mark``
+        (prompts left out), and that answer's prompt."""
+        done = f'command "{mark}" not found'.encode()
         lines: list[bytes] = []
         while True:
             while self._buf:
                 if self._buf.startswith(PROMPT):
                     self._buf = self._buf[len(PROMPT):]
-                    return lines
+                    if lines and lines[-1] == done:
+                        return lines[:-1]
+                    continue
                 if len(self._buf) < len(PROMPT) and PROMPT.startswith(self._buf):
                     break  # a prompt, not whole yet
                 end = self._buf.find(b"\n")
@@ -96,38 +116,22 @@ class QemuIO:
                 raise OutOfStep(f"qemu-io exited: {said.decode(errors='replace').strip() or 'no reason given'}")
             self._buf += chunk
 
-    async def _ask(self, command: str) -> list[bytes]:
-        """What qemu-io printed for ``command``.
-
-        One line at a time: qemu-io reads all that was sent at once but runs
-        one line of it, and the next only when more arrives."""
-        await self.proc.stdin.send_all(command.encode() + b"\n")
-        lines = await self._until_prompt()
-        mark = "snapfs-" + secrets.token_hex(8)
-        done = f'command "{mark}" not found'.encode()
-        await self.proc.stdin.send_all(mark.encode() + b"\n")
-        while True:
-            more = await self._until_prompt()
-            if done in more:
-                if more[-1] != done:
-                    raise OutOfStep(f"qemu-io printed after its answer: {more[-1][:80]!r}")
-                return lines + more[:-1]
-            lines += more
-
     async def read(self, name: str, length: int) -> bytes:
         """The first ``length`` bytes (a multiple of 16) of the image ``name``."""
         command = f"open -r {name}"
         if len(command) > MAX_COMMAND or "\n" in command:
             raise HeadError(f"the image's name is too long for qemu-io's command line ({len(command)} bytes)")
-        opened = await self._ask(command)
-        read = [] if opened else await self._ask(f"read -v 0 {length}")  # opening prints nothing
-        await self._ask("close")
+        opened_mark, read_mark = _mark(), _mark()
+        await self.proc.stdin.send_all(
+            f"{command}\n{opened_mark}\nread -v 0 {length}\nclose\n{read_mark}\n".encode())
+        opened = await self._until(opened_mark)
+        read = await self._until(read_mark)
         data = bytearray()
         for line in read:
             m = _DUMP.match(line)
             if m is not None and int(m.group(1), 16) == len(data):
                 data += bytes.fromhex(m.group(2).decode())
-        if f"read {length}/{length} bytes at offset 0".encode() in read and len(data) == length:
+        if not opened and f"read {length}/{length} bytes at offset 0".encode() in read and len(data) == length:
             return bytes(data)
         said = " ".join(line.decode(errors="replace").removeprefix("qemu-io: ")
                         for line in (opened or read) if not _DUMP.match(line)).strip()
