@@ -63,6 +63,8 @@ def test_every_partition_at_every_point_reads_as_the_original(kind, tmp_path, mo
             assert data_ranges(pmap, lambda e: not e["zero"]) == data_ranges(
                 [{"start": s, "length": ln} for s, ln in clipped], lambda e: True)
             assert seek_walk(view) == data_ranges(pmap, lambda e: not e["zero"])
+            data = sum(e["length"] for e in pmap if not e["zero"])
+            assert os.stat(view).st_blocks == -(-data // 512), view
             # Sleuth Kit reads it without an offset.
             listing = run("fls", "-r", view).stdout
             assert f"note{number}.txt" in listing and "same.bin" in listing, listing
@@ -238,3 +240,36 @@ def test_a_writable_point_has_no_partition_folder(tmp_path, mount):
     m = mount(images, "--rw")
     assert os.listdir(m / "top.qcow2/partitions") == ["00-base"]
     assert sorted(os.listdir(m / "top.qcow2/partitions/00-base")) == ["p1.map.json", "p1.raw"]
+
+
+def test_qemu_io_takes_a_session_of_its_host_and_gives_it_back_when_idle(tmp_path):
+    """On a host whose sessions are few (ssh), each qemu-io holds one, until idle."""
+    img = tmp_path / "d.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+
+    class Host:  # the session count of an SshHost
+        servers, server_sessions = 0, 7
+
+        async def claim_session(self, what, timeout):
+            self.servers += 1
+
+        def release_session(self):
+            self.servers -= 1
+
+    host = Host()
+
+    async def main():
+        heads = Heads(LOCAL.qemu_io(), host=host)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heads.expire, 0.2)
+            await heads.read(json_node([(str(img), "qcow2")], lambda p: "file"), 1024)
+            assert host.servers == 1 and len(heads.procs) == 1
+            await trio.sleep(0.6)
+            assert host.servers == 0 and heads.procs == []
+            await heads.read(json_node([(str(img), "qcow2")], lambda p: "file"), 1024)  # started again
+            assert host.servers == 1
+            heads.close()
+            assert host.servers == 0
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

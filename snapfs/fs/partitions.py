@@ -45,6 +45,7 @@ SFDISK_TIMEOUT = 60.0
 SFDISK_AT_ONCE = 4  # sfdisk runs in flight (each reads through this mount)
 NO_TABLE = "does not contain a recognized partition table"
 HEAD = 1024  # the bytes looked at for a label's magic
+HEADS_IDLE = 2.0  # seconds without a request before the qemu-io processes end
 
 
 def may_hold_label(head: bytes) -> bool:
@@ -184,7 +185,9 @@ class Partitions:
     async def _read_head(self, host, layers, name: str, length: int, chain) -> bool:
         heads = self._heads.get(id(host))
         if heads is None:
-            heads = self._heads[id(host)] = Heads(host.qemu_io())
+            heads = self._heads[id(host)] = Heads(host.qemu_io(), host=host)
+            if self.spawn is not None:
+                self.spawn(heads.expire, HEADS_IDLE)
         what = " <- ".join(path for path, _ in reversed(layers))
         try:
             data = await heads.read(name, length - length % 16 or 16)

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..errors import MountError, SourceError
+from ..errors import MountError, SourceError, Unavailable
 from ..formats import status
 
 log = logging.getLogger(__name__)
@@ -697,6 +697,22 @@ class SshHost:
     def nbd_server(self, spec, rundir: str, ident: int, connections: int):
         from ..nbd.remote import RemoteQemuNBD
         return RemoteQemuNBD(self, spec, rundir, ident, connections)
+
+    async def claim_session(self, what: str, timeout: float) -> None:
+        """One of the sessions kept for long-lived processes (``SERVER_SESSIONS``):
+        a qemu-nbd, a qemu-io. Waits ``timeout`` seconds for one to free;
+        Unavailable after."""
+        with trio.move_on_after(timeout):
+            while self.servers >= self.server_sessions:
+                await trio.sleep(0.05)
+        if self.servers >= self.server_sessions:
+            raise Unavailable(f"{self.server_sessions} qemu-nbd and qemu-io already run on {self.name} for this "
+                              f"mount (one ssh session each, and sshd's MaxSessions is 10 by default): {what} "
+                              "waits for one to end: close files and retry")
+        self.servers += 1
+
+    def release_session(self) -> None:
+        self.servers -= 1
 
     def qemu_io(self) -> list[str]:
         """A qemu-io on the host, reading commands from this side. Its stderr

@@ -5,7 +5,7 @@ is decided by its first kilobyte: every label sfdisk reads carries its magic
 there. Starting a qemu-nbd to read 1 KiB costs a process, an image open and
 a connection; a first ``ls -lR`` of a repository would pay it for every
 point. One ``qemu-io`` per host instead (two at most, started on first use,
-kept until the mount ends) opens image after image on command: ``open -r``,
+ended 2 s after their last read) opens image after image on command: ``open -r``,
 ``read -v``, ``close``, about a millisecond in all. qemu still reads every
 byte; this module only carries its hexdump back.
 
@@ -26,6 +26,8 @@ import secrets
 import subprocess
 
 import trio
+
+from ..errors import SnapfsError
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ class QemuIO:
     def __init__(self, argv: list[str]):
         self.argv = argv
         self.proc: trio.Process | None = None
+        self.session = False  # holds one of its host's sessions (``Heads``)
         self._buf = b""
 
     async def start(self) -> None:
@@ -152,13 +155,29 @@ class QemuIO:
 
 
 class Heads:
-    """qemu-io processes of one host (``argv`` starts one), shared by the mount."""
+    """qemu-io processes of one host (``argv`` starts one), shared by the mount.
 
-    def __init__(self, argv: list[str], workers: int = WORKERS):
+    host: a host whose long-lived processes each take one of a few sessions
+    (``SshHost.claim_session``): each qemu-io takes one, until it ends.
+    """
+
+    def __init__(self, argv: list[str], workers: int = WORKERS, host=None):
         self.argv = argv
+        self.host = host if hasattr(host, "claim_session") else None
         self._slots = trio.Semaphore(workers)
         self._idle: list[QemuIO] = []
         self.procs: list[QemuIO] = []
+        self._last = 0.0  # when the last request ended
+
+    async def expire(self, idle: float) -> None:
+        """End the processes once no request came for ``idle`` seconds (their
+        sessions go back to the host's servers); runs until cancelled."""
+        while True:
+            await trio.sleep(idle)
+            if self._idle and len(self._idle) == len(self.procs) and trio.current_time() - self._last >= idle:
+                for q in list(self._idle):
+                    self._idle.remove(q)
+                    await self._drop(q)
 
     async def read(self, json_filename: str, length: int) -> bytes:
         """The first ``length`` bytes of the image qemu opens by ``json_filename``."""
@@ -168,7 +187,13 @@ class Heads:
             try:
                 with trio.fail_after(TIMEOUT):
                     if q is None:
+                        if self.host is not None:
+                            try:
+                                await self.host.claim_session("qemu-io", TIMEOUT)
+                            except SnapfsError as e:
+                                raise HeadError(str(e)) from None
                         q = QemuIO(self.argv)
+                        q.session = self.host is not None
                         self.procs.append(q)
                         await q.start()
                     data = await q.read(name, length)
@@ -188,15 +213,23 @@ class Heads:
                     raise HeadError(f"qemu-io cannot be run: {e}") from None
                 raise
             self._idle.append(q)
+            self._last = trio.current_time()
             return data
 
     async def _drop(self, q: QemuIO) -> None:
         if q in self.procs:
             self.procs.remove(q)
         await q.end()
+        self._end_session(q)
+
+    def _end_session(self, q: QemuIO) -> None:
+        if q.session:
+            q.session = False
+            self.host.release_session()
 
     def close(self) -> None:
         for q in self.procs:
             q.kill()
+            self._end_session(q)
         self.procs.clear()
         self._idle.clear()

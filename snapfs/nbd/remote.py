@@ -125,14 +125,7 @@ class RemoteQemuNBD(QemuNBD):
             if os.path.lexists(p):
                 os.unlink(p)
         # One ssh session per server, and sshd serves few per connection.
-        with trio.move_on_after(START_TIMEOUT):
-            while self.host.servers >= self.host.server_sessions:
-                await trio.sleep(0.05)
-        if self.host.servers >= self.host.server_sessions:
-            raise Unavailable(f"{self.host.server_sessions} qemu-nbd already run on {self.host.name} for this "
-                              "mount (one ssh session each, and sshd's MaxSessions is 10 by default): close "
-                              "files and retry")
-        self.host.servers += 1
+        await self.host.claim_session("qemu-nbd", START_TIMEOUT)
         self.session = True
         cmd = self.host.command(WRAPPER, *self._wrapper_args())
         log.debug("starting on %s: %s", self.host.name, self.command())
@@ -183,7 +176,7 @@ class RemoteQemuNBD(QemuNBD):
     def _end_session(self) -> None:
         if self.session:
             self.session = False
-            self.host.servers -= 1
+            self.host.release_session()
 
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
