@@ -79,3 +79,11 @@ def make_disk(tmp, kind):
 
 def sha(data):
     return hashlib.sha256(data).hexdigest()
+
+
+def partitioned(path, script: bytes = b"label: gpt\n,4M,L\n", size: int = 16 * MiB):
+    """A raw disk of ``size`` bytes at ``path``, with the table sfdisk writes from ``script``."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["sfdisk", "-q", path], input=script, check=True, capture_output=True)
+    return path

@@ -15,12 +15,11 @@ import errno
 import json
 import os
 import re
-import subprocess
 
 import pytest
 import trio
-from conftest import MiB, data_ranges, poke, qemu_img, run, seek_walk
-from partition_disks import GPT, MBR, SECTOR, TYPES, make_disk, sha
+from conftest import data_ranges, poke, qemu_img, run, seek_walk
+from partition_disks import GPT, MBR, SECTOR, TYPES, make_disk, partitioned, sha
 
 from snapfs.formats import json_node
 from snapfs.fs.partitions import may_hold_label
@@ -79,19 +78,13 @@ def test_damaged_tables_show_what_can_be_trusted_and_say_the_rest(tmp_path, moun
     images = tmp_path / "images"
     images.mkdir()
     # MBR: partition 1 fine, 2 overlapping it, 3 past the end of the disk.
-    raw = tmp_path / "mbr.raw"
-    with open(raw, "wb") as f:
-        f.truncate(16 * MiB)
-    subprocess.run(["sfdisk", "-q", raw], input=b"label: dos\n,4M,83\n", check=True, capture_output=True)
+    raw = partitioned(tmp_path / "mbr.raw", b"label: dos\n,4M,83\n")
     entry = 446 + 16
     poke(raw, entry, "<B3sB3sII", 0, b"\0\0\0", 0x83, b"\0\0\0", 4096, 8192)  # 2 MiB in: inside p1
     poke(raw, entry + 16, "<B3sB3sII", 0, b"\0\0\0", 0x83, b"\0\0\0", 16384, 65536)  # ends at 40 MiB
     qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", raw, images / "mbr.qcow2")
     # GPT whose primary header is damaged: sfdisk reads the backup, and says so.
-    raw = tmp_path / "gpt.raw"
-    with open(raw, "wb") as f:
-        f.truncate(16 * MiB)
-    subprocess.run(["sfdisk", "-q", raw], input=b"label: gpt\n,4M,L\n", check=True, capture_output=True)
+    raw = partitioned(tmp_path / "gpt.raw")
     poke(raw, 512 + 16, "<I", 0xDEADBEEF)  # the header's CRC32
     qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", raw, images / "gpt.qcow2")
     m = mount(images)
@@ -103,12 +96,6 @@ def test_damaged_tables_show_what_can_be_trusted_and_say_the_rest(tmp_path, moun
     assert "gpt.qcow2/partitions/00-gpt: sfdisk: " in status and "primary GPT" in status, status
     # The disks' other views are untouched.
     run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", m / "mbr.qcow2/chain/00-mbr.raw", images / "mbr.qcow2")
-
-
-def _small_table(path, script=b"label: gpt\n,4M,L\n"):
-    with open(path, "wb") as f:
-        f.truncate(16 * MiB)
-    subprocess.run(["sfdisk", "-q", path], input=script, check=True, capture_output=True)
 
 
 def test_listing_reads_each_first_kilobyte_once_through_qemu_io_and_starts_no_qemu_nbd(tmp_path, mount):
@@ -130,7 +117,7 @@ def test_listing_reads_each_first_kilobyte_once_through_qemu_io_and_starts_no_qe
         run("qemu-io", "-f", "qcow2", "-c", f"write -P {w}", img)
         below = f"{name}.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", images / "blank.qcow2", "16M")  # reads as zero: nothing read
-    _small_table(tmp_path / "gpt.raw")
+    partitioned(tmp_path / "gpt.raw")
     qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", tmp_path / "gpt.raw", images / "gpt.qcow2")
     m = mount(images, "--debug")
     run("ls", "-lR", m.path)
@@ -150,7 +137,7 @@ def test_listing_reads_each_first_kilobyte_once_through_qemu_io_and_starts_no_qe
 @pytest.mark.parametrize("label", ["dos", "gpt", "sun", "sgi"])
 def test_every_label_sfdisk_writes_has_its_magic_in_the_first_kilobyte(label, tmp_path):
     raw = tmp_path / "disk.raw"
-    _small_table(raw, f"label: {label}\n,4M\n".encode())
+    partitioned(raw, f"label: {label}\n,4M\n".encode())
     table = json.loads(run("sfdisk", "--json", raw).stdout)["partitiontable"]
     assert table["label"] == label and len(table["partitions"]) >= 1
     with open(raw, "rb") as f:
@@ -159,7 +146,7 @@ def test_every_label_sfdisk_writes_has_its_magic_in_the_first_kilobyte(label, tm
 
 def test_a_first_kilobyte_without_magic_holds_no_table_sfdisk_reads(tmp_path):
     raw = tmp_path / "disk.raw"
-    _small_table(raw, b"label: dos\n,4M,83\n,4M,83\n")
+    partitioned(raw, b"label: dos\n,4M,83\n,4M,83\n")
     with open(raw, "rb") as f:
         mbr = f.read(1024)
     near = [mbr[:510] + b"\x55\xab" + mbr[512:],  # the signature off by one bit
@@ -234,7 +221,7 @@ def test_a_writable_point_has_no_partition_folder(tmp_path, mount):
     """--rw: the top's table can change with every write; the points beneath keep theirs."""
     images = tmp_path / "images"
     images.mkdir()
-    _small_table(tmp_path / "base.raw")
+    partitioned(tmp_path / "base.raw")
     qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", tmp_path / "base.raw", images / "base.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", images / "top.qcow2")
     m = mount(images, "--rw")

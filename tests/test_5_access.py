@@ -16,11 +16,11 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import tempfile
 
 import pytest
 from conftest import MiB, create, json_layer, qemu_img, qemu_io, run
+from partition_disks import partitioned
 
 SIZE = 8 * MiB
 
@@ -351,10 +351,7 @@ def test_a_partition_folder_is_listed_by_whoever_may_read_its_point(user, shared
     """Where a point's partitions lie is its bytes: the folder takes its chain view's access."""
     images = os.path.join(shared_tmp, "images")
     os.mkdir(images, 0o755)
-    raw = os.path.join(shared_tmp, "table.raw")
-    with open(raw, "wb") as f:
-        f.truncate(16 * MiB)
-    subprocess.run(["sfdisk", "-q", raw], input=b"label: gpt\n,4M,L\n", check=True, capture_output=True)
+    raw = partitioned(os.path.join(shared_tmp, "table.raw"))
     base = os.path.join(images, "base.qcow2")
     qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", raw, base)
     os.chmod(base, 0o600)  # root's alone

@@ -21,6 +21,7 @@ import time
 
 import pytest
 from conftest import IN_CI, REPO, SNAPFS, MiB, build_sample, create, qemu_img, qemu_io, run, seek_walk, sha256_of
+from partition_disks import partitioned
 from remote_env import ALIAS, TestHost
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 and not IN_CI,
@@ -465,10 +466,7 @@ def test_remote_partitions_are_the_local_partitions(host, tmp_path, mount):
     its first kilobytes are read by a qemu-io on the host, which ends when idle."""
     local = tmp_path / "parts-here"
     local.mkdir()
-    raw = tmp_path / "gpt.raw"
-    with open(raw, "wb") as f:
-        f.truncate(16 * MiB)
-    subprocess.run(["sfdisk", "-q", raw], input=b"label: gpt\n,4M,L\n,4M,L\n", check=True, capture_output=True)
+    raw = partitioned(tmp_path / "gpt.raw", b"label: gpt\n,4M,L\n,4M,L\n")
     qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", raw, local / "gpt.qcow2")
     qemu_io(local / "gpt.qcow2", "write -P 0x5a 1M 64k", "write -P 0x5b 6M 64k")
     qemu_io(create(local / "plain.qcow2", 8 * MiB), "write -P 0x31 0 64k")  # data, no table

@@ -73,7 +73,7 @@ class Mount:
         self.files = Files(Exports(self.pool, self.writes, self.maps), self.maps, self.status)
         self.attrs = Attributes(self.tree, self.catalog, self.maps, self.writes, self.pool.spawn)
         self.partitions = Partitions(self.tree, self.status, config.mountpoint, self.block_status,
-                                     self.pool.spawn)
+                                     self.pool.spawn, self.maps)
         self.ops = Operations(self.tree, self.catalog, self.files, self.attrs,
                               self.partitions)
         self.refresher = Refresher(self.catalog, self.files, self.pool, self.block_status)

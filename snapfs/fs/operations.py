@@ -112,8 +112,7 @@ class Operations(pyfuse3.Operations):
             await self.partitions.fill(node)
         if start_id == 0:
             self.attrs.prefetch_maps(node)
-            if node.name == "partitions":
-                self.partitions.prefetch(node)
+            self.partitions.prefetch(node)
         entries = sorted(node.children.items())
         for i, (name, child) in enumerate(entries[start_id:], start_id):
             if child.hidden:

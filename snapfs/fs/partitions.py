@@ -60,14 +60,16 @@ def may_hold_label(head: bytes) -> bool:
 class Partitions:
     """Fills partition folders; ``mountpoint``: where the chain views are read;
     ``block_status``: the exports' runs (where a disk's first bytes come from);
-    ``spawn``: starts background tasks (a listed ``partitions/`` fills its folders)."""
+    ``spawn``: starts background tasks (a listed ``partitions/`` fills its folders);
+    ``maps``: the views' maps (a chain view's, read before its first bytes are)."""
 
-    def __init__(self, tree: Tree, status: Status, mountpoint: str, block_status=None, spawn=None):
+    def __init__(self, tree: Tree, status: Status, mountpoint: str, block_status=None, spawn=None, maps=None):
         self.tree = tree
         self.status = status
         self.mountpoint = os.path.abspath(mountpoint)
         self.block_status = block_status
         self.spawn = spawn
+        self.maps = maps
         self._locks: dict[PartitionFolder, trio.Lock] = {}
         self._heads: dict[int, Heads] = {}  # id(host) -> its qemu-io processes
         # (host, layers, their stats) -> whether a label's magic is there; pending: an Event.
@@ -75,13 +77,20 @@ class Partitions:
         self._sfdisk = trio.CapacityLimiter(SFDISK_AT_ONCE)
 
     def prefetch(self, node: Directory) -> None:
-        """``partitions/`` is listed: fill its folders in the background
-        (``ls -lR`` looks into each of them next)."""
+        """A folder is listed. ``partitions/``: fill its folders in the
+        background (``ls -lR`` looks into each of them next). A disk's
+        directory: look at its points' first kilobytes in the background
+        (``ls -lR`` lists chain/ and layers/ meanwhile, whose maps say where
+        those bytes are); nothing more, no sfdisk runs."""
         if self.spawn is None:
             return
-        for child in node.children.values():
+        folders = node.children.get("partitions") if node.name != "partitions" else node
+        if not isinstance(folders, Directory):
+            return
+        work = self._fill_quietly if folders is node else self._look_quietly
+        for child in folders.children.values():
             if isinstance(child, PartitionFolder) and not child.filled and not child.hidden:
-                self.spawn(self._fill_quietly, child)
+                self.spawn(work, child)
 
     async def _fill_quietly(self, folder: PartitionFolder) -> None:
         try:
@@ -89,24 +98,33 @@ class Partitions:
         except Exception:
             log.exception("reading the partition table of %s failed", folder.path)
 
+    async def _look_quietly(self, folder: PartitionFolder) -> None:
+        try:
+            await self._may_hold_label(folder.chain)
+        except Exception:
+            log.exception("reading the first kilobyte of %s failed", folder.chain.filename)
+
     async def fill(self, folder: PartitionFolder) -> None:
         if folder.filled:
             return
         lock = self._locks.setdefault(folder, trio.Lock())
-        async with lock:
-            if folder.filled:
-                return
-            views, problems, final = await self._read(folder)
-            if folder.removed:
-                return  # a refresh replaced the disk meanwhile: this table is no one's
-            prefix = folder.path[: -len(f"{folder.chain.disk.relpath}/partitions/{folder.name}")]
-            for view in views:
-                self.tree.add_view(view, prefix)  # into this folder: nothing awaited since the check
-            for path, reason in problems:
-                self.status.problem(f"{folder.path}/{path}" if path else folder.path, reason)
-            # Not final (sfdisk timed out, or could not be run): asked again next time.
-            folder.filled = final
-        self._locks.pop(folder, None)
+        try:
+            async with lock:
+                if folder.filled:
+                    return
+                views, problems, final = await self._read(folder)
+                if folder.removed:
+                    return  # a refresh replaced the disk meanwhile: this table is no one's
+                prefix = folder.path[: -len(f"{folder.chain.disk.relpath}/partitions/{folder.name}")]
+                for view in views:
+                    self.tree.add_view(view, prefix)  # into this folder: nothing awaited since the check
+                for path, reason in problems:
+                    self.status.problem(f"{folder.path}/{path}" if path else folder.path, reason)
+                # Not final (sfdisk timed out, or could not be run): asked again next time.
+                folder.filled = final
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._locks.pop(folder, None)
 
     def close(self) -> None:
         for heads in self._heads.values():
@@ -124,7 +142,14 @@ class Partitions:
             return True  # a backup job's export, an internal snapshot: read through the mount
         # The runs the chain view's map was made of, if read: asking for them
         # now could start a qemu-nbd, which is what this read avoids.
-        runs = self.block_status.cached(spec) or {}
+        runs = self.block_status.cached(spec)
+        if runs is None and self.maps is not None:
+            try:
+                await self.maps.load(chain)  # what ls -l of chain/ reads anyway
+            except Exception as e:
+                log.debug("%s: no map (%s): its first bytes are read whole", chain.filename, e)
+            runs = self.block_status.cached(spec)
+        runs = runs or {}
         head = min(HEAD, chain.size)
         alloc = [r for r in runs.get(BASE_ALLOCATION, ()) if r.start < head]
         if alloc and all(r.flags & ex.STATE_ZERO for r in alloc):
@@ -152,7 +177,7 @@ class Partitions:
                     return True
         key = self._key(spec.host, layers, pins)
         if key is None or chain.mutable:
-            return await self._read_head(spec.host, layers, name, head, chain)
+            return await self._read_head(spec.host, layers, name, head) is not False
         while True:
             known = self._labels.get(key)
             if isinstance(known, bool):
@@ -162,10 +187,12 @@ class Partitions:
             await known.wait()  # another point reads the same layer
         pending = self._labels[key] = trio.Event()
         try:
-            found = await self._read_head(spec.host, layers, name, head, chain)
+            found = await self._read_head(spec.host, layers, name, head)
         finally:
             del self._labels[key]
             pending.set()
+        if found is None:
+            return True  # not read (kept for no one: it may be read next time)
         self._labels[key] = found
         return found
 
@@ -182,7 +209,9 @@ class Partitions:
             stats.append((st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns))
         return id(host), layers, pins, tuple(stats)
 
-    async def _read_head(self, host, layers, name: str, length: int, chain) -> bool:
+    async def _read_head(self, host, layers, name: str, length: int) -> bool | None:
+        """Whether the first ``length`` bytes of ``name`` hold a label's magic;
+        None: they could not be read."""
         heads = self._heads.get(id(host))
         if heads is None:
             heads = self._heads[id(host)] = Heads(host.qemu_io(), host=host)
@@ -193,7 +222,7 @@ class Partitions:
             data = await heads.read(name, length - length % 16 or 16)
         except HeadError as e:
             log.debug("first kilobyte of %s not read by qemu-io (%s): sfdisk decides", what, e)
-            return True
+            return None
         found = may_hold_label(data.ljust(HEAD, b"\0"))
         log.debug("first kilobyte of %s read by qemu-io: %s", what, "a label's magic" if found else "no label's magic")
         return found
