@@ -21,6 +21,7 @@ import trio
 from conftest import data_ranges, poke, qemu_img, run, seek_walk
 from partition_disks import GPT, MBR, SECTOR, TYPES, make_disk, partitioned, sha
 
+from snapfs.errors import Unavailable
 from snapfs.formats import json_node
 from snapfs.fs.partitions import may_hold_label
 from snapfs.hosts.local import LOCAL
@@ -230,7 +231,8 @@ def test_a_writable_point_has_no_partition_folder(tmp_path, mount):
 
 
 def test_qemu_io_takes_a_session_of_its_host_and_gives_it_back_when_idle(tmp_path):
-    """On a host whose sessions are few (ssh), each qemu-io holds one, until idle."""
+    """On a host whose sessions are few (ssh), each qemu-io holds one, until idle;
+    with none free it reads nothing (sfdisk decides)."""
     img = tmp_path / "d.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", img, "1M")
 
@@ -238,6 +240,9 @@ def test_qemu_io_takes_a_session_of_its_host_and_gives_it_back_when_idle(tmp_pat
         servers, server_sessions = 0, 7
 
         async def claim_session(self, what, timeout):
+            assert timeout == 0  # a qemu-io never waits for one: sfdisk decides at once
+            if self.servers >= self.server_sessions:
+                raise Unavailable(f"{self.server_sessions} sessions in use")
             self.servers += 1
 
         def release_session(self):
@@ -257,6 +262,10 @@ def test_qemu_io_takes_a_session_of_its_host_and_gives_it_back_when_idle(tmp_pat
             assert host.servers == 1
             heads.close()
             assert host.servers == 0
+            host.servers = 7  # every session taken (by qemu-nbd servers)
+            with pytest.raises(HeadError, match="7 sessions in use"):
+                await heads.read(json_node([(str(img), "qcow2")], lambda p: "file"), 1024)
+            assert heads.procs == []
             nursery.cancel_scope.cancel()
 
     trio.run(main)

@@ -175,7 +175,7 @@ class Partitions:
                 except OSError as e:
                     log.debug("first kilobyte of %s not read: %s", path, e)
                     return True
-        key = self._key(spec.host, layers, pins)
+        key = await self._key(spec.host, layers, pins)
         if key is None or chain.mutable:
             return await self._read_head(spec.host, layers, name, head) is not False
         while True:
@@ -197,17 +197,22 @@ class Partitions:
         return found
 
     @staticmethod
-    def _key(host, layers, pins) -> tuple | None:
+    async def _key(host, layers, pins) -> tuple | None:
         """What the head of ``layers`` depends on: the files as they are now
-        (a file written in place has a new ctime); None: not known."""
-        stats = []
-        for path, _ in layers:
-            try:
+        (a file written in place has a new ctime); None: not known. A remote
+        host's as it last listed them (a refresh lists them again; a path
+        the listing did not reach costs a round trip: not in trio's thread)."""
+        def stats():
+            out = []
+            for path, _ in layers:
                 st = host.stat(path)
-            except OSError:
-                return None
-            stats.append((st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns))
-        return id(host), layers, pins, tuple(stats)
+                out.append((st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns))
+            return tuple(out)
+        try:
+            facts = stats() if host.name is None else await trio.to_thread.run_sync(stats)
+        except OSError:
+            return None
+        return id(host), layers, pins, facts
 
     async def _read_head(self, host, layers, name: str, length: int) -> bool | None:
         """Whether the first ``length`` bytes of ``name`` hold a label's magic;

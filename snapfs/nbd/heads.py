@@ -175,8 +175,11 @@ class Heads:
         while True:
             await trio.sleep(idle)
             if self._idle and len(self._idle) == len(self.procs) and trio.current_time() - self._last >= idle:
-                for q in list(self._idle):
-                    self._idle.remove(q)
+                # Out of both lists before any wait: a read meanwhile starts a new one.
+                ending, self._idle = self._idle, []
+                for q in ending:
+                    self.procs.remove(q)
+                for q in ending:
                     await self._drop(q)
 
     async def read(self, json_filename: str, length: int) -> bytes:
@@ -184,17 +187,21 @@ class Heads:
         name = command_name(json_filename)
         async with self._slots:
             q = self._idle.pop() if self._idle else None
+            if q is None and self.host is not None:
+                # No waiting for a session: without one, sfdisk decides at once.
+                try:
+                    await self.host.claim_session("qemu-io", 0)
+                except SnapfsError as e:
+                    raise HeadError(str(e)) from None
+                q = QemuIO(self.argv)
+                q.session = True
+                self.procs.append(q)
             try:
                 with trio.fail_after(TIMEOUT):
                     if q is None:
-                        if self.host is not None:
-                            try:
-                                await self.host.claim_session("qemu-io", TIMEOUT)
-                            except SnapfsError as e:
-                                raise HeadError(str(e)) from None
                         q = QemuIO(self.argv)
-                        q.session = self.host is not None
                         self.procs.append(q)
+                    if q.proc is None:
                         await q.start()
                     data = await q.read(name, length)
             except OutOfStep:
