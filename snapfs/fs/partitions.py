@@ -63,7 +63,7 @@ class Partitions:
     ``spawn``: starts background tasks (a listed ``partitions/`` fills its folders);
     ``maps``: the views' maps (a chain view's, read before its first bytes are)."""
 
-    def __init__(self, tree: Tree, status: Status, mountpoint: str, block_status=None, spawn=None, maps=None):
+    def __init__(self, tree: Tree, status: Status, mountpoint: str, block_status, spawn, maps):
         self.tree = tree
         self.status = status
         self.mountpoint = os.path.abspath(mountpoint)
@@ -82,8 +82,6 @@ class Partitions:
         directory: look at its points' first kilobytes in the background
         (``ls -lR`` lists chain/ and layers/ meanwhile, whose maps say where
         those bytes are); nothing more, no sfdisk runs."""
-        if self.spawn is None:
-            return
         folders = node.children.get("partitions") if node.name != "partitions" else node
         if not isinstance(folders, Directory):
             return
@@ -137,13 +135,12 @@ class Partitions:
         """False only when qemu's first HEAD bytes of the chain view carry no
         label's magic; True when they do or could not be read (sfdisk decides)."""
         spec = chain.spec
-        if (self.block_status is None or spec.socket is not None or spec.snapshot is not None
-                or spec.writable or spec.host is None):
+        if spec.socket is not None or spec.snapshot is not None or spec.writable or spec.host is None:
             return True  # a backup job's export, an internal snapshot: read through the mount
         # The runs the chain view's map was made of, if read: asking for them
         # now could start a qemu-nbd, which is what this read avoids.
         runs = self.block_status.cached(spec)
-        if runs is None and self.maps is not None:
+        if runs is None:
             try:
                 await self.maps.load(chain)  # what ls -l of chain/ reads anyway
             except Exception as e:
@@ -220,8 +217,7 @@ class Partitions:
         heads = self._heads.get(id(host))
         if heads is None:
             heads = self._heads[id(host)] = Heads(host.qemu_io(), host=host)
-            if self.spawn is not None:
-                self.spawn(heads.expire, HEADS_IDLE)
+            self.spawn(heads.expire, HEADS_IDLE)
         what = " <- ".join(path for path, _ in reversed(layers))
         try:
             data = await heads.read(name, length - length % 16 or 16)

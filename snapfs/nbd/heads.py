@@ -187,20 +187,18 @@ class Heads:
         name = command_name(json_filename)
         async with self._slots:
             q = self._idle.pop() if self._idle else None
-            if q is None and self.host is not None:
-                # No waiting for a session: without one, sfdisk decides at once.
-                try:
-                    await self.host.claim_session("qemu-io", 0)
-                except SnapfsError as e:
-                    raise HeadError(str(e)) from None
+            if q is None:
+                if self.host is not None:
+                    # No waiting for a session: without one, sfdisk decides at once.
+                    try:
+                        await self.host.claim_session("qemu-io", 0)
+                    except SnapfsError as e:
+                        raise HeadError(str(e)) from None
                 q = QemuIO(self.argv)
-                q.session = True
+                q.session = self.host is not None
                 self.procs.append(q)
             try:
                 with trio.fail_after(TIMEOUT):
-                    if q is None:
-                        q = QemuIO(self.argv)
-                        self.procs.append(q)
                     if q.proc is None:
                         await q.start()
                     data = await q.read(name, length)
@@ -212,8 +210,7 @@ class Heads:
                 raise
             except BaseException as e:
                 # No answer in time, or cancelled mid-answer: its stream is out of step.
-                if q is not None:
-                    await self._drop(q)
+                await self._drop(q)
                 if isinstance(e, trio.TooSlowError):
                     raise HeadError(f"no answer from qemu-io within {TIMEOUT:.0f} s") from None
                 if isinstance(e, (OSError, trio.BrokenResourceError, trio.ClosedResourceError)):
